@@ -1,0 +1,236 @@
+"""Typed run configuration: dataclasses, YAML/JSON presets and dotted key=value overrides.
+
+Every key is a dataclass field. Unknown keys and values of the wrong type raise ConfigError with a
+one-line message that names the key, e.g. `train.lr: expected float, got 'abc'`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class MegavqError(Exception):
+    """An error in user input; scripts print its message on one line and exit non-zero."""
+
+
+class ConfigError(MegavqError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 = n_heads (no grouped-query attention)
+    vocab_size: int = 0  # 0 = taken from the tokenized data
+    seq_len: int = 256
+    d_ff: int = 512  # hidden size of the dense MLP
+    mlp: str = "swiglu"  # swiglu | gelu (tanh approximation, as GPT-2)
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    pos: str = "rope"  # rope | learned
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+
+@dataclass
+class MoEConfig:
+    router: str = "topk"
+    backend: str = "native"  # reference | native | deepspeed | megablocks
+    num_experts: int = 4
+    top_k: int = 2
+    every: int = 1  # 1 = every layer, 2 = every other starting with the second, 0 = dense
+    d_expert: int = 0  # hidden size of one expert; 0 = model.d_ff
+    ep_size: int = 1
+    capacity_factor: float = 1.25  # capacity backends only
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 1e-3
+    allow_noncausal: bool = False
+    router_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"  # builtin | a tokenized data directory
+    micro_batch_size: int = 16
+    eval_batches: int = 20
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum_steps: int = 1
+    seed: int = 1337
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    max_time_s: float = 0.0  # stop early (and evaluate) after this many seconds; 0 = no limit
+    wandb: bool = False
+    wandb_project: str = "megavq"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check `value` against the annotated type `typ`; ints are accepted where floats are expected."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is dict and isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            valid = ", ".join(f"{prefix}{n}" for n in hints)
+            raise ConfigError(f"unknown config key '{key}' (valid: {valid})")
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            _apply(getattr(obj, name), value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(key, value, hints[name]))
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """'moe.top_k=2' -> {'moe': {'top_k': 2}}; the value is parsed as YAML (numbers, booleans, ...)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    if key.startswith("moe.router_options."):  # free-form: checked by the router itself
+        return {"moe": {"router_options": {key.split(".", 2)[2]: value}}}
+    return _nest(key, value)
+
+
+def _read_file(path: Path) -> dict:
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must hold a mapping")
+    return data
+
+
+def resolve_source(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml", ".json"):
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"unknown config '{name_or_path}': not a file, and presets are {available_presets()}")
+    return preset
+
+
+def load_config(name_or_path: str = "tiny", overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    _apply(cfg, _read_file(resolve_source(name_or_path)))
+    for text in overrides:
+        _apply(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    m, moe, t = cfg.model, cfg.moe, cfg.train
+    for key, value in [("model.n_layers", m.n_layers), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
+                       ("model.seq_len", m.seq_len), ("model.d_ff", m.d_ff), ("moe.num_experts", moe.num_experts),
+                       ("moe.top_k", moe.top_k), ("moe.ep_size", moe.ep_size), ("train.max_steps", t.max_steps),
+                       ("data.micro_batch_size", cfg.data.micro_batch_size),
+                       ("train.grad_accum_steps", t.grad_accum_steps), ("train.eval_every", t.eval_every),
+                       ("train.save_every", t.save_every), ("train.log_every", t.log_every)]:
+        _check(value >= 1, f"{key} must be >= 1, got {value}")
+    _check(m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    kv = m.n_kv_heads or m.n_heads
+    _check(m.n_heads % kv == 0, f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({kv})")
+    _check(m.mlp in ("swiglu", "gelu"), f"model.mlp must be swiglu or gelu, got {m.mlp!r}")
+    _check(m.norm in ("rmsnorm", "layernorm"), f"model.norm must be rmsnorm or layernorm, got {m.norm!r}")
+    _check(m.pos in ("rope", "learned"), f"model.pos must be rope or learned, got {m.pos!r}")
+    _check(m.vocab_size >= 0, f"model.vocab_size must be >= 0, got {m.vocab_size}")
+    _check(moe.every >= 0, f"moe.every must be >= 0, got {moe.every}")
+    _check(moe.top_k <= moe.num_experts, f"moe.top_k ({moe.top_k}) exceeds moe.num_experts ({moe.num_experts})")
+    _check(moe.num_experts % moe.ep_size == 0,
+           f"moe.num_experts ({moe.num_experts}) must be divisible by moe.ep_size ({moe.ep_size})")
+    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    from megavq.moe.routers import available_routers  # late import: routers import torch
+    from megavq.moe.backends import available_backends
+    _check(moe.router in available_routers(), f"unknown moe.router '{moe.router}' (valid: {available_routers()})")
+    _check(moe.backend in available_backends(),
+           f"unknown moe.backend '{moe.backend}' (valid: {available_backends()})")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

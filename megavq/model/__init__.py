@@ -1,0 +1,3 @@
+from megavq.model.transformer import LMOutput, Transformer
+
+__all__ = ["LMOutput", "Transformer"]

@@ -1,0 +1,117 @@
+"""Decoder-only transformer with MoE layers.
+
+Legend: B batch, S sequence, D hidden, V vocabulary.
+The MLP of every `moe.every`-th block (zero-based index i with (i + 1) % every == 0) is an MoE layer.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megavq.config import Config, ModelConfig
+from megavq.model.layers import MLP, CausalSelfAttention, make_norm, rope_tables
+from megavq.moe.experts import expert_out_std
+from megavq.moe.layer import build_moe_layer
+
+
+class LMOutput(NamedTuple):
+    logits: torch.Tensor  # (B, S, V)
+    loss: torch.Tensor  # lm_loss + aux_loss: what is optimised
+    lm_loss: torch.Tensor
+    aux_loss: torch.Tensor
+    router_metrics: list  # one dict per MoE layer
+
+
+def is_moe_layer(i: int, every: int) -> bool:
+    return every > 0 and (i + 1) % every == 0
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, i: int, moe_factory=build_moe_layer):
+        super().__init__()
+        m = cfg.model
+        self.attn_norm, self.attn = make_norm(m), CausalSelfAttention(m)
+        self.mlp_norm = make_norm(m)
+        self.is_moe = is_moe_layer(i, cfg.moe.every)
+        if self.is_moe:
+            self.mlp = moe_factory(cfg.moe, m.d_model, cfg.moe.d_expert or m.d_ff, m.mlp, m.mlp_bias, m.init_std,
+                                   expert_out_std(m.init_std, m.n_layers), seed=cfg.train.seed * 1000 + i)
+        else:
+            self.mlp = MLP(m)
+
+    def forward(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
+        x = x + self.attn(self.attn_norm(x), rope)
+        if not self.is_moe:
+            return x + self.mlp(self.mlp_norm(x)), None, None
+        y, aux, metrics = self.mlp(self.mlp_norm(x))
+        return x + y, aux, metrics
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config, moe_factory=build_moe_layer):
+        super().__init__()
+        m = cfg.model
+        assert m.vocab_size > 0, "model.vocab_size must be resolved before building the model"
+        self.cfg = cfg
+        self.embed = nn.Embedding(m.vocab_size, m.d_model)
+        self.pos_embed = nn.Embedding(m.seq_len, m.d_model) if m.pos == "learned" else None
+        self.drop = nn.Dropout(m.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i, moe_factory) for i in range(m.n_layers))
+        self.norm = make_norm(m)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        if m.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        rope = rope_tables(m.seq_len, m.d_model // m.n_heads, m.rope_theta) if m.pos == "rope" else None
+        self.rope = rope
+        self._init_weights(m)
+
+    def _init_weights(self, m: ModelConfig) -> None:
+        out_std = expert_out_std(m.init_std, m.n_layers)
+        for name, p in self.named_parameters():
+            if ".experts." in name or ".router." in name:
+                continue  # initialised by their own modules
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
+                nn.init.ones_(p)  # norm weights
+            else:
+                is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight"))
+                nn.init.normal_(p, std=out_std if is_residual_out else m.init_std)
+
+    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None):
+        """Logits (B, S, V) for token ids; with targets, an LMOutput with the losses."""
+        B, S = idx_BS.shape
+        x = self.embed(idx_BS)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(S, device=idx_BS.device))
+        x = self.drop(x)
+        aux_losses, metrics = [], []
+        for block in self.blocks:
+            x, aux, met = block(x, self.rope)
+            if aux is not None:
+                aux_losses.append(aux)
+                metrics.append(met)
+        logits = self.lm_head(self.norm(x))
+        if targets_BS is None:
+            return logits
+        lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1))
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else lm_loss.new_zeros(())
+        return LMOutput(logits, lm_loss + aux_loss, lm_loss, aux_loss, metrics)
+
+    def set_step(self, step: int) -> None:
+        """Tell step-scheduled modules (e.g. competition routing) the optimizer step about to run."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "set_step"):
+                module.set_step(step)
+
+    def num_params(self, active: bool = False) -> int:
+        """All parameters, or those a token uses (top_k of num_experts experts per MoE layer)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        moe = self.cfg.moe
+        expert_params = sum(p.numel() for n, p in self.named_parameters() if ".experts." in n)
+        return total - expert_params + expert_params * moe.top_k // moe.num_experts

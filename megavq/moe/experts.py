@@ -1,0 +1,73 @@
+"""A bank of E independent expert MLPs stored as stacked weights.
+
+Legend: N routed rows (tokens sorted by expert), D hidden, H expert hidden, E experts.
+`forward(x_ND, counts_E)` runs each expert on its contiguous chunk of rows (one matrix product per
+expert); `expert(e, x)` runs one expert and serves the reference backend and weight conversion.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int, mlp: str = "swiglu", bias: bool = False,
+                 init_std: float = 0.02, out_std: float | None = None, seed: int = 0, first_expert: int = 0):
+        super().__init__()
+        self.num_experts, self.mlp, self.first_expert = num_experts, mlp, first_expert
+        n_in = 2 if mlp == "swiglu" else 1
+        self.w_in = nn.Parameter(torch.empty(num_experts, n_in, d_model, d_hidden))  # (E, 1|2, D, H)
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))  # (E, H, D)
+        self.b_in = nn.Parameter(torch.zeros(num_experts, n_in, d_hidden)) if bias else None
+        self.b_out = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
+        self.init_std, self.out_std, self.seed = init_std, out_std or init_std, seed
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Each expert from its own generator, seeded by its global id: the same weights at any ep_size."""
+        for e in range(self.num_experts):
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.first_expert + e)
+            self.w_in[e].copy_(torch.randn(self.w_in[e].shape, generator=g) * self.init_std)
+            self.w_out[e].copy_(torch.randn(self.w_out[e].shape, generator=g) * self.out_std)
+
+    def _act(self, h_in: torch.Tensor) -> torch.Tensor:  # (..., 1|2, H) -> (..., H)
+        if self.mlp == "swiglu":
+            return F.silu(h_in[..., 0, :]) * h_in[..., 1, :]
+        return F.gelu(h_in[..., 0, :], approximate="tanh")
+
+    def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """Expert e on rows x_ND: the plain formula, used by the reference backend."""
+        h = torch.einsum("nd,idh->nih", x_ND, self.w_in[e])  # (N, 1|2, H)
+        if self.b_in is not None:
+            h = h + self.b_in[e]
+        y = self._act(h) @ self.w_out[e]
+        return y + self.b_out[e] if self.b_out is not None else y
+
+    def forward(self, x_ND: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
+        """Rows sorted by expert; counts_E[e] rows belong to expert e. One product per non-empty expert."""
+        w_in = self.w_in.transpose(1, 2).flatten(2)  # (E, D, 1|2 * H)
+        outs = []
+        for e, x in enumerate(torch.split(x_ND, counts_E)):
+            if x.shape[0] == 0:
+                continue
+            h = (x @ w_in[e]).unflatten(-1, (-1, self.w_out.shape[1]))  # (n, 1|2, H)
+            if self.b_in is not None:
+                h = h + self.b_in[e]
+            y = self._act(h) @ self.w_out[e]
+            outs.append(y + self.b_out[e] if self.b_out is not None else y)
+        return torch.cat(outs) if outs else x_ND.new_zeros(0, self.w_out.shape[-1])
+
+    def all_experts(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token, (E, T, D): the dense mode of competition routing."""
+        T = x_TD.shape[0]
+        y = self(x_TD.repeat(self.num_experts, 1), [T] * self.num_experts)
+        return y.view(self.num_experts, T, -1)
+
+
+def expert_out_std(init_std: float, n_layers: int) -> float:
+    """GPT-2 scaled init of residual projections."""
+    return init_std / math.sqrt(2 * n_layers)

@@ -1,0 +1,58 @@
+"""The MoE layer: a router and a bank of experts, run by a backend.
+
+Legend: B batch, S sequence, T = B*S tokens, D hidden, E experts, K slots per token.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from megavq.config import ConfigError, MoEConfig
+from megavq.moe.backends import token_backend
+from megavq.moe.experts import Experts
+from megavq.moe.routers import build_router, router_class
+
+
+def router_options(cfg: MoEConfig) -> dict:
+    """router_options, with moe.aux_loss_coef / moe.z_loss_coef passed to routers that take them."""
+    params = inspect.signature(router_class(cfg.router).__init__).parameters
+    opts = dict(cfg.router_options)
+    if "balance_coef" in params:
+        opts.setdefault("balance_coef", cfg.aux_loss_coef)
+    if "z_loss_coef" in params:
+        opts.setdefault("z_loss_coef", cfg.z_loss_coef)
+    return opts
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: MoEConfig, d_model: int, d_hidden: int, mlp: str = "swiglu", bias: bool = False,
+                 init_std: float = 0.02, out_std: float | None = None, seed: int = 0):
+        super().__init__()
+        if cfg.ep_size != 1:
+            raise ConfigError(f"moe.ep_size={cfg.ep_size} needs an expert-parallel backend; "
+                              f"moe.backend={cfg.backend} runs with moe.ep_size=1")
+        self.router = build_router(cfg.router, hidden_size=d_model, num_experts=cfg.num_experts,
+                                   top_k=cfg.top_k, **router_options(cfg))
+        self.experts = Experts(cfg.num_experts, d_model, d_hidden, mlp, bias, init_std, out_std, seed)
+        self.backend = cfg.backend
+        self.run_experts = token_backend(cfg.backend)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        if self.router.needs_expert_outputs:
+            r = self.router(x_TD, expert_fn=lambda: self.experts.all_experts(x_TD))
+        else:
+            r = self.router(x_TD)
+        y_TD = self.run_experts(x_TD, r, self.experts)
+        return y_TD.view_as(x_BSD), r.aux_loss, r.metrics
+
+
+def build_moe_layer(cfg: MoEConfig, d_model: int, d_hidden: int, mlp: str = "swiglu", bias: bool = False,
+                    init_std: float = 0.02, out_std: float | None = None, seed: int = 0) -> nn.Module:
+    """The MoE layer for cfg.backend (and cfg.router, for layer-kind routers).
+
+    Every kind has the same interface: `forward(x_BSD) -> (y_BSD, aux_loss, metrics)`.
+    """
+    return MoELayer(cfg, d_model, d_hidden, mlp, bias, init_std, out_std, seed)
