@@ -1,0 +1,81 @@
+"""Portable model files: one consolidated safetensors file plus the resolved config, loadable anywhere.
+
+Layout of a model directory: `config.json` (the megavq Config) and `model.safetensors` (the
+Transformer state dict in the native layout: experts stacked as (E, ...) tensors). A run directory or a
+DeepSpeed checkpoint directory written by the trainer contains such a directory for every checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megavq.config import Config, MegavqError, config_from_dict
+
+MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+def save_model(state_dict: dict, cfg: Config, out_dir: str | Path) -> Path:
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    if cfg.model.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # shares storage with embed.weight
+    save_file(sd, str(out_dir / MODEL_FILE), metadata={"format": "megavq"})
+    (out_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return out_dir
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint under run_dir/checkpoints (by step), or None."""
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*/" + MODEL_FILE))
+    return ckpts[-1].parent if ckpts else None
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        newest = newest_checkpoint(path)
+        if newest is not None:
+            return newest
+    raise MegavqError(f"{path} holds no megavq model ({MODEL_FILE} + {CONFIG_FILE}) nor a run with checkpoints")
+
+
+def load_config_file(model_dir: Path) -> Config:
+    try:
+        return config_from_dict(json.loads((model_dir / CONFIG_FILE).read_text()))
+    except FileNotFoundError:
+        raise MegavqError(f"{model_dir / CONFIG_FILE} is missing") from None
+
+
+def load_state_dict(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(model_dir / MODEL_FILE))
+
+
+def load_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
+    """Load a model directory's weights into an already-built model of the same shape."""
+    sd = load_state_dict(resolve_model_dir(model_dir))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not model.cfg.model.tie_embeddings]
+    if missing or unexpected:
+        raise MegavqError(f"weights of {model_dir} do not fit the model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+
+
+def load_model(path: str | Path, backend: str = "native") -> torch.nn.Module:
+    """A Transformer from a model directory, a checkpoint directory or a run directory, on CPU, in eval mode.
+
+    Its forward takes token ids (B, T) and returns logits (B, T, V).
+    """
+    from megavq.model import Transformer
+    model_dir = resolve_model_dir(path)
+    cfg = load_config_file(model_dir)
+    cfg.moe.backend, cfg.moe.ep_size = backend, 1
+    model = Transformer(cfg)
+    load_weights(model, model_dir)
+    return model.eval()

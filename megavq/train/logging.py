@@ -1,0 +1,71 @@
+"""Run logging on rank 0: metrics.jsonl (one JSON object per logged step), summary.json, optional wandb."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def flatten_router_metrics(per_layer: list[dict], layer_ids: list[int]) -> dict:
+    """[{'load': tensor(E), 'load_cv': tensor()}, ...] -> {'moe/L1/load': [...], 'moe/L1/load_cv': 0.1, ...}."""
+    out = {}
+    for i, metrics in zip(layer_ids, per_layer):
+        for name, value in metrics.items():
+            value = value.detach().float().cpu() if torch.is_tensor(value) else torch.tensor(float(value))
+            out[f"moe/L{i}/{name}"] = value.item() if value.numel() == 1 else [round(v, 6) for v in value.tolist()]
+    return out
+
+
+def average_metrics(dicts: list[dict]) -> dict:
+    """Mean of each key over several logged dicts (lists averaged element-wise)."""
+    out = {}
+    for key in dicts[0]:
+        values = [d[key] for d in dicts if key in d]
+        if isinstance(values[0], list):
+            out[key] = [sum(col) / len(col) for col in zip(*values)]
+        else:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+class RunLogger:
+    def __init__(self, out_dir: Path, config: dict, enabled: bool, use_wandb: bool, project: str,
+                 resume_step: int = 0):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled, self.wandb = enabled, None
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        if use_wandb:
+            import wandb
+            if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") is None:
+                os.environ["WANDB_MODE"] = "offline"  # no key configured: keep the run locally
+            self.wandb = wandb.init(project=project, dir=str(out_dir), config=config,
+                                    name=Path(out_dir).name, resume="allow")
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (they are re-done); a fresh run starts empty."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step] if step else []
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            self.wandb.log(scalars, step=record["step"])
+
+    def finish(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        (self.path.parent / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.wandb is not None:
+            self.wandb.summary.update(summary)
+            self.wandb.finish()

@@ -1,0 +1,200 @@
+"""Pre-training loop: orchestrates data, the DeepSpeed engine, evaluation, checkpoints and logging.
+
+Step numbers count optimizer steps done. The batch of step s is a pure function of (seed, s), and every
+rank draws the same global batch and takes its rows, so a resumed run and a run on any number of ranks
+see the same data in the same order.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megavq.config import Config, ConfigError, MegavqError, save_config
+from megavq.io import load_weights, save_model
+from megavq.model import Transformer
+from megavq.train.engine import build_engine, full_state_dict, read_ds_config, reconcile_ds_config
+from megavq.train.logging import RunLogger, average_metrics, flatten_router_metrics
+
+
+class TrainingError(MegavqError):
+    pass
+
+
+def load_data(source: str, rank: int):
+    """Tokenize on rank 0 on first use (others wait), then open the token files on every rank."""
+    from megavq.data import TokenData, prepare_data
+    data_dir, error = None, None
+    if rank == 0:
+        try:
+            data_dir = prepare_data(source)
+        except MegavqError as e:
+            error = str(e)
+    box = [data_dir, error]
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise MegavqError(box[1])
+    return TokenData(box[0])
+
+
+def resolve_vocab(cfg: Config, vocab_size: int) -> None:
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = vocab_size
+    elif cfg.model.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab_size}")
+
+
+class Trainer:
+    def __init__(self, engine, model: Transformer, cfg: Config, data, out_dir: Path, rank: int, world: int):
+        self.engine, self.model, self.cfg, self.data = engine, model, cfg, data
+        self.out_dir, self.ckpt_dir = out_dir, out_dir / "checkpoints"
+        self.rank, self.world = rank, world
+        self.micro = cfg.data.micro_batch_size
+        self.global_batch = self.micro * cfg.train.grad_accum_steps * world
+        self.moe_layer_ids = [i for i, b in enumerate(model.blocks) if b.is_moe]
+
+    # ---- one optimizer step -------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict:
+        cfg = self.cfg
+        self.model.set_step(step)
+        x, y = self.data.batch("train", step, self.global_batch, cfg.model.seq_len, cfg.train.seed)
+        totals, metrics = torch.zeros(3), []
+        for m in range(cfg.train.grad_accum_steps):
+            rows = slice((m * self.world + self.rank) * self.micro, (m * self.world + self.rank + 1) * self.micro)
+            out = self.engine(x[rows], y[rows])
+            stats = torch.stack([out.lm_loss.detach().float(), out.aux_loss.detach().float(),
+                                 (~torch.isfinite(out.loss.detach())).float()])
+            dist.all_reduce(stats)
+            if stats[2] > 0:
+                raise TrainingError(f"non-finite loss at step {step + 1} (lm_loss {stats[0] / self.world:.4g}); "
+                                    f"nothing was saved after it: resume from {self.ckpt_dir} with --resume, "
+                                    f"perhaps with a lower train.lr")
+            self.engine.backward(out.loss)
+            self.engine.step()
+            totals += stats
+            metrics.append(flatten_router_metrics(out.router_metrics, self.moe_layer_ids))
+        n = cfg.train.grad_accum_steps * self.world
+        record = {"train/lm_loss": totals[0].item() / n, "train/aux_loss": totals[1].item() / n}
+        record["train/loss"] = record["train/lm_loss"] + record["train/aux_loss"]
+        record.update(average_metrics(metrics) if metrics[0] else {})
+        return record
+
+    # ---- evaluation: every rank runs the same batches (safe under ZeRO-3 and expert parallelism) ------
+    @torch.no_grad()
+    def evaluate(self, split: str, max_batches: int | None) -> float:
+        self.engine.eval()
+        total, count = 0.0, 0
+        for x, y in self.data.eval_batches(split, self.micro, self.cfg.model.seq_len, max_batches):
+            out = self.engine(x, y)
+            total += out.lm_loss.float().item() * y.numel()
+            count += y.numel()
+        self.engine.train()
+        return total / max(count, 1)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def save(self, step: int) -> None:
+        tag = f"step_{step:07d}"
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag,
+                                    client_state={"step": step, "rng": torch.get_rng_state()})
+        state = full_state_dict(self.engine)
+        if self.rank == 0:
+            save_model(state, self.cfg, self.ckpt_dir / tag)
+            self._prune()
+        dist.barrier()
+
+    def _prune(self) -> None:
+        tags = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
+        for old in tags[:-self.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> int:
+        if not (self.ckpt_dir / "latest").is_file():
+            raise MegavqError(f"--resume: no checkpoint in {self.ckpt_dir}")
+        path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
+        if path is None:
+            raise MegavqError(f"--resume: could not load the checkpoint in {self.ckpt_dir}")
+        torch.set_rng_state(client["rng"])
+        return int(client["step"])
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def fit(self, start: int, logger: RunLogger) -> dict:
+        t = self.cfg.train
+        tokens_per_step = self.global_batch * self.cfg.model.seq_len
+        bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=self.rank != 0,
+                   desc="train", dynamic_ncols=True)
+        t_start, t_window, window, last, done = time.time(), time.time(), [], {}, start
+        for step in bar:
+            window.append(self.train_step(step))
+            done = step + 1
+            if done % t.log_every == 0 or done == t.max_steps:
+                elapsed = time.time() - t_window
+                last = {"step": done, **average_metrics(window), "lr": self.engine.get_lr()[0],
+                        "tokens_per_s": tokens_per_step * len(window) / elapsed}
+                window = []
+                if done % t.eval_every == 0:
+                    last["val/loss"] = self.evaluate("val", self.cfg.data.eval_batches)
+                logger.log(last)
+                bar.set_postfix(loss=f"{last['train/lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                t_window = time.time()
+            if done % t.save_every == 0:
+                self.save(done)
+            if t.max_time_s and time.time() - t_start > t.max_time_s:
+                break
+        bar.close()
+        return {"steps": done, "train_time_s": time.time() - t_start, "last": last}
+
+    def final_eval(self, fit: dict) -> dict:
+        test_loss = self.evaluate("test", None)
+        summary = {
+            "steps": fit["steps"],
+            "train_loss": fit["last"].get("train/lm_loss"),
+            "val_loss": self.evaluate("val", None),
+            "test_loss": test_loss,
+            "test_ppl": math.exp(test_loss),
+            "test_bits_per_byte": test_loss / math.log(2) / self.data.bytes_per_token("test"),
+            "tokens_per_s": fit["last"].get("tokens_per_s"),
+            "train_time_s": fit["train_time_s"],
+            "params": self.model.num_params(),
+            "active_params": self.model.num_params(active=True),
+            "vocab_size": self.cfg.model.vocab_size,
+        }
+        return summary
+
+
+def build_model(cfg: Config, init_from: str | None = None) -> Transformer:
+    from megavq.moe.layer import check_causal
+    check_causal(cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg)
+    if init_from:
+        load_weights(model, init_from)
+    return model
+
+
+def run(cfg: Config, ds_config: str | Path, out_dir: str | Path, resume: bool = False,
+        init_from: str | None = None) -> dict:
+    """Pre-train per cfg; returns the summary. Must run inside torch.distributed (see engine.init_distributed)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out_dir = Path(out_dir)
+    ds = reconcile_ds_config(read_ds_config(ds_config), cfg, world)
+    data = load_data(cfg.data.source, rank)
+    resolve_vocab(cfg, data.vocab_size)
+    model = build_model(cfg, init_from)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.json")
+    engine = build_engine(model, cfg, ds)
+    trainer = Trainer(engine, model, cfg, data, out_dir, rank, world)
+    start = trainer.resume() if resume else 0
+    logger = RunLogger(out_dir, cfg.to_dict(), rank == 0, cfg.train.wandb, cfg.train.wandb_project, start)
+    fit = trainer.fit(start, logger)
+    if fit["steps"] % cfg.train.save_every != 0 and fit["steps"] > start:
+        trainer.save(fit["steps"])
+    summary = trainer.final_eval(fit)
+    logger.finish(summary)
+    return summary
