@@ -90,6 +90,7 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     max_time_s: float = 0.0  # stop early (and evaluate) after this many seconds; 0 = no limit
+    stop_at_step: int = 0  # stop (checkpoint, evaluate) after this step; the schedule still spans max_steps
     wandb: bool = False
     wandb_project: str = "megavq"
 
@@ -110,7 +111,13 @@ def available_presets() -> list[str]:
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Check `value` against the annotated type `typ`; ints are accepted where floats are expected."""
+    """Check `value` against the annotated type `typ`; ints are accepted where floats are expected, and
+    numbers YAML reads as strings (`1e-3`) are parsed."""
+    if typ in (int, float) and isinstance(value, str):
+        try:
+            value = typ(value)
+        except ValueError:
+            pass
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is dict and isinstance(value, dict):

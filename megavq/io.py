@@ -60,6 +60,9 @@ def load_state_dict(model_dir: Path) -> dict:
 def load_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
     """Load a model directory's weights into an already-built model of the same shape."""
     sd = load_state_dict(resolve_model_dir(model_dir))
+    for name, module in model.named_modules():  # layer kinds whose layout differs from the canonical one
+        if hasattr(module, "from_canonical"):
+            sd = module.from_canonical(f"{name}.", sd)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model.cfg.model.tie_embeddings]
     if missing or unexpected:

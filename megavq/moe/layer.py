@@ -26,6 +26,16 @@ def router_options(cfg: MoEConfig) -> dict:
     return opts
 
 
+def check_causal(cfg) -> None:
+    """Refuse a non-causal router for causal language-model training unless moe.allow_noncausal is set."""
+    moe = cfg.moe
+    if moe.every == 0 or router_class(moe.router).causal or moe.allow_noncausal:
+        return
+    raise ConfigError(f"moe.router={moe.router} is not causal: a token's routing depends on later tokens of "
+                      f"its sequence, which leaks the future into next-token prediction (training loss looks "
+                      f"better than any causal model can do); set moe.allow_noncausal=true to run it anyway")
+
+
 class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, d_model: int, d_hidden: int, mlp: str = "swiglu", bias: bool = False,
                  init_std: float = 0.02, out_std: float | None = None, seed: int = 0):

@@ -99,7 +99,18 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
 
 
 def full_state_dict(engine) -> dict | None:
-    """The whole model's state dict on rank 0 (gathered under ZeRO-3); None on other ranks under ZeRO-3."""
+    """The whole model's state dict in the canonical (native, ep_size 1) layout, on rank 0.
+
+    Gathered under ZeRO-3. Every module with a `to_canonical(prefix, state_dict)` method (expert-parallel
+    or DeepSpeed MoE layers) rewrites its own entries; it is called on every rank, so it may communicate.
+    Other ranks may get None.
+    """
+    model = engine.module
     if engine.zero_optimization_partition_weights():
-        return engine._zero3_consolidated_16bit_state_dict()
-    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if hasattr(module, "to_canonical"):
+            sd = module.to_canonical(f"{name}.", sd)
+    return sd

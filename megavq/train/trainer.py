@@ -124,29 +124,32 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------------
     def fit(self, start: int, logger: RunLogger) -> dict:
         t = self.cfg.train
-        tokens_per_step = self.global_batch * self.cfg.model.seq_len
-        bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=self.rank != 0,
+        end = min(t.stop_at_step or t.max_steps, t.max_steps)
+        bar = tqdm(range(start, end), initial=start, total=t.max_steps, disable=self.rank != 0,
                    desc="train", dynamic_ncols=True)
         t_start, t_window, window, last, done = time.time(), time.time(), [], {}, start
         for step in bar:
             window.append(self.train_step(step))
             done = step + 1
-            if done % t.log_every == 0 or done == t.max_steps:
-                elapsed = time.time() - t_window
-                last = {"step": done, **average_metrics(window), "lr": self.engine.get_lr()[0],
-                        "tokens_per_s": tokens_per_step * len(window) / elapsed}
-                window = []
-                if done % t.eval_every == 0:
-                    last["val/loss"] = self.evaluate("val", self.cfg.data.eval_batches)
-                logger.log(last)
+            if done % t.log_every == 0 or done % t.eval_every == 0 or done == end:
+                last = self.log_window(done, window, time.time() - t_window, logger)
                 bar.set_postfix(loss=f"{last['train/lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-                t_window = time.time()
+                window, t_window = [], time.time()
             if done % t.save_every == 0:
                 self.save(done)
             if t.max_time_s and time.time() - t_start > t.max_time_s:
                 break
         bar.close()
         return {"steps": done, "train_time_s": time.time() - t_start, "last": last}
+
+    def log_window(self, done: int, window: list, seconds: float, logger: RunLogger) -> dict:
+        tokens = self.global_batch * self.cfg.model.seq_len * len(window)
+        record = {"step": done, **average_metrics(window), "lr": self.engine.get_lr()[0],
+                  "tokens_per_s": tokens / seconds}
+        if done % self.cfg.train.eval_every == 0:
+            record["val/loss"] = self.evaluate("val", self.cfg.data.eval_batches)
+        logger.log(record)
+        return record
 
     def final_eval(self, fit: dict) -> dict:
         test_loss = self.evaluate("test", None)

@@ -1,0 +1,141 @@
+"""Pre-training through the real scripts and launchers: ranks, resume, ZeRO configs, bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SMALL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.seq_len=32",
+         "data.micro_batch_size=4", "data.eval_batches=2", "train.log_every=1", "train.eval_every=4",
+         "train.warmup_steps=2", "train.lr=3e-3"]
+
+
+def pretrain(args, launcher=("python",), check=True, env=None):
+    """Run scripts/pretrain.py; launcher is ('python',), ('deepspeed',) or ('deepspeed', '--num_gpus', '2')."""
+    cmd = [sys.executable, *launcher[1:]] if launcher[0] == "python" else [*launcher]
+    cmd += ["scripts/pretrain.py", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "WANDB_MODE": "offline", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir):
+    return [m["train/lm_loss"] for m in metrics(run_dir)]
+
+
+@pytest.mark.slow
+def test_main_job_writes_the_run_directory(builtin_data, tmp_path):
+    out = tmp_path / "run"
+    pretrain(["--ds_config", "ds_configs/zero2.json", "--data", str(builtin_data), "--out_dir", str(out),
+              *SMALL, "train.max_steps=8", "train.save_every=4", "train.wandb=true"], launcher=("deepspeed",))
+    assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 4096
+    records = metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for key in ["step", "train/loss", "lr", "tokens_per_s", "train/aux_loss", "moe/L0/load", "moe/L1/load_cv"]:
+        assert key in records[0], key
+    assert "val/loss" in records[3] and "val/loss" not in records[2]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ["steps", "val_loss", "test_loss", "test_ppl", "test_bits_per_byte", "tokens_per_s"]:
+        assert summary[key] is not None, key
+    assert summary["steps"] == 8
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_0000004", "step_0000008"]
+    assert list((out / "wandb").glob("offline-run-*")), "wandb offline run missing"
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank(builtin_data, tmp_path):
+    """2 ranks x micro-batch 4 and 1 rank x 2 accumulation steps x 4 see the same global batch."""
+    common = ["--ds_config", "ds_configs/zero2.json", "--data", str(builtin_data), *SMALL, "train.max_steps=6",
+              "train.save_every=100"]
+    pretrain([*common, "--out_dir", str(tmp_path / "two")], launcher=("deepspeed", "--num_gpus", "2"))
+    pretrain([*common, "--out_dir", str(tmp_path / "one"), "train.grad_accum_steps=2"], launcher=("deepspeed",))
+    two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert len(two) == len(one) == 6
+    assert two[-1] < two[0]
+    assert max(abs(a - b) for a, b in zip(two, one)) < 1e-4, (two, one)
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(builtin_data, tmp_path):
+    common = ["--ds_config", "ds_configs/zero1.json", "--data", str(builtin_data), *SMALL, "train.max_steps=8",
+              "train.save_every=4", "moe.router_options.jitter=0.01"]
+    pretrain([*common, "--out_dir", str(tmp_path / "full")])
+    pretrain([*common, "--out_dir", str(tmp_path / "part"), "train.stop_at_step=4"])
+    assert [m["step"] for m in metrics(tmp_path / "part")][-1] == 4
+    pretrain([*common, "--out_dir", str(tmp_path / "part"), "--resume"])
+    full, part = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [m["step"] for m in part] == list(range(1, 9))
+    assert abs(full[-1]["train/lm_loss"] - part[-1]["train/lm_loss"]) < 1e-5
+    assert abs(full[-1]["val/loss"] - part[-1]["val/loss"]) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ds_config", ["zero0", "zero1", "zero3", "zero2_bf16"])
+def test_ds_configs_train(builtin_data, tmp_path, ds_config):
+    out = tmp_path / ds_config
+    pretrain(["--ds_config", f"ds_configs/{ds_config}.json", "--data", str(builtin_data), "--out_dir", str(out),
+              *SMALL, "train.max_steps=4", "train.save_every=4"])
+    first, last = losses(out)[0], losses(out)[-1]
+    assert last < first
+    from megavq import load_model
+    model = load_model(out)  # the consolidated weights are written under every ZeRO stage
+    assert model.embed.weight.abs().sum() > 0
+
+
+def last_line(proc):
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "nosuch"], "error: unknown config 'nosuch'"),
+    (["moe.router=nosuch"], "error: unknown moe.router 'nosuch'"),
+    (["train.lr=abc"], "error: train.lr: expected float, got 'abc'"),
+    (["--data", "/nonexistent"], "error: data source '/nonexistent'"),
+    (["--ds_config", "/nonexistent.json"], "error: DeepSpeed config /nonexistent.json does not exist"),
+    (["--resume", "--out_dir", "/tmp/megavq-no-such-run"], "error: --resume: no checkpoint"),
+])
+def test_bad_input_is_one_line_error(builtin_data, args, message):
+    proc = pretrain(["--data", str(builtin_data), *args, "train.max_steps=1"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert last_line(proc).startswith(message), last_line(proc)
+
+
+def test_contradicting_ds_config_names_both_values(builtin_data, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    proc = pretrain(["--ds_config", str(ds), "--data", str(builtin_data), "data.micro_batch_size=4"], check=False)
+    assert proc.returncode == 2
+    assert last_line(proc) == ("error: DeepSpeed config train_micro_batch_size_per_gpu=8 contradicts "
+                               "data.micro_batch_size=4")
+
+
+def test_truncated_token_file_is_reported(builtin_data, tmp_path):
+    broken = tmp_path / "data"
+    shutil.copytree(builtin_data, broken)
+    with open(broken / "train.bin", "r+b") as f:
+        f.truncate(os.path.getsize(broken / "train.bin") - 3)
+    proc = pretrain(["--data", str(broken), "--out_dir", str(tmp_path / "run")], check=False)
+    assert proc.returncode == 2
+    assert "train.bin" in last_line(proc) and "Traceback" not in proc.stderr
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(builtin_data, tmp_path):
+    """A diverging run (infinite learning rate) stops at the first non-finite loss; earlier checkpoints stay."""
+    out = tmp_path / "run"
+    proc = pretrain(["--data", str(builtin_data), "--out_dir", str(out), *SMALL, "train.lr=inf",
+                     "train.warmup_steps=1", "train.max_steps=4", "train.save_every=1"], check=False)
+    assert proc.returncode == 2
+    assert last_line(proc).startswith("error: non-finite loss at step 2"), last_line(proc)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000001"
+    assert (out / "checkpoints" / "step_0000001" / "model.safetensors").is_file()
