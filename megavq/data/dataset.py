@@ -1,0 +1,269 @@
+"""Tokenized data directories: encoding a corpus into one, and memory-mapped batches out of one.
+
+A data directory holds
+  train.bin, val.bin, test.bin   the token ids of each split, documents one after another (each ends with
+                                 its newline), np.uint16 when vocab_size < 65,536 else np.uint32
+  tokenizer.model                the SentencePiece model that encoded them
+  meta.json                      {"vocab_size", "dtype", "tokenizer" (model path, relative to the directory),
+                                 "tokenizer_sha256", "source", "splits": {split: {"file", "tokens", "bytes"}}}
+                                 where bytes is the UTF-8 size of the split's raw text (for bits per byte).
+meta.json is written last: a directory without it is incomplete.
+
+Batches are a pure function of (seed, step): a resumed run sees the same data order, and every rank can
+draw the same global batch and take its own slice, x_BS[rank * b:(rank + 1) * b].
+
+Legend: B batch, S sequence length.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from megavq.data import DataError
+from megavq.data.corpus import SPLITS, builtin_sha256, read_corpus
+from megavq.data.tokenizer import Tokenizer, train_tokenizer
+
+META = "meta.json"
+TOKENIZER_FILE = "tokenizer.model"
+FORMAT_VERSION = 1  # part of the builtin cache key: bump when the encoding changes
+ENCODE_BATCH_CHARS = 1 << 20  # characters per encode call: bounds memory on any corpus
+BUILTIN_TOKENIZER = Path(__file__).resolve().parents[2] / "tokenizers" / "builtin-bpe4k.model"
+META_KEYS = ("vocab_size", "dtype", "tokenizer", "tokenizer_sha256", "source", "splits")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
+
+
+# ---- encoding -------------------------------------------------------------------------------------------
+
+def encode_corpus(source: str, out_dir: str | Path, tokenizer_path: str | Path | None = None,
+                  vocab_size: int = 4096, text_column: str = "text") -> Path:
+    """Encode the three splits of `source` into `out_dir`; trains a tokenizer on train when none is given."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META).unlink(missing_ok=True)
+    documents = {s: read_corpus(source, s, text_column) for s in SPLITS}  # fails early on a bad source
+    tokenizer = install_tokenizer(source, out, tokenizer_path, vocab_size, text_column)
+    dtype = token_dtype(tokenizer.vocab_size)
+    splits = {s: encode_split(documents[s], tokenizer, out / f"{s}.bin", dtype) for s in SPLITS}
+    meta = {"vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "tokenizer": TOKENIZER_FILE,
+            "tokenizer_sha256": tokenizer.sha256, "source": source, "splits": splits,
+            "format_version": FORMAT_VERSION}
+    write_json(out / META, meta)
+    return out
+
+
+def install_tokenizer(source: str, out: Path, tokenizer_path, vocab_size: int, text_column: str) -> Tokenizer:
+    """Copy the given model, or train one on the train split, to out/tokenizer.model."""
+    model = out / TOKENIZER_FILE
+    if tokenizer_path is None:
+        train_tokenizer(read_corpus(source, "train", text_column), vocab_size, model.with_suffix(""))
+    elif Path(tokenizer_path).resolve() != model.resolve():
+        Tokenizer(tokenizer_path)  # raises when it is missing or not a model
+        shutil.copyfile(tokenizer_path, model)
+        model.with_suffix(".vocab").unlink(missing_ok=True)  # left by an earlier training in out
+    return Tokenizer(model)
+
+
+def doc_batches(documents: Iterable[str], max_chars: int = ENCODE_BATCH_CHARS) -> Iterator[list]:
+    batch, size = [], 0
+    for doc in documents:
+        batch.append(doc)
+        size += len(doc)
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def encode_split(documents: Iterable[str], tokenizer: Tokenizer, path: Path, dtype: np.dtype) -> dict:
+    """Stream `documents` into `path` batch by batch; returns the split's meta entry."""
+    tokens = n_bytes = 0
+    with open(path, "wb") as f, tqdm(desc=path.stem, unit="B", unit_scale=True, disable=None) as bar:
+        for batch in doc_batches(documents):
+            ids_list = tokenizer.encode_batch(batch)
+            ids = np.fromiter(itertools.chain.from_iterable(ids_list), dtype=dtype, count=sum(map(len, ids_list)))
+            ids.tofile(f)
+            size = sum(len(doc.encode("utf-8")) for doc in batch)
+            tokens, n_bytes = tokens + len(ids), n_bytes + size
+            bar.update(size)
+    if tokens == 0:
+        raise DataError(f"split '{path.stem}' has no text (writing '{path}')")
+    return {"file": path.name, "tokens": tokens, "bytes": n_bytes}
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---- reading --------------------------------------------------------------------------------------------
+
+def read_meta(data_dir: Path) -> dict:
+    if not data_dir.is_dir():
+        raise DataError(f"data directory '{data_dir}' does not exist")
+    path = data_dir / META
+    if not path.is_file():
+        raise DataError(f"data directory '{data_dir}' has no {META}: it is incomplete or not tokenized "
+                        "(run scripts/tokenize.py)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"'{path}' is not valid JSON: {e}") from None
+    missing = [k for k in META_KEYS if k not in meta] + [s for s in SPLITS if s not in meta.get("splits", {})]
+    if missing:
+        raise DataError(f"'{path}' lacks {', '.join(missing)}")
+    return meta
+
+
+def map_split(data_dir: Path, info: dict, dtype: np.dtype) -> np.memmap:
+    """Memory-map one split after checking its size against meta.json."""
+    path = data_dir / info["file"]
+    if not path.is_file():
+        raise DataError(f"token file '{path}' is missing")
+    expected, actual = info["tokens"] * dtype.itemsize, path.stat().st_size
+    if expected == 0:
+        raise DataError(f"meta.json of '{data_dir}' lists no tokens for '{info['file']}'")
+    if actual != expected:
+        raise DataError(f"token file '{path}' has {actual} bytes but meta.json says {expected} "
+                        f"({info['tokens']} tokens of {dtype.name}): truncated or corrupt, re-run scripts/tokenize.py")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class TokenData:
+    """A validated, memory-mapped tokenized data directory."""
+
+    def __init__(self, data_dir: str | Path):
+        self.dir = Path(data_dir)
+        self.meta = read_meta(self.dir)
+        self.vocab_size = int(self.meta["vocab_size"])
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.splits = {s: map_split(self.dir, self.meta["splits"][s], self.dtype) for s in SPLITS}
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{s}={self.tokens(s):,}" for s in SPLITS)
+        return f"TokenData('{self.dir}', vocab_size={self.vocab_size}, tokens: {sizes})"
+
+    def split(self, split: str) -> np.memmap:
+        if split not in self.splits:
+            raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        return self.splits[split]
+
+    def tokens(self, split: str) -> int:
+        return len(self.split(split))
+
+    def bytes_per_token(self, split: str) -> float:
+        info = self.meta["splits"][split]
+        return info["bytes"] / info["tokens"]
+
+    def tokenizer(self) -> Tokenizer:
+        tok = Tokenizer(self.dir / self.meta["tokenizer"])
+        if tok.sha256 != self.meta["tokenizer_sha256"]:
+            raise DataError(f"tokenizer '{tok.path}' has sha256 {tok.sha256}, meta.json says "
+                            f"{self.meta['tokenizer_sha256']}")
+        return tok
+
+    def _checked(self, split: str, seq_len: int) -> np.memmap:
+        data = self.split(split)
+        if len(data) < seq_len + 1:
+            raise DataError(f"split '{split}' of '{self.dir}' has {len(data)} tokens, fewer than "
+                            f"seq_len + 1 = {seq_len + 1}")
+        return data
+
+    def batch(self, split: str, step: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple:
+        """Random windows (x_BS, y_BS), int64, y = x shifted by one; a pure function of (seed, step)."""
+        data = self._checked(split, seq_len)
+        rng = np.random.default_rng([seed, step])
+        starts_B = rng.integers(0, len(data) - seq_len, size=batch_size)
+        return windows(data, starts_B, seq_len)
+
+    def eval_batches(self, split: str, batch_size: int, seq_len: int, max_batches: int | None = None) -> Iterator:
+        """(x_BS, y_BS) over consecutive non-overlapping windows covering the split (the last batch may be
+        smaller); with max_batches, max_batches * batch_size windows spread evenly over the split."""
+        data = self._checked(split, seq_len)
+        n_windows = (len(data) - 1) // seq_len
+        chosen = np.arange(n_windows)
+        if max_batches is not None and max_batches * batch_size < n_windows:
+            k = max_batches * batch_size
+            chosen = np.arange(k) * n_windows // k
+        starts = chosen * seq_len
+        return (windows(data, starts[i:i + batch_size], seq_len) for i in range(0, len(starts), batch_size))
+
+
+def windows(data: np.ndarray, starts_B: np.ndarray, seq_len: int) -> tuple:
+    idx_BS = starts_B[:, None] + np.arange(seq_len + 1)  # (B, S + 1)
+    xy_BS = torch.from_numpy(data[idx_BS].astype(np.int64))
+    return xy_BS[:, :-1].contiguous(), xy_BS[:, 1:].contiguous()
+
+
+# ---- preparing a data source for training ---------------------------------------------------------------
+
+def prepare_data(source: str, cache_dir: str | Path | None = None) -> Path:
+    """'builtin' -> the builtin corpus encoded with the shipped tokenizer (cached); a tokenized data
+    directory -> itself, validated."""
+    if source == "builtin":
+        return prepare_builtin(Path(cache_dir) if cache_dir else default_cache_dir())
+    if (Path(source) / META).is_file():
+        TokenData(source)
+        return Path(source)
+    raise DataError(f"data source '{source}' is not 'builtin' nor a tokenized data directory "
+                    "(run scripts/tokenize.py first)")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MEGAVQ_CACHE") or Path.home() / ".cache" / "megavq")
+
+
+def builtin_cache_key() -> str:
+    """Changes with the shipped tokenizer, the builtin text (Python version) and the encoding format."""
+    tokenizer_sha256 = Tokenizer(BUILTIN_TOKENIZER).sha256
+    text = f"{FORMAT_VERSION}:{tokenizer_sha256}:{builtin_sha256()}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_complete(data_dir: Path) -> bool:
+    try:
+        TokenData(data_dir)
+        return True
+    except DataError:
+        return False
+
+
+def prepare_builtin(cache: Path) -> Path:
+    """Encode the builtin corpus once into cache/builtin-KEY; a temp dir renamed into place keeps
+    concurrent first uses from seeing half-written data."""
+    target = cache / f"builtin-{builtin_cache_key()}"
+    if is_complete(target):
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
+    try:
+        encode_corpus("builtin", tmp, tokenizer_path=BUILTIN_TOKENIZER)
+        publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Rename a finished directory into place; a complete one made meanwhile by another process wins."""
+    if target.exists() and not is_complete(target):
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not is_complete(target):
+            raise

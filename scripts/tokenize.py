@@ -1,0 +1,50 @@
+"""Tokenize a text corpus into a data directory (train.bin, val.bin, test.bin, meta.json).
+
+    python scripts/tokenize.py --source builtin|PATH|lm1b:PATH|hf:NAME[:CONFIG] --out DIR
+                               [--tokenizer MODEL | --vocab_size N] [--text_column text]
+
+Without --tokenizer a BPE tokenizer of --vocab_size pieces is trained on the train split and saved in DIR.
+"""
+import os
+import sys
+
+# This file shares its name with the standard `tokenize` module, which torch imports; replace the script's
+# folder on the import path with the repository root so that the standard module is found.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse  # noqa: E402
+
+from megavq.config import MegavqError  # noqa: E402
+from megavq.data import SPLITS, TokenData, encode_corpus  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", required=True, help="builtin | PATH | lm1b:PATH | hf:NAME[:CONFIG]")
+    p.add_argument("--out", required=True, help="output data directory")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--tokenizer", help="an existing SentencePiece .model to encode with")
+    group.add_argument("--vocab_size", type=int, default=4096, help="size of the tokenizer to train")
+    p.add_argument("--text_column", default="text", help="text column of a Hugging Face dataset")
+    return p.parse_args(argv)
+
+
+def summary(data: TokenData) -> str:
+    counts = ", ".join(f"{s} {data.tokens(s):,}" for s in SPLITS)
+    return (f"{data.dir}: vocab {data.vocab_size}, tokens: {counts}; "
+            f"{data.bytes_per_token('train'):.3f} bytes/token (train)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        out = encode_corpus(args.source, args.out, args.tokenizer, args.vocab_size, args.text_column)
+        print(summary(TokenData(out)))
+    except MegavqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

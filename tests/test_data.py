@@ -1,0 +1,263 @@
+"""Data layer: corpus splits, tokenizer round trip, data directories, batches, validation, scripts."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megavq.config import MegavqError
+from megavq.data import DataError, TokenData, Tokenizer, encode_corpus, prepare_data, read_corpus
+from megavq.data.corpus import SPLITS, block_split, blocks, builtin_text, lines_of
+from megavq.data.dataset import BUILTIN_TOKENIZER
+from megavq.data.tokenizer import file_sha256
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(builtin_text()[:60_000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(text_file, tmp_path_factory):
+    """A small data directory with its own 400-piece tokenizer."""
+    return encode_corpus(str(text_file), tmp_path_factory.mktemp("data") / "small", vocab_size=400)
+
+
+# ---- corpus ---------------------------------------------------------------------------------------------
+
+def test_builtin_split_is_interleaved_deterministic_disjoint_and_covering():
+    text = builtin_text()
+    all_blocks = list(blocks(lines_of(text)))
+    assert "".join(all_blocks) == text
+    docs = {s: list(read_corpus("builtin", s)) for s in SPLITS}
+    for s in SPLITS:
+        assert docs[s] == [b for i, b in enumerate(all_blocks) if block_split(i) == s]
+        assert docs[s] == list(read_corpus("builtin", s))
+    assert sum(len(docs[s]) for s in SPLITS) == len(all_blocks)
+    assert [block_split(i) for i in range(18, 21)] == ["val", "test", "train"]
+    assert all(len(b) >= 2000 for b in docs["val"] + docs["test"])
+    assert 0.03 < sum(map(len, docs["val"])) / len(text) < 0.07
+
+
+def test_text_folder_reads_txt_files_in_path_order(tmp_path):
+    (tmp_path / "b.txt").write_text("second\nfile")
+    (tmp_path / "a.txt").write_text("first\n")
+    assert list(read_corpus(str(tmp_path), "train")) == ["first\nsecond\nfile\n"]
+    assert list(read_corpus(str(tmp_path), "val")) == []
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .txt files"):
+        read_corpus(str(tmp_path / "empty"), "train")
+
+
+def test_unknown_source_and_split():
+    with pytest.raises(DataError, match="/nonexistent"):
+        read_corpus("/nonexistent", "train")
+    with pytest.raises(DataError, match="'dev'"):
+        read_corpus("builtin", "dev")
+
+
+def write_lm1b(root: Path) -> dict:
+    """A tiny fake lm1b tree; returns the expected lines per split."""
+    train, heldout = root / "training-monolingual.tokenized.shuffled", root / "heldout-monolingual.tokenized.shuffled"
+    train.mkdir(parents=True)
+    heldout.mkdir()
+    lines = {name: [f"{name} sentence {i} .\n" for i in range(3)] for name in ("t1", "t2", "h0", "h1", "h2")}
+    for name, path in [("t2", train / "news.en-00002-of-00100"), ("t1", train / "news.en-00001-of-00100"),
+                       ("h0", heldout / "news.en.heldout-00000-of-00050"),
+                       ("h1", heldout / "news.en.heldout-00001-of-00050"),
+                       ("h2", heldout / "news.en.heldout-00002-of-00050")]:
+        path.write_text("".join(lines[name]))
+    return {"train": lines["t1"] + lines["t2"], "val": lines["h1"], "test": lines["h0"]}
+
+
+def test_lm1b_layout(tmp_path):
+    expected = write_lm1b(tmp_path)
+    for s in SPLITS:
+        assert list(read_corpus(f"lm1b:{tmp_path}", s)) == expected[s]
+    out = encode_corpus(f"lm1b:{tmp_path}", tmp_path / "data", tokenizer_path=BUILTIN_TOKENIZER)
+    test_file = tmp_path / "heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050"
+    assert TokenData(out).meta["splits"]["test"]["bytes"] == test_file.stat().st_size
+    test_file.unlink()
+    with pytest.raises(DataError, match="heldout-00000"):
+        read_corpus(f"lm1b:{tmp_path}", "test")
+
+
+def rows(n: int, tag: str) -> list:
+    return [f"{tag} row {i}: " + "lorem ipsum " * 8 for i in range(n)]
+
+
+def test_hf_saved_dataset_uses_own_splits_and_carves_missing_ones(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    train, test = rows(600, "train"), rows(5, "test")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                          "test": datasets.Dataset.from_dict({"text": test})}).save_to_disk(str(tmp_path / "dd"))
+    source = f"hf:{tmp_path / 'dd'}"
+    docs = {s: list(read_corpus(source, s)) for s in SPLITS}
+    assert docs["test"] == [r + "\n" for r in test]
+    all_blocks = list(blocks(r + "\n" for r in train))
+    assert docs["val"] == all_blocks[18::20] and docs["val"]
+    assert docs["train"] == [b for i, b in enumerate(all_blocks) if i % 20 != 18]
+    with pytest.raises(DataError, match="no column 'body'"):
+        read_corpus(source, "train", text_column="body")
+
+
+def test_hf_data_file_with_other_column(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    train = rows(600, "doc")
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"content": r}) + "\n" for r in train))
+    docs = {s: list(read_corpus(f"hf:{path}", s, text_column="content")) for s in SPLITS}
+    all_blocks = list(blocks(r + "\n" for r in train))
+    assert docs["test"] == all_blocks[19::20] and docs["val"] == all_blocks[18::20]
+    assert sum(len(d) for d in docs.values()) == len(all_blocks)
+
+
+def test_hf_unloadable_name_is_one_line_error(tmp_path):
+    pytest.importorskip("datasets")
+    with pytest.raises(DataError, match="local dataset path .* does not exist") as e:
+        read_corpus(f"hf:{tmp_path / 'missing'}", "train")
+    assert "\n" not in str(e.value)
+
+
+# ---- tokenizer ------------------------------------------------------------------------------------------
+
+def test_shipped_tokenizer_round_trips_any_text():
+    tok = Tokenizer(BUILTIN_TOKENIZER)
+    assert tok.vocab_size == 4096 and tok.sha256 == file_sha256(BUILTIN_TOKENIZER)
+    sample = builtin_text()[5000:7000] + "  two  spaces\ttab\r\n\n€ 日本語 😀 naïve Ω\n"
+    ids = tok.encode(sample)
+    assert all(0 <= i < 4096 for i in ids)
+    assert tok.decode(ids) == sample
+    assert len(ids) < len(sample.encode("utf-8")) / 2
+
+
+def test_tokenizer_rejects_missing_or_invalid_model(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        Tokenizer(tmp_path / "missing.model")
+    (tmp_path / "junk.model").write_text("junk")
+    with pytest.raises(DataError, match="junk.model' is not a SentencePiece model"):
+        Tokenizer(tmp_path / "junk.model")
+
+
+# ---- data directories -----------------------------------------------------------------------------------
+
+def test_meta_matches_files_and_tokens_decode_to_the_text(data_dir, text_file):
+    data = TokenData(data_dir)
+    assert data.vocab_size == 400 and data.meta["dtype"] == "uint16"
+    assert data.tokenizer().sha256 == data.meta["tokenizer_sha256"]
+    for s in SPLITS:
+        info = data.meta["splits"][s]
+        assert (data_dir / info["file"]).stat().st_size == info["tokens"] * 2 == data.tokens(s) * 2
+        text = "".join(read_corpus(str(text_file), s))
+        assert info["bytes"] == len(text.encode("utf-8"))
+        assert data.tokenizer().decode(data.split(s)) == text
+        assert data.bytes_per_token(s) == info["bytes"] / info["tokens"]
+
+
+def test_batch_is_a_pure_function_of_seed_and_step(data_dir):
+    data = TokenData(data_dir)
+    x, y = data.batch("train", step=3, batch_size=4, seq_len=SEQ, seed=7)
+    assert x.shape == y.shape == (4, SEQ) and x.dtype == y.dtype == torch.int64
+    x2, y2 = TokenData(data_dir).batch("train", step=3, batch_size=4, seq_len=SEQ, seed=7)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, data.batch("train", step=4, batch_size=4, seq_len=SEQ, seed=7)[0])
+    assert not torch.equal(x, data.batch("train", step=3, batch_size=4, seq_len=SEQ, seed=8)[0])
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    windows_NS = np.lib.stride_tricks.sliding_window_view(np.asarray(data.split("train")), SEQ + 1)
+    for row_x, row_y in zip(x.numpy(), y.numpy()):
+        row = np.concatenate([row_x, row_y[-1:]])
+        assert (windows_NS == row).all(axis=1).any()
+
+
+def test_eval_batches_cover_the_split_without_overlap(data_dir):
+    data = TokenData(data_dir)
+    tokens = np.asarray(data.split("val"), dtype=np.int64)
+    batches = list(data.eval_batches("val", batch_size=8, seq_len=SEQ))
+    x = torch.cat([b[0] for b in batches]).flatten().numpy()
+    y = torch.cat([b[1] for b in batches]).flatten().numpy()
+    n_windows = (len(tokens) - 1) // SEQ
+    assert len(x) == n_windows * SEQ and len(tokens) - len(x) <= SEQ
+    assert (x == tokens[:len(x)]).all() and (y == tokens[1:len(x) + 1]).all()
+    few = list(data.eval_batches("val", batch_size=2, seq_len=SEQ, max_batches=3))
+    assert len(few) == 3 and all(xb.shape == (2, SEQ) for xb, _ in few)
+    aligned_NS = tokens[:n_windows * SEQ].reshape(n_windows, SEQ)
+    starts = [int(np.flatnonzero((aligned_NS == row).all(axis=1))[0]) for xb, _ in few for row in xb.numpy()]
+    assert starts == sorted(set(starts)) and starts[0] == 0 and starts[-1] > n_windows // 2
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(few, data.eval_batches("val", 2, SEQ, max_batches=3)))
+
+
+def test_truncated_or_missing_data_raises(data_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(data_dir, broken)
+    size = (broken / "val.bin").stat().st_size
+    with open(broken / "val.bin", "r+b") as f:
+        f.truncate(size - 3)
+    with pytest.raises(DataError, match=rf"val\.bin' has {size - 3} bytes but meta.json says {size}"):
+        TokenData(broken)
+    (broken / "meta.json").unlink()
+    with pytest.raises(DataError, match="no meta.json"):
+        TokenData(broken)
+    with pytest.raises(DataError, match="does not exist"):
+        TokenData(tmp_path / "missing")
+    assert issubclass(DataError, MegavqError)
+
+
+def test_seq_len_longer_than_split_raises(data_dir):
+    data = TokenData(data_dir)
+    with pytest.raises(DataError, match="seq_len"):
+        data.batch("val", 0, 1, data.tokens("val"), seed=0)
+
+
+# ---- prepare_data and the script ------------------------------------------------------------------------
+
+def test_prepare_builtin_encodes_once_then_reuses(tmp_path, monkeypatch):
+    path = prepare_data("builtin", cache_dir=tmp_path)
+    data = TokenData(path)
+    assert data.vocab_size == 4096 and data.meta["source"] == "builtin"
+    assert data.tokens("val") > 1000 and 3.0 < data.bytes_per_token("train") < 5.0
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cached directory should be reused")
+
+    monkeypatch.setattr("megavq.data.dataset.encode_corpus", fail)
+    assert prepare_data("builtin", cache_dir=tmp_path) == path
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    monkeypatch.undo()
+    (path / "meta.json").unlink()  # an incomplete directory is rebuilt
+    assert prepare_data("builtin", cache_dir=tmp_path) == path and TokenData(path).tokens("val") == data.tokens("val")
+    assert prepare_data(str(path)) == path
+
+
+def test_prepare_unknown_source_is_one_line_error():
+    with pytest.raises(DataError, match="data source '/nonexistent' is not 'builtin'") as e:
+        prepare_data("/nonexistent")
+    assert "\n" not in str(e.value)
+
+
+def run_script(*args):
+    env = dict(os.environ, PYTHONPATH="")
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "tokenize.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_tokenize_script_end_to_end(text_file, tmp_path):
+    result = run_script("--source", str(text_file), "--out", str(tmp_path / "out"), "--vocab_size", "400")
+    assert result.returncode == 0, result.stderr
+    data = TokenData(tmp_path / "out")
+    assert data.vocab_size == 400
+    assert f"train {data.tokens('train'):,}" in result.stdout and "bytes/token" in result.stdout
+    small = run_script("--source", str(text_file), "--out", str(tmp_path / "small"), "--vocab_size", "300")
+    assert small.returncode == 2 and "vocab_size 300" in small.stderr and "\n" not in small.stderr.strip()
+    bad = run_script("--source", "/nonexistent", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
