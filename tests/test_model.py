@@ -1,0 +1,49 @@
+import torch
+
+from megavq.config import load_config
+from megavq.model import Transformer
+
+SMALL = ["model.vocab_size=64", "model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.d_ff=48",
+         "model.seq_len=16"]
+
+
+def build(*overrides):
+    torch.manual_seed(0)
+    return Transformer(load_config("tiny", [*SMALL, *overrides])).eval()
+
+
+def test_future_tokens_do_not_change_past_logits():
+    model = build()
+    x = torch.randint(0, 64, (2, 16))
+    y = x.clone()
+    y[:, 10:] = torch.randint(0, 64, (2, 6))
+    torch.testing.assert_close(model(x)[:, :10], model(y)[:, :10])
+
+
+def test_shapes_and_loss():
+    model = build("moe.every=2")
+    assert [b.is_moe for b in model.blocks] == [False, True]
+    x = torch.randint(0, 64, (3, 16))
+    assert model(x).shape == (3, 16, 64)
+    out = model(x, x)
+    assert out.loss.ndim == 0 and len(out.router_metrics) == 1
+    assert torch.allclose(out.loss, out.lm_loss + out.aux_loss)
+
+
+def test_dense_model_has_no_experts():
+    model = build("moe.every=0")
+    assert not any(b.is_moe for b in model.blocks)
+    assert model.num_params() == model.num_params(active=True)
+
+
+def test_gpt2_style_options_build():
+    model = build("model.norm=layernorm", "model.pos=learned", "model.mlp=gelu", "model.qkv_bias=true",
+                  "model.out_bias=true", "model.mlp_bias=true", "model.tie_embeddings=false", "model.n_kv_heads=2")
+    assert model.pos_embed is not None and model.lm_head.weight is not model.embed.weight
+    assert model(torch.randint(0, 64, (1, 16))).shape == (1, 16, 64)
+
+
+def test_active_params_count_topk_experts():
+    model = build("moe.num_experts=4", "moe.top_k=1")
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert model.num_params() - model.num_params(active=True) == experts - experts // 4
