@@ -60,6 +60,7 @@ class MoEConfig:
     eval_capacity_factor: float = 2.0
     min_capacity: int = 4
     drop_tokens: bool = True
+    drop_policy: str = "position"  # capacity backends: position (first slots, then token order) | probs
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 1e-3
     allow_noncausal: bool = False
@@ -91,6 +92,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_time_s: float = 0.0  # stop early (and evaluate) after this many seconds; 0 = no limit
     stop_at_step: int = 0  # stop (checkpoint, evaluate) after this step; the schedule still spans max_steps
+    collapse_share: float = 0.9  # warn when one expert gets more than this share of a layer's tokens ...
+    collapse_patience: int = 3  # ... for this many consecutive evaluations (see megavq/eval/health.py)
+    dead_code_frac: float = 0.5  # vq: warn when more than this fraction of the codes are dead (same patience)
     wandb: bool = False
     wandb_project: str = "megavq"
 
@@ -120,8 +124,6 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             pass
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if typ is dict and isinstance(value, dict):
-        return dict(value)
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
@@ -134,7 +136,9 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
         if name not in hints:
             valid = ", ".join(f"{prefix}{n}" for n in hints)
             raise ConfigError(f"unknown config key '{key}' (valid: {valid})")
-        if dataclasses.is_dataclass(hints[name]):
+        if hints[name] is dict and isinstance(value, dict):  # free-form mappings merge key by key
+            setattr(obj, name, {**getattr(obj, name), **value})
+        elif dataclasses.is_dataclass(hints[name]):
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}: expected a mapping, got {value!r}")
             _apply(getattr(obj, name), value, f"{key}.")
@@ -230,6 +234,8 @@ def validate(cfg: Config) -> None:
     _check(moe.top_k <= moe.num_experts, f"moe.top_k ({moe.top_k}) exceeds moe.num_experts ({moe.num_experts})")
     _check(moe.num_experts % moe.ep_size == 0,
            f"moe.num_experts ({moe.num_experts}) must be divisible by moe.ep_size ({moe.ep_size})")
+    _check(moe.drop_policy in ("position", "probs"),
+           f"moe.drop_policy must be position or probs, got {moe.drop_policy!r}")
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     from megavq.moe.routers import available_routers  # late import: routers import torch

@@ -53,5 +53,10 @@ def test_unknown_preset_and_file(tmp_path):
         load_config(str(bad))
 
 
+def test_router_options_merge():
+    cfg = load_config("tiny", ["moe.router_options.rate=0.5", "moe.router_options.warmup_steps=10"])
+    assert cfg.moe.router_options == {"rate": 0.5, "warmup_steps": 10}
+
+
 def test_parse_override_nests():
     assert parse_override("model.d_model=64") == {"model": {"d_model": 64}}

@@ -14,7 +14,7 @@ from torch import nn
 from megavq.config import Config, ModelConfig
 from megavq.model.layers import MLP, CausalSelfAttention, make_norm, rope_tables
 from megavq.moe.experts import expert_out_std
-from megavq.moe.layer import build_moe_layer
+from megavq.moe.layer import assign_moe_layers, build_moe_layer
 
 
 class LMOutput(NamedTuple):
@@ -67,6 +67,7 @@ class Transformer(nn.Module):
         rope = rope_tables(m.seq_len, m.d_model // m.n_heads, m.rope_theta) if m.pos == "rope" else None
         self.rope = rope
         self._init_weights(m)
+        assign_moe_layers(self)
 
     def _init_weights(self, m: ModelConfig) -> None:
         out_std = expert_out_std(m.init_std, m.n_layers)

@@ -12,7 +12,7 @@ from torch import nn
 from megavq.config import ConfigError, MoEConfig
 from megavq.moe.backends import token_backend
 from megavq.moe.experts import Experts
-from megavq.moe.routers import build_router, router_class
+from megavq.moe.routers import Router, build_router, router_class
 
 
 def router_options(cfg: MoEConfig) -> dict:
@@ -26,10 +26,16 @@ def router_options(cfg: MoEConfig) -> dict:
     return opts
 
 
+def router_is_causal(name: str, options: dict) -> bool:
+    """A router class's `causal`, or `causal_for(options)` where an option decides it (usmoe's selection)."""
+    cls = router_class(name)
+    return cls.causal_for(options) if hasattr(cls, "causal_for") else cls.causal
+
+
 def check_causal(cfg) -> None:
     """Refuse a non-causal router for causal language-model training unless moe.allow_noncausal is set."""
     moe = cfg.moe
-    if moe.every == 0 or router_class(moe.router).causal or moe.allow_noncausal:
+    if moe.every == 0 or router_is_causal(moe.router, moe.router_options) or moe.allow_noncausal:
         return
     raise ConfigError(f"moe.router={moe.router} is not causal: a token's routing depends on later tokens of "
                       f"its sequence, which leaks the future into next-token prediction (training loss looks "
@@ -43,6 +49,8 @@ class MoELayer(nn.Module):
         if cfg.ep_size != 1:
             raise ConfigError(f"moe.ep_size={cfg.ep_size} needs an expert-parallel backend; "
                               f"moe.backend={cfg.backend} runs with moe.ep_size=1")
+        if getattr(router_class(cfg.router), "layer_kind", "token") != "token":
+            raise ConfigError(f"moe.router={cfg.router} is its own layer kind: build it with build_moe_layer")
         self.router = build_router(cfg.router, hidden_size=d_model, num_experts=cfg.num_experts,
                                    top_k=cfg.top_k, **router_options(cfg))
         self.experts = Experts(cfg.num_experts, d_model, d_hidden, mlp, bias, init_std, out_std, seed)
@@ -51,10 +59,12 @@ class MoELayer(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        kwargs = {}
         if self.router.needs_expert_outputs:
-            r = self.router(x_TD, expert_fn=lambda: self.experts.all_experts(x_TD))
-        else:
-            r = self.router(x_TD)
+            kwargs["expert_fn"] = lambda: self.experts.all_experts(x_TD)
+        if getattr(self.router, "needs_seq_len", False):  # routers that route within a sequence
+            kwargs["seq_len"] = x_BSD.shape[1]
+        r = self.router(x_TD, **kwargs)
         y_TD = self.run_experts(x_TD, r, self.experts)
         return y_TD.view_as(x_BSD), r.aux_loss, r.metrics
 
@@ -65,4 +75,29 @@ def build_moe_layer(cfg: MoEConfig, d_model: int, d_hidden: int, mlp: str = "swi
 
     Every kind has the same interface: `forward(x_BSD) -> (y_BSD, aux_loss, metrics)`.
     """
-    return MoELayer(cfg, d_model, d_hidden, mlp, bias, init_std, out_std, seed)
+    args = (cfg, d_model, d_hidden, mlp, bias, init_std, out_std, seed)
+    if getattr(router_class(cfg.router), "layer_kind", "token") == "soft":
+        if cfg.backend not in ("reference", "native"):
+            raise ConfigError(f"moe.router=soft runs on moe.backend=native or reference, got {cfg.backend}")
+        from megavq.moe.soft import SoftMoELayer
+        return SoftMoELayer(*args)
+    if cfg.backend == "deepspeed":
+        from megavq.moe.backends.deepspeed import DeepSpeedMoELayer
+        return DeepSpeedMoELayer(*args)
+    if cfg.backend == "megablocks":
+        from megavq.moe.backends.megablocks import MegaBlocksMoELayer
+        return MegaBlocksMoELayer(*args)
+    if cfg.ep_size > 1:
+        if cfg.backend != "native":
+            raise ConfigError(f"moe.ep_size={cfg.ep_size} runs on moe.backend=native or deepspeed, got {cfg.backend}")
+        from megavq.moe.backends.expert_parallel import ExpertParallelMoELayer
+        return ExpertParallelMoELayer(*args)
+    return MoELayer(*args)
+
+
+def assign_moe_layers(model: nn.Module) -> None:
+    """Tell each router that schedules per layer (compete) its index among the model's MoE layers and their count."""
+    routers = [m.router for m in model.modules() if isinstance(getattr(m, "router", None), Router)]  # one per layer
+    for i, router in enumerate(routers):
+        if hasattr(router, "set_layer"):
+            router.set_layer(i, len(routers))

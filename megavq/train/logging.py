@@ -19,9 +19,9 @@ def flatten_router_metrics(per_layer: list[dict], layer_ids: list[int]) -> dict:
 
 
 def average_metrics(dicts: list[dict]) -> dict:
-    """Mean of each key over several logged dicts (lists averaged element-wise)."""
+    """Mean of each key over the dicts that have it (lists averaged element-wise)."""
     out = {}
-    for key in dicts[0]:
+    for key in dict.fromkeys(k for d in dicts for k in d):
         values = [d[key] for d in dicts if key in d]
         if isinstance(values[0], list):
             out[key] = [sum(col) / len(col) for col in zip(*values)]

@@ -1,0 +1,68 @@
+"""Soft MoE routing (Puigcerver et al. 2024): every slot is a softmax mix of the tokens of one sequence.
+
+Legend: B batch, S sequence, T = B*S tokens, D hidden, E experts, P slots per expert, N = E*P slots
+(expert-major: slot n belongs to expert n // P).
+logits = l2norm(X) . (scale * l2norm(Phi)), Phi: (D, N) normalised over D. Dispatch = softmax over the
+tokens of a sequence, combine = softmax over the N slots. The layer (megavq.moe.soft.SoftMoELayer) computes
+slots_in = dispatch^T X, runs expert n // P on slot n, and returns combine . y_slots. No aux loss.
+Not causal: every slot mixes every token of the sequence. It is its own MoE layer kind: `build_moe_layer`
+builds the Soft MoE layer when moe.router = soft.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megavq.config import ConfigError
+from megavq.moe.routers.base import Router, RouterOutput, register
+
+
+def soft_metrics(combine_BSN: torch.Tensor, num_experts: int) -> dict:
+    """load[e] = mean over tokens of the combine mass on expert e's slots; entropy of the combine weights."""
+    with torch.no_grad():
+        B, S, N = combine_BSN.shape
+        load_E = combine_BSN.reshape(B * S, num_experts, N // num_experts).sum(-1).mean(0)
+        c = combine_BSN.float().clamp(min=1e-12)
+        return {
+            "load": load_E,
+            "load_cv": load_E.std(unbiased=False) / load_E.mean().clamp(min=1e-12),
+            "load_max": load_E.max() * num_experts,
+            "entropy": -(c * c.log()).sum(-1).mean(),
+        }
+
+
+@register("soft")
+class SoftRouter(Router):
+    causal = False
+    needs_seq_len = True  # the MoE layer passes seq_len=S
+    layer_kind = "soft"  # built as megavq.moe.soft.SoftMoELayer, not the token-routing MoELayer
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, slots_per_expert: int = 1,
+                 scale_init: float = 1.0):
+        super().__init__(hidden_size, num_experts, top_k)  # top_k is unused: every slot sees every token
+        if slots_per_expert < 1:
+            raise ConfigError(f"soft: slots_per_expert must be >= 1, got {slots_per_expert}")
+        self.slots_per_expert = slots_per_expert
+        self.phi = nn.Parameter(torch.randn(hidden_size, num_experts * slots_per_expert) / math.sqrt(hidden_size))
+        self.scale = nn.Parameter(torch.tensor(float(scale_init)))
+
+    def dispatch_combine(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dispatch (B, S, N): softmax over S; combine (B, S, N): softmax over N. fp32."""
+        phi_DN = self.scale.float() * F.normalize(self.phi.float(), dim=0)
+        logits_BSN = F.normalize(x_BSD.float(), dim=-1) @ phi_DN
+        return logits_BSN.softmax(dim=1), logits_BSN.softmax(dim=-1)
+
+    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RouterOutput:
+        """The token-level view: weights[t, e] = combine mass of expert e's slots in token t's output.
+
+        Diagnostics only (it sums to 1 per token); what the Soft MoE layer computes is in megavq.moe.soft.
+        """
+        T, D = x_TD.shape
+        _, combine_BSN = self.dispatch_combine(x_TD.view(-1, seq_len or T, D))
+        weights_TE = combine_BSN.reshape(T, self.num_experts, self.slots_per_expert).sum(-1)
+        indices_TE = torch.arange(self.num_experts, device=x_TD.device).expand(T, -1)
+        metrics = soft_metrics(combine_BSN, self.num_experts)
+        return RouterOutput(weights_TE, indices_TE, weights_TE, weights_TE.new_zeros(()), metrics)

@@ -1,0 +1,70 @@
+"""Unified competitive routing (USMoE, Do, Le, Tran 2025).
+
+Legend: T tokens, D hidden, E experts, K experts per token, n groups of G tokens (T = n * G).
+w = (1 - r) * softmax(logits) + r * sigmoid(logits) * 2 / E mixes token choice (softmax over experts)
+with independent expert scores (sigmoid). Global selection: in each group (one sequence by default) the
+G * k largest (token, expert) pairs of w are routed, so a token gets 0..E experts (K = E slots, -1 where
+unused). Weights are w normalised over all E experts of the token. `selection="token"` is the causal
+token-choice special case: top-k per token on w, same weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megavq.config import ConfigError
+from megavq.moe.routers.base import Router, RouterOutput, load_balance_loss, register, routing_metrics
+from megavq.moe.routers.expert_choice import check_group, coverage_metrics, group_size, slots_from_mask
+
+
+@register("usmoe")
+class USMoERouter(Router):
+    causal = False  # the default, global selection; the instance attribute says it for the chosen selection
+    needs_seq_len = True  # the MoE layer passes seq_len=S
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, mix: float = 0.5, selection: str = "global",
+                 group: str = "sequence", balance_coef: float = 0.01):
+        super().__init__(hidden_size, num_experts, top_k)
+        if not 0.0 <= mix <= 1.0:
+            raise ConfigError(f"usmoe: mix (r) must be in [0, 1], got {mix}")
+        if selection not in ("global", "token"):
+            raise ConfigError(f"usmoe: selection must be 'global' or 'token', got {selection!r}")
+        check_group("usmoe", group)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=0.02)
+        self.mix, self.selection, self.group, self.balance_coef = mix, selection, group, balance_coef
+        self.causal = selection == "token"
+
+    @classmethod
+    def causal_for(cls, options: dict) -> bool:
+        """Whether a router built with these options is causal (used by the build-time check)."""
+        return options.get("selection", "global") == "token"
+
+    def unified_scores(self, x_TD: torch.Tensor) -> torch.Tensor:
+        logits_TE = x_TD.float() @ self.gate.weight.float().t()
+        E = self.num_experts
+        return (1 - self.mix) * logits_TE.softmax(dim=-1) + self.mix * logits_TE.sigmoid() * 2 / E
+
+    def global_choice(self, w_TE: torch.Tensor, seq_len: int | None) -> torch.Tensor:
+        """(T, E) bool: the G * k largest (token, expert) pairs of each group."""
+        T, E = w_TE.shape
+        G = group_size(T, seq_len, self.group)
+        w_nM = w_TE.reshape(T // G, G * E)
+        picked_nM = w_nM.topk(G * self.top_k, dim=-1).indices
+        return torch.zeros_like(w_nM, dtype=torch.bool).scatter_(1, picked_nM, True).view(T, E)
+
+    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RouterOutput:
+        w_TE = self.unified_scores(x_TD)
+        probs_TE = w_TE / w_TE.sum(-1, keepdim=True)
+        if self.selection == "token":
+            indices_TK = w_TE.topk(self.top_k, dim=-1).indices
+            weights_TK = probs_TE.gather(1, indices_TK)
+            metrics = routing_metrics(indices_TK, probs_TE)
+        else:
+            chosen_TE = self.global_choice(w_TE, seq_len)
+            weights_TK, indices_TK = slots_from_mask(chosen_TE, probs_TE)
+            metrics = routing_metrics(indices_TK, probs_TE)
+            metrics.update(coverage_metrics(chosen_TE))
+        balance = load_balance_loss(probs_TE, indices_TK)
+        metrics.update(balance_loss=balance.detach())
+        return RouterOutput(weights_TK, indices_TK, probs_TE, self.balance_coef * balance, metrics)

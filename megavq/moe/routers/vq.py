@@ -1,0 +1,221 @@
+"""Vector-quantised routing (VQMoE, Do, Pham, Le, Tran; TMLR 2025).
+
+Legend: T tokens (N rows in general), D hidden, C code dimension, Q codes, E experts, K slots per token.
+A codebook of Q codes, code j pointing to expert j mod E, assigns each token one expert by its nearest code
+(squared distance). During pre-training an ordinary softmax top-k router adds k_c = top_k - 1 experts
+(compute-matched with `topk` at the same top_k), and a two-way gate [g_c, g_d] = softmax(Linear(D, 2)(x))
+mixes the paths, as one routing of k_c + 1 slots:
+    indices = [continuous top-k_c ..., expert(code)],  weights = [g_c * w_cont ..., g_d].
+With k_c = 1 the continuous weight is the full-softmax probability (not renormalised: a softmax over one
+score is always 1 and that router would never learn). With top_k = 1 there is no continuous slot (k_c = 0):
+the router is the discrete path alone, weight 1, as with `discrete_only`.
+Losses: codebook MSE(c, z.detach()) + beta * commitment MSE(c.detach(), z), times vq_coef; the continuous
+router's balance and z-losses. With `ema=True` the codebook is a buffer updated by exponential moving
+averages of its tokens instead of the codebook loss.
+Codebook upkeep (EMA, usage counters, dead-code restarts, k-means init on the first batch) runs in training
+only; in a distributed run its statistics are summed over ranks and new codes come from rank 0, so the
+replicas of the router stay identical.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from megavq.config import ConfigError
+from megavq.moe.routers.base import Router, RouterOutput, register, routing_metrics
+from megavq.moe.routers.topk import TopKRouter
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """In a distributed run, the sum over all ranks (the router is replicated on every rank), in place."""
+    if _distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """In a distributed run, rank 0's value on every rank, in place."""
+    if _distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
+def nearest_code(z_NC: torch.Tensor, codebook_QC: torch.Tensor) -> torch.Tensor:
+    """argmin_j ||z - c_j||^2 for every row, (N,) int64."""
+    with torch.no_grad():
+        z, c = z_NC.float(), codebook_QC.float()
+        dist_NQ = z.pow(2).sum(-1, keepdim=True) - 2 * z @ c.t() + c.pow(2).sum(-1)
+        return dist_NQ.argmin(dim=-1)
+
+
+def kmeans(z_NC: torch.Tensor, num_codes: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
+    """Lloyd's k-means from randomly chosen rows (with replacement if N < Q); empty clusters keep their centre."""
+    z = z_NC.detach().float()
+    g = torch.Generator().manual_seed(seed)
+    N = z.shape[0]
+    if N >= num_codes:
+        rows = torch.randperm(N, generator=g)[:num_codes]
+    else:
+        rows = torch.randint(N, (num_codes,), generator=g)
+    centres_QC = z[rows.to(z.device)].clone()
+    for _ in range(iters):
+        codes_N = nearest_code(z, centres_QC)
+        sums_QC = torch.zeros_like(centres_QC).index_add_(0, codes_N, z)
+        counts_Q = torch.bincount(codes_N, minlength=num_codes)
+        filled = counts_Q > 0
+        centres_QC[filled] = sums_QC[filled] / counts_Q[filled, None]
+    return centres_QC
+
+
+@register("vq")
+class VQRouter(Router):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, num_codes: int = 0, code_dim: int = 0,
+                 discrete_only: bool = False, vq_coef: float = 0.08, beta: float = 0.25, ema: bool = False,
+                 ema_decay: float = 0.99, dead_code_steps: int = 100, restart_dead_codes: bool = True,
+                 codebook_init: str = "random", balance_coef: float = 0.01, z_loss_coef: float = 1e-3):
+        super().__init__(hidden_size, num_experts, top_k)
+        self._check_options(num_codes, code_dim, ema_decay, dead_code_steps, codebook_init)
+        Q, C = num_codes or num_experts, code_dim or hidden_size
+        self.num_codes, self.discrete_only = Q, discrete_only
+        self.vq_coef, self.beta, self.ema, self.ema_decay = vq_coef, beta, ema, ema_decay
+        self.dead_code_steps, self.restart_dead_codes = dead_code_steps, restart_dead_codes
+        self.proj = nn.Linear(hidden_size, C, bias=False) if code_dim else None
+        if self.proj is not None:
+            nn.init.normal_(self.proj.weight, std=1 / math.sqrt(hidden_size))
+        codebook_QC = torch.randn(Q, C)  # the scale of normalised hidden states
+        if ema:
+            self.register_buffer("codebook", codebook_QC)
+            self.register_buffer("ema_count", torch.ones(Q))
+            self.register_buffer("ema_sum", codebook_QC.clone())
+        else:
+            self.codebook = nn.Parameter(codebook_QC)
+        self.register_buffer("code_to_expert", torch.arange(Q) % num_experts)
+        self.register_buffer("unused_steps", torch.zeros(Q, dtype=torch.long))  # training forwards since last use
+        self.register_buffer("initialized", torch.tensor(codebook_init == "random"))
+        self.num_continuous = top_k - 1
+        if self.num_continuous > 0:  # kept under discrete_only too, so checkpoints load either way
+            self.continuous = TopKRouter(hidden_size, num_experts, self.num_continuous,
+                                         normalize=self.num_continuous > 1, balance_coef=balance_coef,
+                                         z_loss_coef=z_loss_coef)
+            self.mix = nn.Linear(hidden_size, 2)
+            nn.init.normal_(self.mix.weight, std=0.02)
+            nn.init.zeros_(self.mix.bias)
+
+    @staticmethod
+    def _check_options(num_codes, code_dim, ema_decay, dead_code_steps, codebook_init) -> None:
+        if num_codes < 0 or code_dim < 0 or dead_code_steps < 0:
+            raise ConfigError(f"vq: num_codes, code_dim and dead_code_steps must be >= 0, "
+                              f"got {num_codes}, {code_dim}, {dead_code_steps}")
+        if not 0.0 < ema_decay < 1.0:
+            raise ConfigError(f"vq: ema_decay must be in (0, 1), got {ema_decay}")
+        if codebook_init not in ("random", "kmeans"):
+            raise ConfigError(f"vq: codebook_init must be 'random' or 'kmeans', got {codebook_init!r}")
+
+    # ---- the discrete path --------------------------------------------------------------------------
+    def project(self, x_ND: torch.Tensor) -> torch.Tensor:
+        x = x_ND.float()
+        return x if self.proj is None else x @ self.proj.weight.float().t()
+
+    def quantize(self, z_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes_N, z_q with the straight-through estimator, codebook + beta * commitment loss)."""
+        codes_N = nearest_code(z_NC, self.codebook)
+        c_NC = self.codebook.float()[codes_N]
+        loss = self.beta * F.mse_loss(c_NC.detach(), z_NC)
+        if not self.ema:
+            loss = loss + F.mse_loss(c_NC, z_NC.detach())
+        z_q = z_NC + (c_NC - z_NC).detach()  # forward: the code; backward: identity into z
+        return codes_N, z_q, loss
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        x_TD = x_TD.float()
+        z_TC = self.project(x_TD)
+        if self.training:
+            self._prepare_codebook(z_TC.detach())
+        codes_T, _, vq_loss = self.quantize(z_TC)
+        if self.training:
+            self._update_codebook(z_TC.detach(), codes_T)
+        expert_T = self.code_to_expert[codes_T]
+        if self.discrete_only or self.num_continuous == 0:
+            r = self._discrete_routing(expert_T)
+        else:
+            r = self._mixed_routing(x_TD, expert_T)
+        r.aux_loss = r.aux_loss + self.vq_coef * vq_loss
+        r.metrics.update(self._code_metrics(codes_T), vq_loss=vq_loss.detach())
+        return r
+
+    def _discrete_routing(self, expert_T: torch.Tensor) -> RouterOutput:
+        indices_TK = expert_T[:, None]
+        probs_TE = F.one_hot(expert_T, self.num_experts).float()
+        weights_TK = torch.ones(indices_TK.shape, device=expert_T.device)
+        return RouterOutput(weights_TK, indices_TK, probs_TE, probs_TE.new_zeros(()),
+                            routing_metrics(indices_TK, probs_TE))
+
+    def _mixed_routing(self, x_TD: torch.Tensor, expert_T: torch.Tensor) -> RouterOutput:
+        cont = self.continuous(x_TD)
+        g_T2 = F.linear(x_TD, self.mix.weight.float(), self.mix.bias.float()).softmax(dim=-1)  # [g_c, g_d]
+        weights_TK = torch.cat([g_T2[:, :1] * cont.weights, g_T2[:, 1:]], dim=1)
+        indices_TK = torch.cat([cont.indices, expert_T[:, None]], dim=1)
+        metrics = routing_metrics(indices_TK, cont.scores)
+        metrics.update(balance_loss=cont.metrics["balance_loss"], z_loss=cont.metrics["z_loss"],
+                       gate_discrete=g_T2[:, 1].mean().detach())
+        return RouterOutput(weights_TK, indices_TK, cont.scores, cont.aux_loss, metrics)
+
+    # ---- codebook health ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_codebook_kmeans(self, x_ND: torch.Tensor, iters: int = 10, seed: int = 0) -> None:
+        """Set the codebook to k-means centres of hidden states x_ND (e.g. a dense model's, when upcycling)."""
+        self._set_codes(torch.arange(self.num_codes), kmeans(self.project(x_ND), self.num_codes, iters, seed))
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _set_codes(self, codes: torch.Tensor, values_NC: torch.Tensor) -> None:
+        codes = codes.to(self.codebook.device)
+        self.codebook[codes] = values_NC.to(self.codebook.dtype)
+        if self.ema:
+            self.ema_sum[codes] = values_NC.to(self.ema_sum.dtype)
+            self.ema_count[codes] = 1.0
+        self.unused_steps[codes] = 0
+
+    @torch.no_grad()
+    def _prepare_codebook(self, z_TC: torch.Tensor) -> None:
+        """Training only: k-means init on the first batch if asked; restart codes dead for dead_code_steps."""
+        if not self.initialized:
+            self._set_codes(torch.arange(self.num_codes), from_rank0(kmeans(z_TC, self.num_codes)))
+            self.initialized.fill_(True)
+        if self.restart_dead_codes and self.dead_code_steps:
+            dead = (self.unused_steps >= self.dead_code_steps).nonzero().squeeze(-1)  # the same on every rank
+            if dead.numel():
+                rows = torch.randint(z_TC.shape[0], (dead.numel(),), device=z_TC.device)
+                self._set_codes(dead, from_rank0(z_TC[rows].contiguous()))
+
+    @torch.no_grad()
+    def _update_codebook(self, z_TC: torch.Tensor, codes_T: torch.Tensor) -> None:
+        """Usage counters and EMA statistics over the tokens of all ranks, so replicas stay identical."""
+        count_Q = sum_over_ranks(torch.bincount(codes_T, minlength=self.num_codes).float())
+        self.unused_steps.copy_(torch.where(count_Q > 0, 0, self.unused_steps + 1))
+        if not self.ema:
+            return
+        sum_QC = sum_over_ranks(torch.zeros_like(self.ema_sum, dtype=torch.float32).index_add_(0, codes_T, z_TC))
+        d = self.ema_decay
+        self.ema_count.mul_(d).add_((1 - d) * count_Q.to(self.ema_count.dtype))
+        self.ema_sum.mul_(d).add_((1 - d) * sum_QC.to(self.ema_sum.dtype))
+        n = self.ema_count.sum()
+        count_Q = (self.ema_count + 1e-5) / (n + self.num_codes * 1e-5) * n  # Laplace smoothing
+        self.codebook.copy_(self.ema_sum / count_Q[:, None])
+
+    def _code_metrics(self, codes_T: torch.Tensor) -> dict:
+        with torch.no_grad():
+            hist_Q = torch.bincount(codes_T, minlength=self.num_codes).float()
+            p = hist_Q / hist_Q.sum().clamp(min=1)
+            perplexity = torch.exp(-(p * p.clamp(min=1e-12).log()).sum())
+            unused = (hist_Q == 0).sum().float()
+            dead = (self.unused_steps >= self.dead_code_steps).sum().float() if self.dead_code_steps else unused
+            return {"code_perplexity": perplexity, "dead_codes": dead, "unused_codes": unused}

@@ -1,0 +1,57 @@
+"""Hypersphere routing (X-MoE, Chi et al. 2022, "On the Representation Collapse of Sparse Mixture of Experts").
+
+Legend: T tokens, D hidden, P routing dimension (d_e), E experts, K experts per token.
+Tokens are projected to P dimensions; scores are cosines between the projected token and learned expert
+embeddings (both L2-normalised); gate = softmax(s / tau) with a learned temperature; top-k on s.
+The balance loss uses softmax(s / tau0) with a fixed tau0, not the learned tau.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megavq.config import ConfigError
+from megavq.moe.routers.base import Router, RouterOutput, load_balance_loss, register, routing_metrics
+
+
+@register("xmoe")
+class XMoERouter(Router):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, proj_dim: int = 0, temperature: float = 0.07,
+                 learn_temperature: bool = True, balance_tau: float = 0.3, normalize: bool | None = None,
+                 balance_coef: float = 0.01, frozen: bool = False):
+        super().__init__(hidden_size, num_experts, top_k)
+        if proj_dim < 0:
+            raise ConfigError(f"xmoe: proj_dim must be >= 0 (0 = num_experts // 2), got {proj_dim}")
+        if temperature <= 0 or balance_tau <= 0:
+            raise ConfigError(f"xmoe: temperature and balance_tau must be > 0, got {temperature}, {balance_tau}")
+        P = proj_dim or max(1, num_experts // 2)
+        self.proj = nn.Linear(hidden_size, P, bias=False)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        self.expert_emb = nn.Parameter(torch.randn(num_experts, P) / math.sqrt(P))  # (E, P), rows of norm ~1
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
+        self.normalize = top_k > 1 if normalize is None else normalize
+        self.balance_tau, self.balance_coef = balance_tau, balance_coef
+        if frozen:  # the paper's fine-tuning recipe: keep the routing fixed
+            self.requires_grad_(False)
+
+    def cosine_scores(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """s[t, e] = cos(W_r x_t, e_e), in [-1, 1]: invariant to the scale of x."""
+        h_TP = F.normalize(x_TD.float() @ self.proj.weight.float().t(), dim=-1)
+        e_EP = F.normalize(self.expert_emb.float(), dim=-1)
+        return h_TP @ e_EP.t()
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        s_TE = self.cosine_scores(x_TD)
+        tau = self.log_temperature.float().exp()
+        probs_TE = (s_TE / tau).softmax(dim=-1)
+        indices_TK = s_TE.topk(self.top_k, dim=-1).indices
+        weights_TK = probs_TE.gather(1, indices_TK)
+        if self.normalize:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+        balance = load_balance_loss((s_TE / self.balance_tau).softmax(dim=-1), indices_TK)
+        metrics = routing_metrics(indices_TK, probs_TE)
+        metrics.update(balance_loss=balance.detach(), temperature=tau.detach())
+        return RouterOutput(weights_TK, indices_TK, probs_TE, self.balance_coef * balance, metrics)

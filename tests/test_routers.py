@@ -1,0 +1,437 @@
+"""Routers: the contract for every registered router, each router against a hand-written reference, the
+reference and native backends against each other, and a short training run per causal router.
+
+Legend: B batch, S sequence, T = B*S tokens, D hidden, H expert hidden, E experts, K slots per token.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megavq.config import ConfigError, MoEConfig, load_config
+from megavq.model.transformer import Transformer
+from megavq.moe.layer import assign_moe_layers, build_moe_layer, check_causal
+from megavq.moe.routers import available_routers, build_router, load_balance_loss
+from megavq.moe.routers.compete import competing_layers
+from megavq.moe.soft import SoftMoELayer
+
+B, S, D, H, E, K = 2, 8, 16, 24, 4, 2
+ROUTERS = available_routers()
+# Extra option sets so that every routing path meets the contract, not only the defaults.
+VARIANTS = [(name, {}) for name in ROUTERS] + [
+    ("compete", {"rate": 1.0, "warmup_steps": 0}),  # competes on every training step
+    ("compete", {"rate": 1.0, "warmup_steps": 0, "affinity": "norm", "winner_coef": 0.0}),
+    ("usmoe", {"selection": "token"}),
+    ("vq", {"discrete_only": True}),
+    ("vq", {"ema": True, "codebook_init": "kmeans", "num_codes": 8}),
+    ("expert_choice", {"group": "sequence"}),
+    ("soft", {"slots_per_expert": 2}),
+]
+VARIANT_IDS = [name + "".join(f"-{k}={v}" for k, v in opts.items()) for name, opts in VARIANTS]
+COMPETING = {"rate": 1.0, "warmup_steps": 0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes run fastest on one thread, and the machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_layer(name, options=None, backend="native", top_k=K, seed=0):
+    torch.manual_seed(seed)
+    cfg = MoEConfig(router=name, backend=backend, num_experts=E, top_k=top_k, router_options=dict(options or {}))
+    layer = build_moe_layer(cfg, D, H, seed=seed)
+    assign_moe_layers(layer)
+    return layer
+
+
+def inputs(seed=1, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, S, D, generator=g).requires_grad_(requires_grad)
+
+
+def routing(layer, x_BSD):
+    """The RouterOutput the layer routes with (for Soft MoE, the router's token-level view)."""
+    if isinstance(layer, SoftMoELayer):
+        return layer.router(x_BSD.reshape(-1, D), seq_len=S)
+    captured = []
+    handle = layer.router.register_forward_hook(lambda module, args, out: captured.append(out))
+    layer(x_BSD)
+    handle.remove()
+    return captured[0]
+
+
+def state(layer):
+    return {k: v.detach().clone() for k, v in layer.state_dict().items()}
+
+
+# ---- the contract, for every router ------------------------------------------------------------------
+@pytest.mark.parametrize("name, options", VARIANTS, ids=VARIANT_IDS)
+def test_router_output_contract(name, options):
+    layer = make_layer(name, options)
+    r = routing(layer, inputs())
+    T = B * S
+    assert r.weights.dtype == torch.float32 and r.indices.dtype == torch.int64
+    assert r.weights.shape == r.indices.shape and r.weights.shape[0] == T
+    assert r.scores.shape == (T, E) and r.aux_loss.dim() == 0 and torch.isfinite(r.aux_loss)
+    assert torch.isfinite(r.weights).all() and (r.weights >= 0).all()
+    assert ((r.indices >= -1) & (r.indices < E)).all()
+    assert (r.weights[r.indices == -1] == 0).all()
+    for key in ("load", "load_cv", "entropy"):
+        assert key in r.metrics, key
+    assert all(not v.requires_grad for v in r.metrics.values())
+    torch.testing.assert_close(r.metrics["load"].sum(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("name, options", [v for v in VARIANTS if not v[1].get("discrete_only")],
+                         ids=[i for i, v in zip(VARIANT_IDS, VARIANTS) if not v[1].get("discrete_only")])
+def test_gradients_reach_every_router_parameter(name, options):
+    layer = make_layer(name, options)
+    x = inputs(requires_grad=True)
+    y, aux, _ = layer(x)
+    (y.square().sum() + aux).backward()
+    for pname, p in layer.router.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient for {pname}"
+            assert torch.isfinite(p.grad).all(), pname
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name, options", VARIANTS, ids=VARIANT_IDS)
+def test_deterministic_under_fixed_seed(name, options):
+    outs = []
+    for _ in range(2):
+        layer = make_layer(name, options)
+        torch.manual_seed(5)
+        y, aux, _ = layer(inputs())
+        outs.append((y, aux, state(layer)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for k in outs[0][2]:
+        assert torch.equal(outs[0][2][k], outs[1][2][k]), k
+
+
+@pytest.mark.parametrize("name, options", VARIANTS, ids=VARIANT_IDS)
+def test_eval_mode_changes_no_state(name, options):
+    layer = make_layer(name, options).eval()
+    before = state(layer)
+    with torch.no_grad():
+        layer(inputs())
+        _, _, metrics = layer(inputs(seed=2))
+    after = state(layer)
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"{name}: eval forward changed {k}"
+    if name == "compete":
+        assert metrics["competed"] == 0
+
+
+@pytest.mark.parametrize("name, options", VARIANTS, ids=VARIANT_IDS)
+def test_reference_and_native_backends_agree(name, options):
+    ref = make_layer(name, options, backend="reference")
+    nat = make_layer(name, options, backend="native")
+    nat.load_state_dict(ref.state_dict())
+    results = []
+    for layer in (ref, nat):
+        x = inputs(requires_grad=True)
+        torch.manual_seed(3)
+        y, aux, _ = layer(x)
+        (y.square().sum() + aux).backward()
+        grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+        results.append((y.detach(), aux.detach(), x.grad, grads))
+    (y0, a0, gx0, g0), (y1, a1, gx1, g1) = results
+    torch.testing.assert_close(y0, y1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a0, a1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx0, gx1, rtol=1e-5, atol=1e-5)
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-5, atol=1e-5, msg=f"{name}: gradient of {n}")
+
+
+# ---- checks of options and causality ----------------------------------------------------------------
+@pytest.mark.parametrize("name, options", [("compete", {"affinity": "l1"}), ("vq", {"codebook_init": "pca"}),
+                                           ("usmoe", {"selection": "expert"}), ("expert_choice", {"group": "x"}),
+                                           ("xmoe", {"temperature": 0.0}), ("soft", {"slots_per_expert": 0}),
+                                           ("vq", {"nonsense": 1})])
+def test_bad_options_raise(name, options):
+    with pytest.raises(ConfigError):
+        build_router(name, hidden_size=D, num_experts=E, top_k=K, **options)
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_check_causal_refuses_noncausal_routers(name):
+    cfg = load_config("tiny", [f"moe.router={name}"])
+    if name in ("expert_choice", "usmoe", "soft"):
+        with pytest.raises(ConfigError, match="allow_noncausal"):
+            check_causal(cfg)
+        check_causal(load_config("tiny", [f"moe.router={name}", "moe.allow_noncausal=true"]))
+    else:
+        check_causal(cfg)
+    check_causal(load_config("tiny", ["moe.router=usmoe", "moe.router_options.selection=token"]))
+
+
+# ---- xmoe -------------------------------------------------------------------------------------------
+def test_xmoe_is_invariant_to_input_scale_and_balances_with_fixed_tau():
+    torch.manual_seed(0)
+    router = build_router("xmoe", hidden_size=D, num_experts=E, top_k=K, balance_coef=1.0)
+    x = torch.randn(20, D)
+    r1, r2 = router(x), router(7.3 * x)
+    assert torch.equal(r1.indices, r2.indices)
+    torch.testing.assert_close(r1.weights, r2.weights)
+    h = F.normalize(x @ router.proj.weight.t(), dim=-1)
+    s = h @ F.normalize(router.expert_emb, dim=-1).t()
+    torch.testing.assert_close(r1.scores, (s / 0.07).softmax(-1))
+    torch.testing.assert_close(r1.aux_loss, load_balance_loss((s / 0.3).softmax(-1), r1.indices))
+    assert router.proj.weight.shape == (E // 2, D)
+    torch.testing.assert_close(r1.metrics["temperature"], torch.tensor(0.07))
+
+
+# ---- vq ---------------------------------------------------------------------------------------------
+def test_vq_routes_by_brute_force_nearest_code_without_renormalising_one_continuous_expert():
+    torch.manual_seed(0)
+    router = build_router("vq", hidden_size=D, num_experts=E, top_k=2, num_codes=8).eval()
+    x = torch.randn(30, D)
+    r = router(x)
+    dist = torch.stack([((x[t][None] - router.codebook.detach()) ** 2).sum(-1) for t in range(30)])  # (T, codes)
+    codes = dist.argmin(-1)
+    assert torch.equal(r.indices[:, -1], codes % E)
+    g = torch.softmax(x @ router.mix.weight.t() + router.mix.bias, -1)
+    p = torch.softmax(x @ router.continuous.gate.weight.t(), -1)
+    assert torch.equal(r.indices[:, 0], p.argmax(-1))
+    torch.testing.assert_close(r.weights[:, 1], g[:, 1])
+    torch.testing.assert_close(r.weights[:, 0], g[:, 0] * p.max(-1).values)  # full-softmax probability
+
+
+@pytest.mark.parametrize("options, top_k", [({"discrete_only": True}, 3), ({}, 1)])
+def test_vq_discrete_routing_gives_one_expert_per_token(options, top_k):
+    torch.manual_seed(0)
+    router = build_router("vq", hidden_size=D, num_experts=E, top_k=top_k, **options)
+    x = torch.randn(25, D)
+    r = router(x)
+    assert r.indices.shape == (25, 1) and (r.weights == 1).all()
+    dist = ((x[:, None] - router.codebook[None].detach()) ** 2).sum(-1)
+    assert torch.equal(r.indices[:, 0], dist.argmin(-1) % E)
+    assert hasattr(router, "continuous") == (top_k > 1)
+
+
+def test_vq_straight_through_and_losses():
+    torch.manual_seed(0)
+    router = build_router("vq", hidden_size=D, num_experts=E, top_k=K)
+    z = torch.randn(10, D, requires_grad=True)
+    codes, z_q, loss = router.quantize(z)
+    c = router.codebook[codes]
+    torch.testing.assert_close(z_q, c)
+    z_q.sum().backward(retain_graph=True)
+    torch.testing.assert_close(z.grad, torch.ones_like(z))
+    expected = F.mse_loss(c, z.detach()) + 0.25 * F.mse_loss(c.detach(), z)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_vq_kmeans_init_finds_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(E, D, generator=g) * 10
+    x = centres.repeat(25, 1) + 0.01 * torch.randn(25 * E, D, generator=g)
+    router = build_router("vq", hidden_size=D, num_experts=E, top_k=K)
+    router.init_codebook_kmeans(x)
+    dist = torch.cdist(centres, router.codebook.detach())
+    assert (dist.min(-1).values < 0.1).all()
+    assert len(set(dist.argmin(-1).tolist())) == E
+
+
+def test_vq_restarts_dead_codes_from_recent_inputs():
+    torch.manual_seed(0)
+    router = build_router("vq", hidden_size=D, num_experts=E, top_k=K, dead_code_steps=2).train()
+    with torch.no_grad():
+        router.codebook[0] = 1e3  # never the nearest
+    x = torch.randn(16, D)
+    router(x)
+    r = router(x)
+    assert router.unused_steps[0] == 2 and r.metrics["dead_codes"] >= 1
+    router(x)  # restarts code 0 before routing
+    assert (router.codebook[0].detach() == x).all(-1).any()
+
+
+def test_vq_ema_codebook_moves_to_cluster_means():
+    torch.manual_seed(0)
+    router = build_router("vq", hidden_size=D, num_experts=E, top_k=K, ema=True, ema_decay=0.5).train()
+    assert "codebook" not in dict(router.named_parameters())
+    x = torch.randn(40, D)
+    for _ in range(40):
+        r = router(x)
+    codes = ((x[:, None] - router.codebook[None]) ** 2).sum(-1).argmin(-1)
+    for j in codes.unique():
+        torch.testing.assert_close(router.codebook[j], x[codes == j].mean(0), rtol=1e-3, atol=1e-3)
+    assert r.metrics["code_perplexity"] > 1
+
+
+def _vq_rank(rank, world, store, out_dir, option_sets):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    for i, options in enumerate(option_sets):
+        torch.manual_seed(0)
+        router = build_router("vq", hidden_size=D, num_experts=E, top_k=K, **options).train()
+        torch.manual_seed(10 + rank)  # ranks draw different random rows: the router must still agree
+        for x_TD in vq_batches():
+            router(x_TD.chunk(world)[rank])
+        torch.save(router.state_dict(), f"{out_dir}/rank{rank}-{i}.pt")
+    dist.destroy_process_group()
+
+
+def vq_batches(steps=6, tokens=32):
+    return torch.randn(steps, tokens, D, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.slow
+def test_vq_codebook_upkeep_keeps_ranks_identical(tmp_path):
+    """EMA, usage counters, k-means init and dead-code restarts see every rank's tokens and agree."""
+    import torch.multiprocessing as mp
+    restarts = {"ema": True, "codebook_init": "kmeans", "dead_code_steps": 2, "num_codes": 24}
+    single = {"ema": True, "dead_code_steps": 0}  # nothing random: 2 ranks equal 1 process on all tokens
+    mp.spawn(_vq_rank, args=(2, tmp_path / "store", tmp_path, [restarts, single]), nprocs=2)
+    s0, s1 = (torch.load(tmp_path / f"rank{r}-0.pt") for r in range(2))
+    for k in s0:
+        assert torch.equal(s0[k], s1[k]), k
+    torch.manual_seed(0)
+    one = build_router("vq", hidden_size=D, num_experts=E, top_k=K, **single).train()
+    for x_TD in vq_batches():
+        one(x_TD)
+    two = torch.load(tmp_path / "rank0-1.pt")
+    for k, v in one.state_dict().items():
+        torch.testing.assert_close(two[k], v, msg=k)
+
+
+# ---- compete ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("affinity, winner_coef", [("softplus", 0.2), ("norm", 0.0)])
+def test_compete_step_routes_by_affinity_and_distills_in_expert_order(affinity, winner_coef):
+    opts = dict(COMPETING, affinity=affinity, winner_coef=winner_coef, balance_coef=0.0, distill_coef=0.5)
+    layer = make_layer("compete", opts).train()
+    x = inputs()
+    r = routing(layer, x)
+    x_TD = x.reshape(-1, D)
+    y_ETD = torch.stack([layer.experts.expert(e, x_TD) for e in range(E)])
+    a = y_ETD.norm(dim=-1).t() if affinity == "norm" else F.softplus(y_ETD).mean(-1).t()
+    winners = a.topk(K, dim=-1).indices
+    assert torch.equal(r.indices.sort(-1).values, winners.sort(-1).values)
+    torch.testing.assert_close(r.weights, a.gather(1, r.indices).softmax(-1))
+    p = torch.softmax(x_TD @ layer.router.gate.weight.t(), -1)
+    q = torch.softmax(a, -1)
+    T = x_TD.shape[0]
+    full = sum((p[t, e] - q[t, e]) ** 2 for t in range(T) for e in range(E)) / (T * E)
+    win = sum((p[t, e] - q[t, e]) ** 2 for t in range(T) for e in winners[t].tolist()) / (T * K)
+    torch.testing.assert_close(r.metrics["distill_loss"], (full + winner_coef * win).detach())
+    torch.testing.assert_close(r.aux_loss, 0.5 * (full + winner_coef * win))
+    assert r.metrics["competed"] == 1 and 0 <= r.metrics["agreement"] <= 1
+
+
+def test_compete_schedule_is_a_pure_capped_function_of_seed_step_layer():
+    args = dict(rate=0.07, warmup_steps=50, max_competing=3)
+    assert all(competing_layers(0, s, 12, **args) == [] for s in range(50))
+    assert competing_layers(0, 777, 12, **args) == competing_layers(0, 777, 12, **args)
+    assert len(competing_layers(0, 60, 8, rate=1.0, warmup_steps=0, max_competing=3)) == 3
+    assert len(competing_layers(0, 60, 8, rate=1.0, warmup_steps=0, max_competing=0)) == 8
+    draws = [competing_layers(1, s, 6, **args) for s in range(50, 4050)]
+    assert max(len(d) for d in draws) <= 3
+    per_layer = [sum(l in d for d in draws) / len(draws) for l in range(6)]
+    assert all(0.05 < f < 0.09 for f in per_layer), per_layer
+    assert any(d and len(d) < 6 for d in draws)  # layers are not in lockstep
+
+
+def test_compete_router_follows_the_schedule_and_never_reuses_a_stale_loss():
+    layer = make_layer("compete", {"rate": 0.5, "warmup_steps": 2, "balance_coef": 0.0}).train()
+    router, x = layer.router, inputs()
+    for step in range(12):
+        layer.router.set_step(step)
+        _, aux, metrics = layer(x)
+        expected = step in range(2, 12) and competing_layers(0, step, 1, 0.5, 2, 3) == [0]
+        assert bool(metrics["competed"]) == expected, step
+        if not expected:
+            assert aux == 0 and "distill_loss" not in metrics
+    assert router.competitions == sum(competing_layers(0, s, 1, 0.5, 2, 3) == [0] for s in range(12))
+
+
+# ---- expert_choice, usmoe, soft ---------------------------------------------------------------------
+@pytest.mark.parametrize("group", ["batch", "sequence"])
+def test_expert_choice_gives_every_expert_its_capacity(group):
+    layer = make_layer("expert_choice", {"group": group})
+    r = routing(layer, inputs())
+    G = B * S if group == "batch" else S
+    chosen = (r.indices >= 0).view(-1, G, E)
+    assert (chosen.sum(1) == math.ceil(G * 2 / E)).all()
+    torch.testing.assert_close(r.weights, torch.where(r.indices >= 0, r.scores, 0.0))
+
+
+def test_usmoe_selects_exactly_T_times_k_pairs_per_sequence():
+    layer = make_layer("usmoe")
+    x = inputs()
+    r = routing(layer, x)
+    logits = x.reshape(-1, D) @ layer.router.gate.weight.t()
+    w = 0.5 * logits.softmax(-1) + 0.5 * logits.sigmoid() * 2 / E
+    chosen = r.indices >= 0
+    assert (chosen.view(B, S * E).sum(-1) == S * K).all()
+    for b in range(B):
+        top = w[b * S:(b + 1) * S].flatten().topk(S * K).indices
+        assert torch.equal(chosen[b * S:(b + 1) * S].flatten().nonzero().squeeze(-1), top.sort().values)
+    torch.testing.assert_close(r.weights, torch.where(chosen, w / w.sum(-1, keepdim=True), 0.0))
+
+
+def test_usmoe_token_variant_is_causal_top_k():
+    layer = make_layer("usmoe", {"selection": "token"})
+    r = routing(layer, inputs())
+    assert layer.router.causal and r.indices.shape == (B * S, K) and (r.indices >= 0).all()
+
+
+def test_soft_moe_dispatch_and_combine_normalise_and_match_a_hand_computation():
+    layer = make_layer("soft", {"slots_per_expert": 2})
+    x = inputs()
+    dispatch, combine = layer.router.dispatch_combine(x)
+    torch.testing.assert_close(dispatch.sum(1), torch.ones(B, E * 2))
+    torch.testing.assert_close(combine.sum(-1), torch.ones(B, S))
+    y, aux, _ = layer(x)
+    for b in range(B):
+        slots = dispatch[b].t() @ x[b]  # (N, D)
+        y_slots = torch.stack([layer.experts.expert(n // 2, slots[n:n + 1])[0] for n in range(E * 2)])
+        torch.testing.assert_close(y[b], combine[b] @ y_slots, rtol=1e-5, atol=1e-5)
+    assert aux == 0 and not layer.router.causal
+
+
+# ---- a short training run for each causal router ----------------------------------------------------
+TRAINED = [("topk", []), ("xmoe", []), ("vq", []), ("usmoe", ["moe.router_options.selection=token"]),
+           ("compete", ["moe.router_options={warmup_steps: 10, rate: 0.5}"])]
+
+
+def pattern_batches(vocab, batch, seq, steps, seed=0):
+    """Rows cut at random offsets from one repeating pattern of distinct tokens: next token = f(token)."""
+    g = torch.Generator().manual_seed(seed)
+    pattern = torch.randperm(vocab, generator=g)[:11]
+    stream = pattern.repeat(seq // len(pattern) + 3)
+    for _ in range(steps):
+        starts = torch.randint(len(pattern), (batch,), generator=g)
+        rows = torch.stack([stream[s:s + seq + 1] for s in starts.tolist()])
+        yield rows[:, :-1], rows[:, 1:]
+
+
+@pytest.mark.parametrize("name, overrides", TRAINED, ids=[t[0] for t in TRAINED])
+def test_causal_router_trains_a_tiny_transformer(name, overrides):
+    cfg = load_config("tiny", ["model.vocab_size=32", "model.n_layers=2", "model.d_model=32", "model.n_heads=2",
+                               "model.seq_len=24", "model.d_ff=48", f"moe.router={name}", *overrides])
+    check_causal(cfg)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    assign_moe_layers(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for step, (x, y) in enumerate(pattern_batches(32, 8, 24, steps=50)):
+        model.set_step(step)
+        out = model(x, y)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.lm_loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < 0.4 * losses[0], (losses[0], losses[-5:])
+    if name == "compete":
+        assert [block.mlp.router.layer_id for block in model.blocks] == [0, 1]
+        assert all(block.mlp.router.competitions > 0 for block in model.blocks)
