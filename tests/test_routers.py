@@ -87,6 +87,17 @@ def test_router_output_contract(name, options):
     torch.testing.assert_close(r.metrics["load"].sum(), torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("name", ROUTERS)
+def test_parameters_fit_deepspeed(name):
+    """DeepSpeed broadcasts parameters as bytes (no 0-dim tensors) and sorts MoE checkpoint keys by the
+    substring 'expert' (no router parameter or buffer may contain it)."""
+    router = make_layer(name).router
+    for key, p in router.named_parameters():
+        assert p.dim() > 0, f"{name}: parameter {key} is 0-dim"
+    for key in router.state_dict():
+        assert "expert" not in key, f"{name}: {key} contains 'expert'"
+
+
 @pytest.mark.parametrize("name, options", [v for v in VARIANTS if not v[1].get("discrete_only")],
                          ids=[i for i, v in zip(VARIANT_IDS, VARIANTS) if not v[1].get("discrete_only")])
 def test_gradients_reach_every_router_parameter(name, options):
@@ -181,7 +192,7 @@ def test_xmoe_is_invariant_to_input_scale_and_balances_with_fixed_tau():
     assert torch.equal(r1.indices, r2.indices)
     torch.testing.assert_close(r1.weights, r2.weights)
     h = F.normalize(x @ router.proj.weight.t(), dim=-1)
-    s = h @ F.normalize(router.expert_emb, dim=-1).t()
+    s = h @ F.normalize(router.centroids, dim=-1).t()
     torch.testing.assert_close(r1.scores, (s / 0.07).softmax(-1))
     torch.testing.assert_close(r1.aux_loss, load_balance_loss((s / 0.3).softmax(-1), r1.indices))
     assert router.proj.weight.shape == (E // 2, D)

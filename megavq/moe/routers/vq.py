@@ -97,7 +97,7 @@ class VQRouter(Router):
             self.register_buffer("ema_sum", codebook_QC.clone())
         else:
             self.codebook = nn.Parameter(codebook_QC)
-        self.register_buffer("code_to_expert", torch.arange(Q) % num_experts)
+        self.register_buffer("code_map", torch.arange(Q) % num_experts)
         self.register_buffer("unused_steps", torch.zeros(Q, dtype=torch.long))  # training forwards since last use
         self.register_buffer("initialized", torch.tensor(codebook_init == "random"))
         self.num_continuous = top_k - 1
@@ -142,7 +142,7 @@ class VQRouter(Router):
         codes_T, _, vq_loss = self.quantize(z_TC)
         if self.training:
             self._update_codebook(z_TC.detach(), codes_T)
-        expert_T = self.code_to_expert[codes_T]
+        expert_T = self.code_map[codes_T]
         if self.discrete_only or self.num_continuous == 0:
             r = self._discrete_routing(expert_T)
         else:

@@ -30,8 +30,9 @@ class XMoERouter(Router):
         P = proj_dim or max(1, num_experts // 2)
         self.proj = nn.Linear(hidden_size, P, bias=False)
         nn.init.normal_(self.proj.weight, std=0.02)
-        self.expert_emb = nn.Parameter(torch.randn(num_experts, P) / math.sqrt(P))  # (E, P), rows of norm ~1
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
+        self.centroids = nn.Parameter(torch.randn(num_experts, P) / math.sqrt(P))  # (E, P), rows of norm ~1
+        self.log_temperature = nn.Parameter(torch.tensor([math.log(temperature)]),  # (1,): not 0-dim, for DeepSpeed
+                                            requires_grad=learn_temperature)
         self.normalize = top_k > 1 if normalize is None else normalize
         self.balance_tau, self.balance_coef = balance_tau, balance_coef
         if frozen:  # the paper's fine-tuning recipe: keep the routing fixed
@@ -40,12 +41,12 @@ class XMoERouter(Router):
     def cosine_scores(self, x_TD: torch.Tensor) -> torch.Tensor:
         """s[t, e] = cos(W_r x_t, e_e), in [-1, 1]: invariant to the scale of x."""
         h_TP = F.normalize(x_TD.float() @ self.proj.weight.float().t(), dim=-1)
-        e_EP = F.normalize(self.expert_emb.float(), dim=-1)
+        e_EP = F.normalize(self.centroids.float(), dim=-1)
         return h_TP @ e_EP.t()
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         s_TE = self.cosine_scores(x_TD)
-        tau = self.log_temperature.float().exp()
+        tau = self.log_temperature.float().exp()[0]
         probs_TE = (s_TE / tau).softmax(dim=-1)
         indices_TK = s_TE.topk(self.top_k, dim=-1).indices
         weights_TK = probs_TE.gather(1, indices_TK)
