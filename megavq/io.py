@@ -3,6 +3,7 @@
 Layout of a model directory: `config.json` (the megavq Config) and `model.safetensors` (the
 Transformer state dict in the native layout: experts stacked as (E, ...) tensors). A run directory or a
 DeepSpeed checkpoint directory written by the trainer contains such a directory for every checkpoint.
+`load_model` also reads Hugging Face model directories (converted by megavq.hf).
 """
 from __future__ import annotations
 
@@ -35,14 +36,19 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def resolve_model_dir(path: str | Path) -> Path:
+    """The megavq model directory of a model, checkpoint, checkpoints or run directory."""
+    from megavq.hf import is_hf_dir
     path = Path(path)
+    if is_hf_dir(path):
+        raise MegavqError(f"{path} is a Hugging Face model, not a megavq one: convert it with "
+                          f"`python scripts/export.py --checkpoint {path} --out DIR` (or scripts/upcycle.py)")
     if (path / MODEL_FILE).is_file():
         return path
-    if (path / "checkpoints").is_dir():
-        newest = newest_checkpoint(path)
-        if newest is not None:
-            return newest
-    raise MegavqError(f"{path} holds no megavq model ({MODEL_FILE} + {CONFIG_FILE}) nor a run with checkpoints")
+    for run_dir in (path, path.parent):  # a run directory, or its checkpoints/ folder
+        if (run_dir / "checkpoints").is_dir() and newest_checkpoint(run_dir) is not None:
+            return newest_checkpoint(run_dir)
+    raise MegavqError(f"{path} holds no megavq model ({MODEL_FILE} + {CONFIG_FILE}), run with checkpoints, "
+                      f"nor Hugging Face model")
 
 
 def load_config_file(model_dir: Path) -> Config:
@@ -57,28 +63,38 @@ def load_state_dict(model_dir: Path) -> dict:
     return load_file(str(model_dir / MODEL_FILE))
 
 
-def load_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
-    """Load a model directory's weights into an already-built model of the same shape."""
-    sd = load_state_dict(resolve_model_dir(model_dir))
-    for name, module in model.named_modules():  # layer kinds whose layout differs from the canonical one
-        if hasattr(module, "from_canonical"):
-            sd = module.from_canonical(f"{name}.", sd)
+def fit_weights(model: torch.nn.Module, sd: dict, source: str | Path) -> None:
+    """Load state dict `sd` (read from `source`) into `model`; every tensor must fit."""
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model.cfg.model.tie_embeddings]
     if missing or unexpected:
-        raise MegavqError(f"weights of {model_dir} do not fit the model: missing {missing[:5]}, "
+        raise MegavqError(f"weights of {source} do not fit the model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
 
 
+def load_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
+    """Load a model directory's weights into an already-built model of the same shape."""
+    fit_weights(model, load_state_dict(resolve_model_dir(model_dir)), model_dir)
+
+
+def read_model(path: str | Path) -> tuple[Config, dict]:
+    """Config and state dict of a megavq model, checkpoint or run directory, or of a Hugging Face model directory."""
+    from megavq.hf import is_hf_dir, load_hf
+    if is_hf_dir(path):
+        return load_hf(path)
+    model_dir = resolve_model_dir(path)
+    return load_config_file(model_dir), load_state_dict(model_dir)
+
+
 def load_model(path: str | Path, backend: str = "native") -> torch.nn.Module:
-    """A Transformer from a model directory, a checkpoint directory or a run directory, on CPU, in eval mode.
+    """A Transformer on CPU, in eval mode, from a megavq model, checkpoint or run directory, or from a Hugging
+    Face model directory (Llama, Mistral, Qwen2, Mixtral, GPT-2; see megavq.hf).
 
     Its forward takes token ids (B, T) and returns logits (B, T, V).
     """
     from megavq.model import Transformer
-    model_dir = resolve_model_dir(path)
-    cfg = load_config_file(model_dir)
+    cfg, sd = read_model(path)
     cfg.moe.backend, cfg.moe.ep_size = backend, 1
     model = Transformer(cfg)
-    load_weights(model, model_dir)
+    fit_weights(model, sd, path)
     return model.eval()

@@ -1,0 +1,182 @@
+"""Hugging Face import and export: tiny random models built locally, logits compared with transformers on CPU."""
+import json
+
+import pytest
+import torch
+
+from megavq.config import MegavqError, config_from_dict
+from megavq.hf import save_hf
+from megavq.io import load_model, resolve_model_dir
+from megavq.model import Transformer
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # Qwen2-MoE's empty shared expert
+
+V, S = 101, 12
+COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+              max_position_embeddings=64, rms_norm_eps=1e-5)
+
+
+def tiny_hf(family: str, **kw):
+    """A tiny random Hugging Face causal LM of `family`, with non-trivial norms and biases."""
+    T = transformers
+    configs = {
+        "llama": lambda: T.LlamaConfig(**COMMON, num_key_value_heads=2, rope_theta=500.0, **kw),
+        "mistral": lambda: T.MistralConfig(**COMMON, num_key_value_heads=1, **{"sliding_window": None, **kw}),
+        "qwen2": lambda: T.Qwen2Config(**COMMON, num_key_value_heads=2, tie_word_embeddings=True, **kw),
+        "gpt2": lambda: T.GPT2Config(vocab_size=V, n_embd=32, n_layer=4, n_head=4, n_positions=64, **kw),
+        "mixtral": lambda: T.MixtralConfig(**COMMON, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2, **kw),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(**COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                              moe_intermediate_size=24, decoder_sparse_step=2, norm_topk_prob=False,
+                                              **{"shared_expert_intermediate_size": 0, **kw}),
+    }
+    cfg = configs[family]()
+    torch.manual_seed(0)
+    model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    randomize(model)
+    return model
+
+
+@torch.no_grad()
+def randomize(model, std: float = 0.15) -> None:
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and ("norm" in name or ".ln_" in name):
+            p.copy_(1 + 0.2 * torch.randn_like(p)) if name.endswith("weight") else p.normal_(0, 0.1)
+        else:
+            p.normal_(0, std)
+
+
+def tokens(batch: int = 2, seq: int = S, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def hf_logits(model, idx):
+    return model(idx).logits.float()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "mixtral", "qwen2_moe"])
+def test_import_matches_transformers(family, tmp_path):
+    hf = tiny_hf(family)
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    idx = tokens()
+    diff = (model(idx) - hf_logits(hf, idx)).abs().max().item()
+    print(f"{family}: max |logit diff| megavq vs transformers = {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_import_details(tmp_path):
+    """GQA, qkv bias, tied embeddings and rope_theta land in the config; Qwen2 gets bias on q, k, v only."""
+    tiny_hf("qwen2").save_pretrained(tmp_path)
+    m = load_model(tmp_path).cfg.model
+    assert (m.n_kv_heads, m.qkv_bias, m.out_bias, m.tie_embeddings, m.norm_eps) == (2, True, False, True, 1e-5)
+    tiny_hf("llama").save_pretrained(tmp_path / "l")
+    assert load_model(tmp_path / "l").cfg.model.rope_theta == 500.0
+
+
+def test_gpt2_bin_without_prefix_and_sharded(tmp_path):
+    """pytorch_model.bin (weights_only) with the original GPT-2 key names, and sharded safetensors."""
+    hf = tiny_hf("gpt2")
+    hf.config.save_pretrained(tmp_path / "bin")
+    sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    sd["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)  # the causal-mask buffer of old checkpoints
+    torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    idx = tokens()
+    for d in ("bin", "sharded"):
+        assert (load_model(tmp_path / d)(idx) - hf_logits(hf, idx)).abs().max() < 1e-4
+
+
+def test_sliding_window_limits_context(tmp_path):
+    """Within the window, windowed attention is plain causal attention: the context becomes the window."""
+    hf = tiny_hf("mistral", sliding_window=S)
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path)
+    assert model.cfg.model.seq_len == S
+    assert (model(tokens()) - hf_logits(hf, tokens())).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "falcon"}, "model_type 'falcon' is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_type 'llama3'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"head_dim": 16}, "head_dim 16"),
+    ({"model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
+      "shared_expert_intermediate_size": 8}, "a shared expert"),
+])
+def test_import_refuses_unsupported(tmp_path, change, message):
+    tiny_hf("llama").save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(MegavqError, match=message):
+        load_model(tmp_path)
+
+
+def test_hf_dir_is_not_a_megavq_dir(tmp_path):
+    tiny_hf("llama").save_pretrained(tmp_path)
+    with pytest.raises(MegavqError, match="is a Hugging Face model"):
+        resolve_model_dir(tmp_path)
+
+
+# ---- export ------------------------------------------------------------------------------------------------
+def megavq_model(model: dict = {}, **moe) -> Transformer:
+    model = {"n_layers": 2, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "vocab_size": V, "seq_len": 32, "d_ff": 48,
+             "rope_theta": 1000.0, **model}
+    torch.manual_seed(0)
+    m = Transformer(config_from_dict({"model": model, "moe": {"every": 1, "num_experts": 4, "top_k": 2, **moe}}))
+    randomize(m, std=0.2)  # distinct experts and a router far from uniform: routing matters
+    return m.eval()
+
+
+@pytest.mark.parametrize("model, moe, arch", [
+    ({}, {}, "MixtralForCausalLM"),
+    ({"tie_embeddings": False}, {"top_k": 1, "router_options": {"normalize": True}}, "MixtralForCausalLM"),
+    ({}, {"every": 2}, "Qwen2MoeForCausalLM"),  # dense blocks between MoE blocks (the upcycling default)
+    ({}, {"top_k": 1}, "Qwen2MoeForCausalLM"),  # Switch: unnormalised top-1
+    ({"qkv_bias": True}, {"every": 1, "d_expert": 24}, "Qwen2MoeForCausalLM"),
+    ({}, {"every": 0}, "LlamaForCausalLM"),
+    ({"qkv_bias": True, "out_bias": True, "mlp_bias": True}, {"every": 0}, "LlamaForCausalLM"),
+    ({"qkv_bias": True}, {"every": 0}, "Qwen2ForCausalLM"),
+])
+def test_export_round_trip(tmp_path, model, moe, arch):
+    model = megavq_model(model, **moe)
+    save_hf(model, tmp_path)
+    hf = getattr(transformers, arch).from_pretrained(tmp_path, attn_implementation="eager").eval()
+    idx = tokens()
+    with torch.no_grad():
+        ours = model(idx)
+    diff = (hf_logits(hf, idx) - ours).abs().max().item()
+    back = (load_model(tmp_path)(idx) - ours).abs().max().item()
+    print(f"export {arch}: max |logit diff| transformers vs megavq = {diff:.2e}, re-imported = {back:.2e}")
+    assert diff < 1e-4 and back < 1e-5
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"moe": {"router": "xmoe"}}, "block 0 routes with 'xmoe'"),
+    ({"model": {"mlp": "gelu"}}, "model.mlp=gelu"),
+    ({"model": {"pos": "learned"}}, "model.pos=learned"),
+    ({"model": {"out_bias": True}}, "no biases but on q, k, v"),
+])
+def test_export_refuses_what_hugging_face_cannot_express(tmp_path, change, message):
+    model = {"n_layers": 2, "d_model": 32, "n_heads": 4, "vocab_size": V, "seq_len": 32, "d_ff": 48}
+    cfg = config_from_dict({"model": {**model, **change.get("model", {})},
+                            "moe": {"every": 1, "num_experts": 4, "top_k": 2, **change.get("moe", {})}})
+    with pytest.raises(MegavqError, match=message):
+        save_hf(Transformer(cfg), tmp_path)
+
+
+def test_export_script(tmp_path):
+    from megavq.io import save_model
+    from test_upcycle import run_script
+    model = megavq_model()
+    save_model(model.state_dict(), model.cfg, tmp_path / "moe")
+    r = run_script("export.py", "--checkpoint", tmp_path / "moe", "--out", tmp_path / "hf", "--format", "hf")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    model = megavq_model(router="xmoe")
+    save_model(model.state_dict(), model.cfg, tmp_path / "xmoe")
+    r = run_script("export.py", "--checkpoint", tmp_path / "xmoe", "--out", tmp_path / "x", "--format", "hf")
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot export to Hugging Face: block 0"), r.stderr
