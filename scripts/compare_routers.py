@@ -15,7 +15,7 @@ import argparse  # noqa: E402
 from megavq.config import ConfigError, load_config  # noqa: E402
 from megavq.moe.routers import router_class  # noqa: E402
 from megavq.train.compare import compare, markdown_table  # noqa: E402
-from megavq.train.launch import user_errors  # noqa: E402
+from megavq.train.launch import free_port, user_errors  # noqa: E402
 
 
 def main():
@@ -27,14 +27,14 @@ def main():
     p.add_argument("--out_dir", default="runs/compare")
     p.add_argument("--launcher", default="deepspeed", choices=["deepspeed", "python"])
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     with user_errors():
         routers = args.routers.split(",")
         for name in routers:
             if not router_class(name).causal:
                 raise ConfigError(f"router '{name}' is not causal; the comparison trains causal language models")
             load_config(args.config, args.overrides + [f"moe.router={name}"])  # fail fast on bad overrides
-        launcher = ["deepspeed"] if args.launcher == "deepspeed" else [sys.executable]
+        launcher = ["deepspeed", "--master_port", str(free_port())] if args.launcher == "deepspeed" else [sys.executable]
         run_args = ["--ds_config", args.ds_config, "--config", args.config, "--data", args.data, *args.overrides]
         rows = compare(routers, Path(args.out_dir), launcher, run_args)
         print(markdown_table(rows))

@@ -27,7 +27,7 @@ def parse_args():
     p.add_argument("--init_from", default=None, help="start from the weights of a model/checkpoint directory")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. moe.router=vq train.lr=1e-3")
-    return p.parse_args()
+    return p.parse_intermixed_args()
 
 
 def main():

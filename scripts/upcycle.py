@@ -27,7 +27,7 @@ def parse_args():
     p.add_argument("--calib_data", default="builtin", help="'builtin' or a tokenized data directory (vq only)")
     p.add_argument("--calib_tokens", type=int, default=8192, help="tokens of calibration data for k-means")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. moe.router_options.num_codes=16")
-    return p.parse_args()
+    return p.parse_intermixed_args()
 
 
 def main():

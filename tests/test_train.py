@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from megavq.train.launch import free_port
 
 SMALL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.seq_len=32",
          "data.micro_batch_size=4", "data.eval_batches=2", "train.log_every=1", "train.eval_every=4",
@@ -16,7 +17,10 @@ SMALL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=
 
 def pretrain(args, launcher=("python",), check=True, env=None):
     """Run scripts/pretrain.py; launcher is ('python',), ('deepspeed',) or ('deepspeed', '--num_gpus', '2')."""
-    cmd = [sys.executable, *launcher[1:]] if launcher[0] == "python" else [*launcher]
+    if launcher[0] == "python":
+        cmd = [sys.executable, *launcher[1:]]
+    else:  # a free port, so that launches running side by side do not collide on DeepSpeed's default
+        cmd = [launcher[0], "--master_port", str(free_port()), *launcher[1:]]
     cmd += ["scripts/pretrain.py", *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "WANDB_MODE": "offline", **(env or {})})
