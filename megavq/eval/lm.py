@@ -1,0 +1,115 @@
+"""Language-model figures: loss and perplexity over evaluation batches, robustness to corrupted input, and
+the same evaluation with the routing changed (top-k sweep, vq `discrete_only`).
+
+Legend: B batch, S sequence, E experts.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+
+from megavq.eval.routing import moe_layers
+
+
+def corrupt_tokens(x_BS: torch.Tensor, p: float, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Each token replaced, with probability p, by a token drawn uniformly from [0, vocab_size)."""
+    if p == 0:
+        return x_BS
+    replace_BS = torch.rand(x_BS.shape, generator=generator) < p
+    random_BS = torch.randint(vocab_size, x_BS.shape, generator=generator)
+    return torch.where(replace_BS, random_BS, x_BS)
+
+
+def _accumulate(sums: list | None, per_layer: list[dict], n: int) -> list[dict]:
+    """Token-weighted running sums of every router metric (vectors element-wise)."""
+    batch = [{k: v.detach().double().cpu() * n for k, v in m.items() if torch.is_tensor(v)} for m in per_layer]
+    if sums is None:
+        return batch
+    return [{k: s[k] + b[k] for k in s if k in b} for s, b in zip(sums, batch)]
+
+
+@torch.no_grad()
+def lm_eval(model, batches: list, corrupt: float = 0.0, vocab_size: int = 0, seed: int = 0) -> dict:
+    """Token-weighted mean loss, perplexity and router metrics (mean over tokens of each batch's figure)."""
+    generator = torch.Generator().manual_seed(seed)
+    total, count, sums = 0.0, 0, None
+    for x_BS, y_BS in batches:
+        out = model(corrupt_tokens(x_BS, corrupt, vocab_size, generator), y_BS)
+        n = y_BS.numel()
+        total, count = total + out.lm_loss.double().item() * n, count + n
+        sums = _accumulate(sums, out.router_metrics, n)
+    loss = total / count
+    metrics = [{k: v / count for k, v in layer.items()} for layer in sums or []]
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "router_metrics": metrics}
+
+
+def robustness(model, batches: list, ps: list[float], vocab_size: int, seed: int = 0) -> list[dict]:
+    """Perplexity with a fraction p of the input tokens replaced by random ones (targets unchanged)."""
+    rows = []
+    for p in ps:
+        r = lm_eval(model, batches, corrupt=p, vocab_size=vocab_size, seed=seed)
+        rows.append({"p": p, "loss": r["loss"], "perplexity": r["perplexity"]})
+    return rows
+
+
+# ---- evaluation with the routing changed -------------------------------------------------------------------
+
+NOT_SWEPT = {"vq"}  # slots fixed when built (k_c + 1); evaluated with discrete_only instead
+
+
+def is_token_choice(router) -> bool:
+    """A causal router that gives every token its `top_k` experts (topk, xmoe, compete, usmoe per token)."""
+    kind = getattr(router, "layer_kind", "token")
+    return kind == "token" and router.causal and getattr(router, "name", "") not in NOT_SWEPT
+
+
+def sweep_ks(num_experts: int) -> list[int]:
+    """1, 2, 4, ... below E, then E."""
+    return [2 ** i for i in range(num_experts.bit_length()) if 2 ** i < num_experts] + [num_experts]
+
+
+@contextmanager
+def routers_set(model, **attrs):
+    """Set attributes on every MoE layer's router for the duration, then restore them."""
+    routers = [layer.router for _, layer in moe_layers(model)]
+    saved = [{k: getattr(r, k) for k in attrs} for r in routers]
+    try:
+        for r in routers:
+            for k, v in attrs.items():
+                setattr(r, k, v)
+        yield
+    finally:
+        for r, old in zip(routers, saved):
+            for k, v in old.items():
+                setattr(r, k, v)
+
+
+def topk_sweep(model, batches: list) -> list[dict] | None:
+    """Loss and perplexity at k = 1, 2, 4, ..., E experts per token (all MoE layers); None for other routers.
+
+    Each router keeps the weight normalisation it was built with.
+    """
+    layers = moe_layers(model)
+    if not layers or not all(is_token_choice(layer.router) for _, layer in layers):
+        return None
+    rows = []
+    for k in sweep_ks(layers[0][1].router.num_experts):
+        with routers_set(model, top_k=k):
+            r = lm_eval(model, batches)
+        rows.append({"k": k, "loss": r["loss"], "perplexity": r["perplexity"]})
+    return rows
+
+
+def discrete_only_eval(model, batches: list) -> dict | None:
+    """vq routers: perplexity with the continuous router dropped (one expert per token, by code); None otherwise."""
+    layers = moe_layers(model)
+    if not layers or not all(getattr(layer.router, "name", "") == "vq" for _, layer in layers):
+        return None
+    router = layers[0][1].router
+    trained_k = 1 if router.discrete_only else router.top_k
+    with routers_set(model, discrete_only=True):
+        r = lm_eval(model, batches)
+    return {"loss": r["loss"], "perplexity": r["perplexity"], "experts_per_token": 1,
+            "experts_per_token_trained": trained_k, "expert_compute_saved": 1 - 1 / trained_k}

@@ -1,0 +1,170 @@
+"""Evaluate a checkpoint: language-model figures, routing diagnostics per MoE layer, robustness, sweeps, and
+optionally routing consistency with other checkpoints; write eval.json, eval.md and the figures.
+
+docs/evaluation.md lists every key of eval.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from megavq.config import MegavqError
+from megavq.eval import consistency, lm, routing
+from megavq.eval.stats import bits_per_byte, load_stats
+
+ROBUSTNESS_PS = (0.0, 0.05, 0.1, 0.2)
+STANDARD_METRICS = ("load", "load_cv", "load_max", "entropy")  # recomputed from the averaged load below
+
+
+def load_data(source: str):
+    from megavq.data import TokenData, prepare_data
+    return TokenData(prepare_data(source))
+
+
+def diagnostic_batches(batches: list, max_tokens: int) -> list:
+    """The first batches holding at least one and at most about max_tokens tokens (whole batches)."""
+    out, n = [], 0
+    for x_BS, y_BS in batches:
+        if out and n + x_BS.numel() > max_tokens:
+            break
+        out.append((x_BS, y_BS))
+        n += x_BS.numel()
+    return out
+
+
+def causality_warnings(cfg) -> list[str]:
+    from megavq.moe.layer import router_is_causal
+    if cfg.moe.every == 0 or router_is_causal(cfg.moe.router, cfg.moe.router_options):
+        return []
+    return [f"moe.router={cfg.moe.router} is not causal: a token's routing depends on later tokens of its "
+            f"sequence or batch, so this perplexity is not a causal language model's (it can be too low)"]
+
+
+def layer_summary(metrics: dict) -> dict:
+    """Load balance, entropy and the router-specific scalars from the evaluation-averaged router metrics."""
+    load_E = metrics["load"]
+    extra = {k: v.item() for k, v in metrics.items() if k not in STANDARD_METRICS and v.numel() == 1}
+    return {"load": [round(v, 6) for v in load_E.tolist()], **load_stats(load_E),
+            "entropy": metrics["entropy"].item(), "entropy_max": math.log(load_E.numel()),
+            "dropped_frac": extra.pop("dropped_frac", None), "router_metrics": extra}
+
+
+def layer_reports(model, base: dict, diag: list, noise: float, seed: int) -> list[dict]:
+    inputs = routing.layer_inputs(model, diag)
+    reports = []
+    for (i, layer), metrics in zip(routing.moe_layers(model), base["router_metrics"]):
+        reports.append({"layer": i, **layer_summary(metrics),
+                        **routing.layer_diagnostics(layer, inputs[i], noise, seed)})
+    return reports
+
+
+def header(path, model, data, data_source: str, split: str) -> dict:
+    cfg = model.cfg
+    return {"checkpoint": str(path), "step": consistency.checkpoint_step(path), "data": data_source,
+            "split": split, "router": cfg.moe.router, "backend": cfg.moe.backend,
+            "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
+            "moe_layers": [i for i, _ in routing.moe_layers(model)], "causal": not causality_warnings(cfg),
+            "bytes_per_token": data.bytes_per_token(split)}
+
+
+def open_model_and_data(path, data_source: str, backend: str):
+    from megavq.io import load_model
+    model, data = load_model(path, backend), load_data(data_source)
+    if data.vocab_size > model.cfg.model.vocab_size:
+        raise MegavqError(f"data vocabulary ({data.vocab_size}) is larger than the model's "
+                          f"({model.cfg.model.vocab_size})")
+    return model, data
+
+
+def evaluate(path, data_source: str = "builtin", split: str = "test", max_batches: int | None = None,
+             batch_size: int = 0, diag_tokens: int = 2048, noise: float = 0.01, seed: int = 0,
+             backend: str = "native", compare: str | None = None, warn=None) -> dict:
+    """All figures of one checkpoint (and, with `compare`, its routing consistency) as a JSON-ready dict."""
+    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+    model, data = open_model_and_data(path, data_source, backend)
+    cfg = model.cfg
+    batches = list(data.eval_batches(split, batch_size or cfg.data.micro_batch_size, cfg.model.seq_len, max_batches))
+    diag = diagnostic_batches(batches, diag_tokens)
+    result = {**header(path, model, data, data_source, split), "warnings": causality_warnings(cfg)}
+    for message in result["warnings"]:
+        warn(message)
+    base = lm.lm_eval(model, batches)
+    info = data.meta["splits"][split]
+    result.update(tokens=base["tokens"], loss=base["loss"], perplexity=base["perplexity"],
+                  bits_per_byte=bits_per_byte(base["loss"], info["tokens"], info["bytes"]))
+    result["layers"] = layer_reports(model, base, diag, noise, seed)
+    result["robustness"] = lm.robustness(model, batches, list(ROBUSTNESS_PS), data.vocab_size, seed)
+    result["topk_sweep"] = lm.topk_sweep(model, batches)
+    result["discrete_only"] = lm.discrete_only_eval(model, batches)
+    result["consistency"] = compare_with(path, compare, diag, model, backend) if compare else None
+    return result
+
+
+def compare_with(path, other, diag: list, model, backend: str) -> dict:
+    if consistency.is_run_dir(other):
+        return consistency.compare_run(other, diag, backend)
+    return consistency.compare_pair(path, other, diag, model_a=model, backend=backend)
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+
+def write_report(result: dict, out_dir: str | Path) -> list[Path]:
+    """eval.json, eval.md and the PNG figures in out_dir; returns the paths written."""
+    from megavq.eval import plots
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = plots.evaluation_figures(result, out_dir)
+    result["figures"] = [p.name for p in figures]
+    (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "eval.md").write_text(markdown(result))
+    return [out_dir / "eval.json", out_dir / "eval.md", *figures]
+
+
+def _cell(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows], ""]
+
+
+def markdown(r: dict) -> str:
+    lines = [f"# Evaluation of {r['checkpoint']}", "",
+             f"Router `{r['router']}`, {r['num_experts']} experts, top-{r['top_k']}, split `{r['split']}` "
+             f"({r['tokens']} tokens).", ""]
+    lines += [f"> warning: {w}" for w in r["warnings"]] + ([""] if r["warnings"] else [])
+    lines += _table(["loss", "perplexity", "bits per byte"], [[r["loss"], r["perplexity"], r["bits_per_byte"]]])
+    lines += ["## MoE layers", ""] + _table(
+        ["layer", "load CV", "max/mean", "entropy", "ln E", "dropped", "top-1 changed by noise",
+         "rank input", "rank router view", "expert cosine"],
+        [[L["layer"], L["load_cv"], L["load_max_over_mean"], L["entropy"], L["entropy_max"], L["dropped_frac"],
+          L["routing_stability"]["top1_changed"], L["effective_rank"]["input"], L["effective_rank"]["router_view"],
+          L["expert_output_cosine"]] for L in r["layers"]])
+    lines += markdown_extras(r)
+    return "\n".join(lines)
+
+
+def markdown_extras(r: dict) -> list[str]:
+    lines = ["## Robustness (random input tokens)", ""]
+    lines += _table(["p", "loss", "perplexity"], [[x["p"], x["loss"], x["perplexity"]] for x in r["robustness"]])
+    if r["topk_sweep"]:
+        lines += ["## Top-k sweep", ""] + _table(["k", "loss", "perplexity"],
+                                                 [[x["k"], x["loss"], x["perplexity"]] for x in r["topk_sweep"]])
+    if r["discrete_only"]:
+        d = r["discrete_only"]
+        lines += ["## vq discrete_only", ""] + _table(
+            ["loss", "perplexity", "experts/token", "trained experts/token", "expert compute saved"],
+            [[d["loss"], d["perplexity"], d["experts_per_token"], d["experts_per_token_trained"],
+              d["expert_compute_saved"]]])
+    c = r["consistency"]
+    if c and c["mode"] == "pair":
+        lines += [f"## Routing consistency with {c['other']}", ""] + _table(
+            ["layer", "top-1 agreement"], [[i, a] for i, a in zip(c["layers"], c["top1_agreement"])])
+    elif c:
+        lines += [f"## Routing consistency over {c['run']}", ""] + _table(
+            ["step"] + [f"L{i} vs final" for i in c["layers"]] + [f"L{i} vs previous" for i in c["layers"]],
+            [[s, *f, *(p or [None] * len(f))] for s, f, p in zip(c["steps"], c["with_final"], c["with_previous"])])
+    return lines

@@ -1,0 +1,55 @@
+"""Evaluate a megavq checkpoint: loss, perplexity, bits per byte, routing diagnostics, robustness, top-k sweep.
+
+    python scripts/evaluate.py --checkpoint RUN_OR_CHECKPOINT [--data builtin|DIR] [--split test] [--out DIR]
+        [--max_batches N] [--compare CHECKPOINT_OR_RUN]
+
+Writes eval.json, eval.md and PNG figures into --out (default: <checkpoint>/eval). With --compare, the
+routing consistency with another checkpoint, or with every checkpoint of a run directory. See docs/evaluation.md.
+"""
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not scripts/
+
+import argparse  # noqa: E402
+
+from megavq.train.launch import user_errors  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model, checkpoint or run directory (newest checkpoint)")
+    p.add_argument("--data", default="builtin", help="'builtin' or a directory made by scripts/tokenize.py")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/eval)")
+    p.add_argument("--max_batches", type=int, default=None, help="evaluate on this many batches (default: all)")
+    p.add_argument("--batch_size", type=int, default=0, help="sequences per batch (default: data.micro_batch_size)")
+    p.add_argument("--diag_tokens", type=int, default=2048, help="tokens for the routing diagnostics")
+    p.add_argument("--noise", type=float, default=0.01, help="routing stability noise, relative to the token rms")
+    p.add_argument("--seed", type=int, default=0, help="seed of the corrupted tokens and the noise")
+    p.add_argument("--compare", default=None, help="another checkpoint, or a run directory to walk")
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    with user_errors():
+        from megavq.config import MegavqError
+        from megavq.eval import evaluate, write_report
+        from megavq.hf import is_hf_dir
+        from megavq.io import resolve_model_dir
+        if args.max_batches is not None and args.max_batches < 1:
+            raise MegavqError(f"--max_batches must be >= 1, got {args.max_batches}")
+        if args.compare and not (Path(args.compare) / "checkpoints").is_dir():
+            resolve_model_dir(args.compare)  # fail before the evaluation, not after
+        model_dir = Path(args.checkpoint) if is_hf_dir(args.checkpoint) else resolve_model_dir(args.checkpoint)
+        result = evaluate(model_dir, args.data, args.split, args.max_batches, args.batch_size, args.diag_tokens,
+                          args.noise, args.seed, compare=args.compare)
+        paths = write_report(result, args.out or model_dir / "eval")
+        print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+              f"bits/byte {result['bits_per_byte']:.4f}")
+        print("wrote " + ", ".join(str(p) for p in paths))
+
+
+if __name__ == "__main__":
+    main()
