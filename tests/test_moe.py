@@ -31,7 +31,7 @@ def test_native_equals_reference(mlp, bias, unused):
         torch.nn.init.normal_(experts.b_out)
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     indices, weights = random_routing(T, E, K, unused=unused)
-    r = RouterOutput(weights, indices, None, None)
+    r = RouterOutput(weights, indices, None, None, {})
     outs, grads = [], []
     for backend in (reference_moe, native_moe):
         y = backend(x, r, experts)
@@ -84,7 +84,7 @@ def test_one_expert_equals_dense_mlp():
         experts.w_in[0, 1].copy_(dense.up_proj.weight.t())
         experts.w_out[0].copy_(dense.down_proj.weight.t())
     x = torch.randn(10, 16)
-    r = RouterOutput(torch.ones(10, 1), torch.zeros(10, 1, dtype=torch.long), None, None)
+    r = RouterOutput(torch.ones(10, 1), torch.zeros(10, 1, dtype=torch.long), None, None, {})
     torch.testing.assert_close(native_moe(x, r, experts), dense(x), rtol=1e-5, atol=1e-6)
 
 

@@ -84,11 +84,12 @@ def test_resume_matches_uninterrupted_run(builtin_data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ds_config", ["zero0", "zero1", "zero3", "zero2_bf16"])
-def test_ds_configs_train(builtin_data, tmp_path, ds_config):
+@pytest.mark.parametrize("ds_config, router", [("zero0", "topk"), ("zero1", "topk"), ("zero3", "topk"),
+                                               ("zero3", "vq"), ("zero2_bf16", "xmoe")])
+def test_ds_configs_train(builtin_data, tmp_path, ds_config, router):
     out = tmp_path / ds_config
     pretrain(["--ds_config", f"ds_configs/{ds_config}.json", "--data", str(builtin_data), "--out_dir", str(out),
-              *SMALL, "train.max_steps=4", "train.save_every=4"])
+              *SMALL, "train.max_steps=4", "train.save_every=4", f"moe.router={router}"])
     first, last = losses(out)[0], losses(out)[-1]
     assert last < first
     from megavq import load_model

@@ -37,7 +37,8 @@ class SoftMoELayer(nn.Module):
         E, P = self.experts.num_experts, self.router.slots_per_expert
         expert_M = (torch.arange(E * P, device=device) // P).repeat(batch)
         weights_M1 = torch.ones(expert_M.shape[0], 1, device=device)
-        return RouterOutput(weights_M1, expert_M[:, None], F.one_hot(expert_M, E).float(), weights_M1.new_zeros(()))
+        return RouterOutput(weights_M1, expert_M[:, None], F.one_hot(expert_M, E).float(),
+                            weights_M1.new_zeros(()), {})
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         B, S, D = x_BSD.shape

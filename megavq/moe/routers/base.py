@@ -7,9 +7,10 @@ All routing math runs in fp32 whatever the model dtype.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megavq.config import ConfigError
@@ -17,13 +18,14 @@ from megavq.config import ConfigError
 _REGISTRY: dict[str, type["Router"]] = {}
 
 
-@dataclass
-class RouterOutput:
+class RouterOutput(NamedTuple):
+    """What a router returns. A NamedTuple, so that DeepSpeed's ZeRO-3 hooks see the tensors inside it
+    (and re-gather the router's parameters for the backward pass)."""
     weights: torch.Tensor  # (T, K) fp32, >= 0
     indices: torch.Tensor  # (T, K) int64 in [0, E), or -1 for an unused slot
     scores: torch.Tensor  # (T, E) probability-like, for balance statistics
     aux_loss: torch.Tensor  # scalar, coefficients applied
-    metrics: dict = field(default_factory=dict)  # detached tensors for logging
+    metrics: dict  # detached tensors for logging
 
 
 class Router(nn.Module):
@@ -42,6 +44,17 @@ class Router(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ConfigError(f"top_k must be in [1, {num_experts}], got {top_k}")
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+
+
+class FP32Linear(nn.Linear):
+    """A linear map computed in fp32 whatever the parameters' dtype: routing math runs in fp32.
+
+    Routers call it as a module (never read its weight directly), so that ZeRO-3 gathers the weight for
+    the forward and the backward pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias)
 
 
 def register(name: str):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavq.config import ConfigError
-from megavq.moe.routers.base import Router, RouterOutput, load_balance_loss, register, routing_metrics
+from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, load_balance_loss, register, routing_metrics
 
 _MASK64 = (1 << 64) - 1
 
@@ -89,7 +89,7 @@ class CompeteRouter(Router):
         if warmup_steps < 0 or max_competing < 0:
             raise ConfigError(f"compete: warmup_steps and max_competing must be >= 0, "
                               f"got {warmup_steps}, {max_competing}")
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate = FP32Linear(hidden_size, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
         self.affinity, self.rate, self.warmup_steps, self.max_competing = affinity, rate, warmup_steps, max_competing
         self.distill_coef, self.winner_coef, self.balance_coef = distill_coef, winner_coef, balance_coef
@@ -122,7 +122,7 @@ class CompeteRouter(Router):
         return weights_TK, indices_TK
 
     def forward(self, x_TD: torch.Tensor, expert_fn=None) -> RouterOutput:
-        logits_TE = x_TD.float() @ self.gate.weight.float().t()
+        logits_TE = self.gate(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         weights_TK, indices_TK = self._router_topk(probs_TE)
         balance = load_balance_loss(probs_TE, indices_TK)  # on the router path, every step

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from megavq.config import ConfigError
-from megavq.moe.routers.base import Router, RouterOutput, register, routing_metrics
+from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, register, routing_metrics
 
 
 def group_size(num_tokens: int, seq_len: int | None, group: str) -> int:
@@ -55,7 +55,7 @@ class ExpertChoiceRouter(Router):
         if capacity_factor <= 0:
             raise ConfigError(f"expert_choice: capacity_factor must be > 0, got {capacity_factor}")
         check_group("expert_choice", group)
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate = FP32Linear(hidden_size, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
         self.capacity_factor, self.group = capacity_factor, group
 
@@ -64,7 +64,7 @@ class ExpertChoiceRouter(Router):
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RouterOutput:
         T, E = x_TD.shape[0], self.num_experts
-        probs_TE = (x_TD.float() @ self.gate.weight.float().t()).softmax(dim=-1)
+        probs_TE = self.gate(x_TD).softmax(dim=-1)
         G = group_size(T, seq_len, self.group)
         probs_nGE = probs_TE.view(T // G, G, E)
         picked_nCE = probs_nGE.topk(self.capacity(G), dim=1).indices  # each expert's tokens

@@ -47,7 +47,7 @@ class SoftRouter(Router):
             raise ConfigError(f"soft: slots_per_expert must be >= 1, got {slots_per_expert}")
         self.slots_per_expert = slots_per_expert
         self.phi = nn.Parameter(torch.randn(hidden_size, num_experts * slots_per_expert) / math.sqrt(hidden_size))
-        self.scale = nn.Parameter(torch.tensor([float(scale_init)]))  # (1,): DeepSpeed cannot broadcast 0-dim parameters
+        self.scale = nn.Parameter(torch.tensor([float(scale_init)]))  # (1,): DeepSpeed broadcasts no 0-dim params
 
     def dispatch_combine(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """dispatch (B, S, N): softmax over S; combine (B, S, N): softmax over N. fp32."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megavq.moe.routers.base import Router, RouterOutput, load_balance_loss, register, routing_metrics
+from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, load_balance_loss, register, routing_metrics
 
 
 @register("topk")
@@ -15,7 +15,7 @@ class TopKRouter(Router):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize: bool | None = None,
                  balance_coef: float = 0.01, z_loss_coef: float = 1e-3, jitter: float = 0.0):
         super().__init__(hidden_size, num_experts, top_k)
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate = FP32Linear(hidden_size, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
         self.normalize = top_k > 1 if normalize is None else normalize
         self.balance_coef, self.z_loss_coef, self.jitter = balance_coef, z_loss_coef, jitter
@@ -24,7 +24,7 @@ class TopKRouter(Router):
         x_TD = x_TD.float()
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter, 1 + self.jitter)
-        logits_TE = x_TD @ self.gate.weight.float().t()
+        logits_TE = self.gate(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         weights_TK, indices_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.normalize:

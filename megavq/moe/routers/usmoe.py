@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from megavq.config import ConfigError
-from megavq.moe.routers.base import Router, RouterOutput, load_balance_loss, register, routing_metrics
+from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, load_balance_loss, register, routing_metrics
 from megavq.moe.routers.expert_choice import check_group, coverage_metrics, group_size, slots_from_mask
 
 
@@ -30,7 +30,7 @@ class USMoERouter(Router):
         if selection not in ("global", "token"):
             raise ConfigError(f"usmoe: selection must be 'global' or 'token', got {selection!r}")
         check_group("usmoe", group)
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate = FP32Linear(hidden_size, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=0.02)
         self.mix, self.selection, self.group, self.balance_coef = mix, selection, group, balance_coef
         self.causal = selection == "token"
@@ -41,7 +41,7 @@ class USMoERouter(Router):
         return options.get("selection", "global") == "token"
 
     def unified_scores(self, x_TD: torch.Tensor) -> torch.Tensor:
-        logits_TE = x_TD.float() @ self.gate.weight.float().t()
+        logits_TE = self.gate(x_TD)
         E = self.num_experts
         return (1 - self.mix) * logits_TE.softmax(dim=-1) + self.mix * logits_TE.sigmoid() * 2 / E
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavq.config import ConfigError
-from megavq.moe.routers.base import Router, RouterOutput, register, routing_metrics
+from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, register, routing_metrics
 from megavq.moe.routers.topk import TopKRouter
 
 
@@ -87,7 +87,7 @@ class VQRouter(Router):
         self.num_codes, self.discrete_only = Q, discrete_only
         self.vq_coef, self.beta, self.ema, self.ema_decay = vq_coef, beta, ema, ema_decay
         self.dead_code_steps, self.restart_dead_codes = dead_code_steps, restart_dead_codes
-        self.proj = nn.Linear(hidden_size, C, bias=False) if code_dim else None
+        self.proj = FP32Linear(hidden_size, C, bias=False) if code_dim else None
         if self.proj is not None:
             nn.init.normal_(self.proj.weight, std=1 / math.sqrt(hidden_size))
         codebook_QC = torch.randn(Q, C)  # the scale of normalised hidden states
@@ -105,7 +105,7 @@ class VQRouter(Router):
             self.continuous = TopKRouter(hidden_size, num_experts, self.num_continuous,
                                          normalize=self.num_continuous > 1, balance_coef=balance_coef,
                                          z_loss_coef=z_loss_coef)
-            self.mix = nn.Linear(hidden_size, 2)
+            self.mix = FP32Linear(hidden_size, 2)
             nn.init.normal_(self.mix.weight, std=0.02)
             nn.init.zeros_(self.mix.bias)
 
@@ -122,7 +122,7 @@ class VQRouter(Router):
     # ---- the discrete path --------------------------------------------------------------------------
     def project(self, x_ND: torch.Tensor) -> torch.Tensor:
         x = x_ND.float()
-        return x if self.proj is None else x @ self.proj.weight.float().t()
+        return x if self.proj is None else self.proj(x)
 
     def quantize(self, z_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes_N, z_q with the straight-through estimator, codebook + beta * commitment loss)."""
@@ -147,7 +147,7 @@ class VQRouter(Router):
             r = self._discrete_routing(expert_T)
         else:
             r = self._mixed_routing(x_TD, expert_T)
-        r.aux_loss = r.aux_loss + self.vq_coef * vq_loss
+        r = r._replace(aux_loss=r.aux_loss + self.vq_coef * vq_loss)
         r.metrics.update(self._code_metrics(codes_T), vq_loss=vq_loss.detach())
         return r
 
@@ -160,7 +160,7 @@ class VQRouter(Router):
 
     def _mixed_routing(self, x_TD: torch.Tensor, expert_T: torch.Tensor) -> RouterOutput:
         cont = self.continuous(x_TD)
-        g_T2 = F.linear(x_TD, self.mix.weight.float(), self.mix.bias.float()).softmax(dim=-1)  # [g_c, g_d]
+        g_T2 = self.mix(x_TD).softmax(dim=-1)  # [g_c, g_d]
         weights_TK = torch.cat([g_T2[:, :1] * cont.weights, g_T2[:, 1:]], dim=1)
         indices_TK = torch.cat([cont.indices, expert_T[:, None]], dim=1)
         metrics = routing_metrics(indices_TK, cont.scores)

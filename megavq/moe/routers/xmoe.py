@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavq.config import ConfigError
-from megavq.moe.routers.base import Router, RouterOutput, load_balance_loss, register, routing_metrics
+from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, load_balance_loss, register, routing_metrics
 
 
 @register("xmoe")
@@ -28,7 +28,7 @@ class XMoERouter(Router):
         if temperature <= 0 or balance_tau <= 0:
             raise ConfigError(f"xmoe: temperature and balance_tau must be > 0, got {temperature}, {balance_tau}")
         P = proj_dim or max(1, num_experts // 2)
-        self.proj = nn.Linear(hidden_size, P, bias=False)
+        self.proj = FP32Linear(hidden_size, P, bias=False)
         nn.init.normal_(self.proj.weight, std=0.02)
         self.centroids = nn.Parameter(torch.randn(num_experts, P) / math.sqrt(P))  # (E, P), rows of norm ~1
         self.log_temperature = nn.Parameter(torch.tensor([math.log(temperature)]),  # (1,): not 0-dim, for DeepSpeed
@@ -40,7 +40,7 @@ class XMoERouter(Router):
 
     def cosine_scores(self, x_TD: torch.Tensor) -> torch.Tensor:
         """s[t, e] = cos(W_r x_t, e_e), in [-1, 1]: invariant to the scale of x."""
-        h_TP = F.normalize(x_TD.float() @ self.proj.weight.float().t(), dim=-1)
+        h_TP = F.normalize(self.proj(x_TD), dim=-1)
         e_EP = F.normalize(self.centroids.float(), dim=-1)
         return h_TP @ e_EP.t()
 
