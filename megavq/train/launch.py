@@ -25,10 +25,15 @@ def single_process_env() -> None:
 
 @contextmanager
 def user_errors():
-    """Print a MegavqError as `error: <message>` (once, from rank 0) and exit with status 2."""
+    """Print a MegavqError as `error: <message>` (once, from rank 0) and exit with status 2; either way, shut
+    torch.distributed down cleanly (an exit with a live gloo group can abort the process)."""
+    import torch.distributed as dist
     try:
         yield
     except MegavqError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
