@@ -96,17 +96,22 @@ def load_balance_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch
     return E * (f_E * probs_TE.float().mean(0)).sum()
 
 
-def routing_metrics(indices_TK: torch.Tensor, probs_TE: torch.Tensor) -> dict:
-    """Expert load (fraction of routed slots per expert), its coefficient of variation, router entropy."""
+def load_metrics(load_E: torch.Tensor, probs: torch.Tensor) -> dict:
+    """Expert load (fractions summing to 1), its coefficient of variation and max/mean, and the entropy of the
+    routing distribution `probs` (..., E or slots), averaged over tokens. No gradient."""
     with torch.no_grad():
-        E = probs_TE.shape[-1]
-        valid = indices_TK >= 0
-        counts_E = torch.bincount(indices_TK[valid], minlength=E).float()
-        load_E = counts_E / counts_E.sum().clamp(min=1)
-        p = probs_TE.float().clamp(min=1e-12)
+        p = probs.float().clamp(min=1e-12)
         return {
             "load": load_E,
             "load_cv": load_E.std(unbiased=False) / load_E.mean().clamp(min=1e-12),
-            "load_max": load_E.max() * E,
+            "load_max": load_E.max() * load_E.numel(),
             "entropy": -(p * p.log()).sum(-1).mean(),
         }
+
+
+def routing_metrics(indices_TK: torch.Tensor, probs_TE: torch.Tensor) -> dict:
+    """load_metrics with the load counted over routed (token, slot) pairs."""
+    with torch.no_grad():
+        valid = indices_TK >= 0
+        counts_E = torch.bincount(indices_TK[valid], minlength=probs_TE.shape[-1]).float()
+        return load_metrics(counts_E / counts_E.sum().clamp(min=1), probs_TE)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavq.config import ConfigError
-from megavq.moe.routers.base import Router, RouterOutput, register
+from megavq.moe.routers.base import Router, RouterOutput, load_metrics, register
 
 
 def soft_metrics(combine_BSN: torch.Tensor, num_experts: int) -> dict:
@@ -25,13 +25,7 @@ def soft_metrics(combine_BSN: torch.Tensor, num_experts: int) -> dict:
     with torch.no_grad():
         B, S, N = combine_BSN.shape
         load_E = combine_BSN.reshape(B * S, num_experts, N // num_experts).sum(-1).mean(0)
-        c = combine_BSN.float().clamp(min=1e-12)
-        return {
-            "load": load_E,
-            "load_cv": load_E.std(unbiased=False) / load_E.mean().clamp(min=1e-12),
-            "load_max": load_E.max() * num_experts,
-            "entropy": -(c * c.log()).sum(-1).mean(),
-        }
+        return load_metrics(load_E, combine_BSN)
 
 
 @register("soft")
