@@ -50,7 +50,19 @@ def reconcile_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
         ds[ds_key] = ours
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
+    check_parallel_layout(ds, cfg, world_size)
     return ds
+
+
+def check_parallel_layout(ds: dict, cfg: Config, world_size: int) -> None:
+    """Refuse, at start-up, the combinations of ZeRO stage, MoE backend and ep_size that cannot run."""
+    moe = cfg.moe
+    if moe.every > 0 and world_size % moe.ep_size:
+        raise ConfigError(f"moe.ep_size={moe.ep_size} must divide the number of ranks, got {world_size} rank(s)")
+    if zero_stage(ds) == 3 and moe.every > 0 and (moe.ep_size != 1 or moe.backend not in ("native", "reference")):
+        raise ConfigError(f"ZeRO-3 runs MoE with moe.backend=native (or reference) and moe.ep_size=1 only, got "
+                          f"moe.backend={moe.backend} moe.ep_size={moe.ep_size}; for expert parallelism or the "
+                          f"deepspeed/megablocks backends use ZeRO-0/1/2 (ds_configs/zero2.json)")
 
 
 def zero_stage(ds: dict) -> int:
@@ -88,10 +100,56 @@ def lr_lambda(cfg: Config):
     return factor
 
 
+def _expert_parallel_tag(num_experts: int, ep_size: int, group_name: str):
+    """A parameter-free DeepSpeed `MoE` that makes the engine treat the model as an MoE model.
+
+    The engine reduces `param.allreduce = False` parameters over their expert-data-parallel group only when
+    it has found an `MoE` module (isinstance); native expert-parallel layers are not one, so the model gets
+    this tag. It holds no weights and names no local experts, so DeepSpeed writes no expert files for it.
+    """
+    from deepspeed.moe.layer import MoE
+
+    class ExpertParallelTag(MoE):
+        def __init__(self):
+            torch.nn.Module.__init__(self)
+            self.num_experts, self.ep_size, self.expert_group_name = num_experts, ep_size, group_name
+            self.num_local_experts, self.use_residual, self.enable_expert_tensor_parallelism = 0, False, False
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # the groups exist (setup_expert_parallel)
+
+        def forward(self, *args):
+            raise RuntimeError("the expert-parallel tag is not a layer")
+
+    return ExpertParallelTag()
+
+
+def setup_expert_parallel(model: torch.nn.Module, ep_size: int) -> None:
+    """Native expert-parallel layers: DeepSpeed's EP groups, and expert parameters marked as MoE parameters.
+
+    Expert gradients are then averaged over the expert-data-parallel group (ranks with the same EP rank), the
+    rest over all ranks, and the optimizer gets separate MoE parameter groups (param_groups).
+    """
+    from megavq.moe.backends.expert_parallel import ExpertParallelMoELayer
+    layers = [m for m in model.modules() if isinstance(m, ExpertParallelMoELayer)]
+    if not layers:
+        return
+    from deepspeed.utils import groups
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    for layer in layers:
+        layer.set_ep_group(groups._get_expert_parallel_group(name))
+        for p in layer.expert_parameters():
+            p.allreduce, p.group_name = False, name
+    model.add_module("expert_parallel_tag", _expert_parallel_tag(layers[0].num_experts, ep_size, name))
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
     """deepspeed.initialize with megavq's AdamW and warmup-cosine schedule. `ds` is already reconciled."""
     import deepspeed
     t = cfg.train
+    setup_expert_parallel(model, cfg.moe.ep_size)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
@@ -110,7 +168,126 @@ def full_state_dict(engine) -> dict | None:
         sd = engine._zero3_consolidated_16bit_state_dict()
     else:
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return canonical(model, sd)
+
+
+# ---- portable optimizer state: fp32 weights and Adam moments in the canonical layout ------------------
+# DeepSpeed's own checkpoint can only be loaded with the same ep_size, backend, ZeRO stage and world size.
+# `full_optimizer_state` writes what an exact resume needs in the canonical layout (every expert once,
+# stacked (E, ...)); `load_full_optimizer_state` puts it into an engine of any layout. Gathering is
+# collective: call both on every rank.
+STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def canonical(model: torch.nn.Module, sd: dict, hook: str = "to_canonical") -> dict:
+    """Apply every module's `to_canonical` (or `from_canonical`) to a dict keyed like the model's state dict."""
     for name, module in model.named_modules():
-        if hasattr(module, "to_canonical"):
-            sd = module.to_canonical(f"{name}.", sd)
+        if hasattr(module, hook):
+            sd = getattr(module, hook)(f"{name}.", sd)
     return sd
+
+
+def _flat_optimizer(engine):
+    """(inner torch optimizer, fp32 flat partitions) of a ZeRO-1/2 or bf16 optimizer; None for a plain one."""
+    opt = engine.optimizer
+    flats = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_groups_flat_partition", None)
+    return (opt.optimizer, flats) if flats is not None else None
+
+
+def _get_state(engine, p: torch.nn.Parameter, key: str) -> torch.Tensor:
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):  # ZeRO, bf16: gathered over the data-parallel group
+        return safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
+    if key == "fp32":
+        return p.detach().float()
+    state = engine.optimizer.state.get(p, {})
+    return state[key].detach().float() if key in state else torch.zeros_like(p, dtype=torch.float32)
+
+
+def full_optimizer_state(engine) -> tuple[dict, int]:
+    """({'fp32/<name>', 'exp_avg/<name>', 'exp_avg_sq/<name>': canonical tensor}, Adam step count)."""
+    model, out = engine.module, {}
+    if not engine.zero_optimization_partition_weights():
+        _link_zero_moments(engine)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for key in STATE_KEYS:
+        sd = canonical(model, {n: _get_state(engine, p, key).cpu() for n, p in params})
+        out.update({f"{key}/{n}": t for n, t in sd.items()})
+    return out, adam_step(engine)
+
+
+def _adam_states(engine) -> list[dict]:
+    if engine.zero_optimization_partition_weights():
+        return list(engine.optimizer.optimizer.state.values())
+    flat = _flat_optimizer(engine)
+    if flat is not None:
+        inner, flats = flat
+        return [inner.state[f] for f in flats]
+    return [engine.optimizer.state[p] for g in engine.optimizer.param_groups for p in g["params"]]
+
+
+def adam_step(engine) -> int:
+    steps = [int(s["step"]) for s in _adam_states(engine) if "step" in s]
+    return max(steps, default=0)
+
+
+def _link_zero_moments(engine) -> None:
+    """ZeRO-1/2 and bf16 optimizers give each parameter its view of the Adam moments lazily: do it now."""
+    if _flat_optimizer(engine) is not None:
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _init_adam_states(engine, step: int) -> None:
+    """Create the Adam states (made lazily at the first step), set their step count, link ZeRO's views."""
+    flat = _flat_optimizer(engine)
+    tensors = flat[1] if flat is not None else [p for g in engine.optimizer.param_groups for p in g["params"]]
+    state = flat[0].state if flat is not None else engine.optimizer.state
+    for t in tensors:
+        if not state[t]:
+            state[t].update(exp_avg=torch.zeros_like(t), exp_avg_sq=torch.zeros_like(t))
+        state[t]["step"] = torch.tensor(float(step))
+    _link_zero_moments(engine)
+
+
+def _set_state(engine, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    value = value.to(p.device)
+    if key == "fp32":
+        p.data.copy_(value.to(p.dtype))
+    if hasattr(p, "_hp_mapping"):
+        if key == "fp32":
+            safe_set_full_fp32_param(p, value)
+        else:
+            safe_set_full_optimizer_state(p, value, key)
+    elif key != "fp32" and p in engine.optimizer.state:
+        engine.optimizer.state[p][key].copy_(value)
+
+
+def load_full_optimizer_state(engine, state: dict, step: int) -> None:
+    """Put canonical fp32 weights and Adam moments (from full_optimizer_state) into this engine's layout."""
+    model = engine.module
+    if engine.zero_optimization_partition_weights():
+        raise ConfigError("resuming under ZeRO-3 needs a checkpoint of the same layout (backend, ep_size, ZeRO "
+                          "stage, ranks); resume this one with ZeRO-0/1/2 (ds_configs/zero2.json)")
+    _init_adam_states(engine, step)
+    params = dict(model.named_parameters())
+    for key in STATE_KEYS:
+        sd = canonical(model, {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(key + "/")},
+                       "from_canonical")
+        missing = [n for n, p in params.items() if p.requires_grad and n not in sd]
+        if missing:
+            raise ConfigError(f"the saved optimizer state has no {key} for {missing[:3]}: not this model's")
+        for name, value in sd.items():
+            if name in params:
+                _set_state(engine, params[name], key, value)
+
+
+def set_schedule_position(engine, last_epoch: int) -> None:
+    """Move the LambdaLR schedule to `last_epoch` (its lr per parameter group, whatever the groups are)."""
+    sched = engine.lr_scheduler
+    sched.last_epoch, sched._step_count = last_epoch, last_epoch + 1
+    lrs = [base * lam(last_epoch) for base, lam in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    sched._last_lr = lrs

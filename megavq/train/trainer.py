@@ -6,6 +6,7 @@ see the same data in the same order.
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -16,9 +17,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megavq.config import Config, ConfigError, MegavqError, save_config
+from megavq.eval.health import CollapseMonitor
 from megavq.io import load_weights, save_model
 from megavq.model import Transformer
-from megavq.train.engine import build_engine, full_state_dict, read_ds_config, reconcile_ds_config
+from megavq.train.engine import (build_engine, full_optimizer_state, full_state_dict, load_full_optimizer_state,
+                                 read_ds_config, reconcile_ds_config, set_schedule_position)
 from megavq.train.logging import RunLogger, average_metrics, flatten_router_metrics
 
 
@@ -57,6 +60,7 @@ class Trainer:
         self.micro = cfg.data.micro_batch_size
         self.global_batch = self.micro * cfg.train.grad_accum_steps * world
         self.moe_layer_ids = [i for i, b in enumerate(model.blocks) if b.is_moe]
+        self.health = CollapseMonitor.from_config(cfg)
 
     # ---- one optimizer step -------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -102,10 +106,28 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag,
                                     client_state={"step": step, "rng": torch.get_rng_state()})
         state = full_state_dict(self.engine)
+        optim, adam = full_optimizer_state(self.engine)
         if self.rank == 0:
             save_model(state, self.cfg, self.ckpt_dir / tag)
+            self._save_portable(self.ckpt_dir / tag, step, optim, adam)
             self._prune()
         dist.barrier()
+
+    def layout(self) -> dict:
+        """What DeepSpeed's own checkpoint depends on; a different layout resumes from the portable state."""
+        moe = self.cfg.moe
+        return {"backend": moe.backend, "ep_size": moe.ep_size, "world_size": self.world,
+                "zero_stage": self.engine.zero_optimization_stage(), "dtype": str(self.engine.get_data_types()[0])}
+
+    def _save_portable(self, tag_dir: Path, step: int, optim: dict, adam: int) -> None:
+        """train_state.safetensors (canonical fp32 weights, Adam moments, RNG) + train_state.json (positions)."""
+        from safetensors.torch import save_file
+        save_file({**{k: v.contiguous() for k, v in optim.items()}, "rng": torch.get_rng_state()},
+                  str(tag_dir / "train_state.safetensors"))
+        meta = {"step": step, "adam_step": adam, "lr_last_epoch": self.engine.lr_scheduler.last_epoch,
+                "global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
+                "layout": self.layout()}
+        (tag_dir / "train_state.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     def _prune(self) -> None:
         tags = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
@@ -115,11 +137,31 @@ class Trainer:
     def resume(self) -> int:
         if not (self.ckpt_dir / "latest").is_file():
             raise MegavqError(f"--resume: no checkpoint in {self.ckpt_dir}")
+        tag_dir = self.ckpt_dir / (self.ckpt_dir / "latest").read_text().strip()
+        meta_file = tag_dir / "train_state.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        native_ep = self.cfg.moe.backend == "native" and self.cfg.moe.ep_size > 1  # DeepSpeed keeps rank 0's experts
+        if meta is not None and (native_ep or meta["layout"] != self.layout()):
+            return self._resume_portable(tag_dir, meta)
+        if native_ep:
+            raise MegavqError(f"--resume: {meta_file} is missing; it is needed to resume moe.ep_size > 1")
         path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
         if path is None:
             raise MegavqError(f"--resume: could not load the checkpoint in {self.ckpt_dir}")
         torch.set_rng_state(client["rng"])
         return int(client["step"])
+
+    def _resume_portable(self, tag_dir: Path, meta: dict) -> int:
+        """Resume from the canonical weights and optimizer state: any ep_size, backend, ZeRO-0/1/2 stage, rank count."""
+        from safetensors.torch import load_file
+        load_weights(self.model, tag_dir)  # parameters and buffers, canonical -> this layout
+        state = load_file(str(tag_dir / "train_state.safetensors"))
+        rng = state.pop("rng")
+        load_full_optimizer_state(self.engine, state, meta["adam_step"])
+        set_schedule_position(self.engine, meta["lr_last_epoch"])
+        self.engine.global_steps, self.engine.global_samples = meta["global_steps"], meta["global_samples"]
+        torch.set_rng_state(rng)
+        return int(meta["step"])
 
     # ---- the loop -------------------------------------------------------------------------------------
     def fit(self, start: int, logger: RunLogger) -> dict:
@@ -148,6 +190,9 @@ class Trainer:
                   "tokens_per_s": tokens / seconds}
         if done % self.cfg.train.eval_every == 0:
             record["val/loss"] = self.evaluate("val", self.cfg.data.eval_batches)
+            for message in self.health.check(done, record):  # router metrics of the training window
+                if self.rank == 0:
+                    tqdm.write(message)
         logger.log(record)
         return record
 

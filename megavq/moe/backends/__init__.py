@@ -1,13 +1,15 @@
 """Expert backends by name. Each takes (x_TD, RouterOutput, Experts) and returns y_TD = sum_k w_tk * expert_{i_tk}(x_t).
 
 `reference` is a plain loop over experts (the oracle); `native` is dropless: slots sorted by expert,
-one matrix product per expert. The DeepSpeed and MegaBlocks backends replace the expert layer itself
-and are built by `megavq.moe.layer.MoELayer`.
+one matrix product per expert (with moe.ep_size > 1 the experts are sharded over ranks:
+`expert_parallel.py`). The DeepSpeed and MegaBlocks backends replace the expert layer itself
+(`deepspeed.py`, `megablocks.py`) and are built by `megavq.moe.layer.build_moe_layer`.
 """
 from __future__ import annotations
 
 import torch
 
+from megavq.config import ConfigError
 from megavq.moe.routers.base import RouterOutput
 
 
@@ -42,12 +44,16 @@ def native_moe(x_TD: torch.Tensor, r: RouterOutput, experts) -> torch.Tensor:
 
 
 _BACKENDS = {"reference": reference_moe, "native": native_moe}
+LAYER_BACKENDS = ("deepspeed", "megablocks")  # backends that are their own MoE layer
 
 
 def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return sorted([*_BACKENDS, *LAYER_BACKENDS])
 
 
 def token_backend(name: str):
     """The function for a token-routing backend that works on an Experts bank (reference, native)."""
+    if name not in _BACKENDS:
+        raise ConfigError(f"moe.backend={name} is an MoE layer of its own, not a function on an Experts bank "
+                          f"(token backends: {sorted(_BACKENDS)})")
     return _BACKENDS[name]

@@ -1,0 +1,283 @@
+"""Expert parallelism on CPU with gloo: the sharded run equals the single-process run.
+
+Training runs go through `megavq.train.trainer.run` inside spawned ranks (one process group, several runs),
+so a world of 2 ranks pays the start-up once. A 2-rank run with micro-batch 4 and moe.ep_size=2 sees the
+same global batch as a 1-rank run with 2 accumulation steps and moe.ep_size=1; their losses agree to 1e-4
+(measured: 1e-6 or better). Gradient clipping is off in these runs (train.grad_clip=0): with expert
+parallelism DeepSpeed averages the gradient norm over ranks instead of summing the experts' squares, so a
+clipped run differs from the ep_size=1 run. The deepspeed backend runs with capacity large enough to drop nothing.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+TOL = 1e-4
+STEPS = 10
+EP_SMALL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.seq_len=32",
+            "data.micro_batch_size=4", "data.eval_batches=2", "train.log_every=1", "train.eval_every=100",
+            "train.warmup_steps=2", "train.lr=3e-3", f"train.max_steps={STEPS}", "train.save_every=100",
+            "train.grad_clip=0", "moe.capacity_factor=4", "moe.eval_capacity_factor=4"]
+ROUTERS = {"topk": [], "vq": ["moe.router=vq"], "xmoe": ["moe.router=xmoe"],
+           "compete": ["moe.router=compete", "moe.router_options.rate=1.0", "moe.router_options.warmup_steps=0"]}
+
+
+# ---- a small run_distributed_test helper (OLMo-core style) ------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn, args, results) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WANDB_MODE="offline")
+    torch.set_num_threads(1)
+    try:
+        from megavq.train.engine import init_distributed
+        init_distributed()
+        buf = io.BytesIO()
+        torch.save(fn(*args), buf)  # bytes: tensors in shared memory would die with this process
+        results.put((rank, None, buf.getvalue()))
+    except BaseException:  # noqa: BLE001  (reported to the parent)
+        results.put((rank, traceback.format_exc(), None))
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 500):
+    """Run fn(*args) on world_size spawned ranks (gloo); returns the results by rank, raises a rank's error."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    results, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    out = [None] * world_size
+    try:
+        for _ in range(world_size):
+            rank, error, value = results.get(timeout=timeout)
+            if error:
+                raise AssertionError(f"rank {rank} failed:\n{error}")
+            out[rank] = torch.load(io.BytesIO(value), weights_only=False)
+    except queue.Empty:
+        raise AssertionError(f"ranks did not finish within {timeout} s") from None
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    return out
+
+
+# ---- what the ranks run ---------------------------------------------------------------------------------
+def logits_batch(vocab_size: int = 4096) -> torch.Tensor:
+    return torch.randint(vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+
+
+def train_job(data: str, out_dir: str, overrides: list[str], ds_config: str = "zero2", resume: bool = False) -> dict:
+    """One pre-training run through trainer.run; returns the losses and the trained model's logits (eval)."""
+    import megavq.train.trainer as trainer
+    from megavq.config import load_config
+    models, build = [], trainer.build_engine
+
+    def keep_model(model, cfg, ds):
+        models.append(model)
+        return build(model, cfg, ds)
+    trainer.build_engine = keep_model
+    try:
+        cfg = load_config("tiny", [*EP_SMALL, f"data.source={data}", *overrides])
+        trainer.run(cfg, ROOT / "ds_configs" / f"{ds_config}.json", out_dir, resume=resume)
+    finally:
+        trainer.build_engine = build
+    with torch.no_grad():
+        logits = models[0].eval()(logits_batch())
+    return {"logits": logits, "losses": losses(out_dir)}
+
+
+def jobs(plan: list[tuple]) -> dict:
+    """Run a list of (name, function, kwargs) one after the other in this process group."""
+    return {name: fn(**kwargs) for name, fn, kwargs in plan}
+
+
+def losses(run_dir) -> list[float]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["train/lm_loss"] for line in lines]
+
+
+def one_rank(data, out, extra):
+    return ("train", train_job, dict(data=data, out_dir=out, overrides=[*extra, "train.grad_accum_steps=2"]))
+
+
+def two_ranks(data, out, extra):
+    return ("train", train_job, dict(data=data, out_dir=out, overrides=[*extra, "moe.ep_size=2"]))
+
+
+def named(name, job):
+    return (name, job[1], job[2])
+
+
+@pytest.fixture(scope="module")
+def ep_runs(builtin_data, tmp_path_factory):
+    """All training runs of this module: 1 rank (ep 1), then 2 ranks (ep 2), then 1 rank again (resumes)."""
+    data, tmp = str(builtin_data), tmp_path_factory.mktemp("ep")
+    first = [named(f"ref/{r}", one_rank(data, tmp / f"ref-{r}", x)) for r, x in ROUTERS.items()]
+    first.append(named("part/ep1", one_rank(data, tmp / "part-ep1", ["train.stop_at_step=5", "train.save_every=5"])))
+    second = [named(f"{b}/{r}", two_ranks(data, tmp / f"{b}-{r}", [f"moe.backend={b}", *x]))
+              for b in ("native", "deepspeed") for r, x in ROUTERS.items()]
+    second += [named(f"part/{b}", two_ranks(data, tmp / f"part-{b}", [f"moe.backend={b}", "train.stop_at_step=5",
+                                                                     "train.save_every=5"]))
+               for b in ("native", "deepspeed")]
+    second.append(named("resume/ep1->ep2", two_ranks(data, tmp / "part-ep1", ["train.save_every=5"])))
+    second[-1][2]["resume"] = True
+    third = [named(f"resume/{b}:ep2->ep1", one_rank(data, tmp / f"part-{b}", [f"moe.backend={b}",
+                                                                              "train.save_every=5"]))
+             for b in ("native", "deepspeed")]
+    for job in third:
+        job[2]["resume"] = True
+    results = run_distributed(jobs, 1, first)[0]
+    results.update(run_distributed(jobs, 2, second)[0])
+    results.update(run_distributed(jobs, 1, third)[0])
+    return {**results, "dirs": {"native/topk": tmp / "native-topk", "deepspeed/compete": tmp / "deepspeed-compete"}}
+
+
+def assert_losses_match(a: list[float], b: list[float]) -> None:
+    assert len(a) == len(b), (a, b)
+    assert max(abs(x - y) for x, y in zip(a, b)) < TOL, (a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["native", "deepspeed"])
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_ep2_on_two_ranks_matches_ep1_on_one_rank(ep_runs, backend, router):
+    ref, sharded = ep_runs[f"ref/{router}"]["losses"], ep_runs[f"{backend}/{router}"]["losses"]
+    assert len(ref) == STEPS and ref[-1] < ref[0]
+    assert_losses_match(sharded, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["native/topk", "deepspeed/compete"])
+def test_exported_checkpoint_loads_with_the_training_logits(ep_runs, run):
+    """full_state_dict gathers every expert into the canonical layout; load_model (native, ep 1) agrees."""
+    from megavq import load_model
+    model = load_model(ep_runs["dirs"][run])
+    with torch.no_grad():
+        logits = model(logits_batch())
+    torch.testing.assert_close(logits, ep_runs[run]["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume", ["ep1->ep2", "native:ep2->ep1", "deepspeed:ep2->ep1"])
+def test_resume_with_another_ep_size_matches_the_uninterrupted_run(ep_runs, resume):
+    """Weights and Adam moments are re-sharded through the canonical train_state files."""
+    ref = ep_runs["ref/topk"]["losses"]
+    resumed = ep_runs[f"resume/{resume}"]["losses"]
+    assert len(resumed) == STEPS  # steps 1-5 from the first run, 6-10 after the resume
+    assert_losses_match(resumed[5:], ref[5:])
+
+
+@pytest.mark.slow
+def test_two_simulated_nodes_with_torchrun_match_one_rank(ep_runs, builtin_data, tmp_path):
+    """Two `torchrun --nnodes 2 --node_rank 0|1 --nproc_per_node 1` processes, moe.ep_size=2."""
+    port, out = free_port(), tmp_path / "nodes"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    args = ["scripts/pretrain.py", "--ds_config", "ds_configs/zero2.json", "--data", str(builtin_data),
+            "--out_dir", str(out), *EP_SMALL, "moe.ep_size=2"]
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([*cmd, "--node_rank", str(r), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(log[-3000:] for log in logs)
+    assert_losses_match(losses(out), ep_runs["ref/topk"]["losses"])
+
+
+# ---- the sharded layer against the single-process layer, on 2 ranks -----------------------------------
+def layer_job(router: str, options: dict) -> dict:
+    """Rank r runs rows r of a batch through ExpertParallelMoELayer; returns outputs and local expert grads."""
+    import torch.distributed as dist
+    from megavq.config import MoEConfig
+    from megavq.moe.backends.expert_parallel import ExpertParallelMoELayer, new_ep_group
+    from megavq.moe.layer import assign_moe_layers
+    cfg = MoEConfig(router=router, num_experts=4, top_k=2, ep_size=2, router_options=options)
+    torch.manual_seed(0)
+    layer = ExpertParallelMoELayer(cfg, 16, 24, seed=3)
+    layer.set_ep_group(new_ep_group(2))
+    assign_moe_layers(layer)
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))[dist.get_rank():dist.get_rank() + 1]
+    x.requires_grad_()
+    y, aux, _ = layer(x)
+    (y.square().sum() + aux).backward()
+    return {"y": y.detach(), "x_grad": x.grad, "state": layer.to_canonical("", dict(layer.state_dict())),
+            "w_in_grad": layer.experts.w_in.grad}
+
+
+def single_layer(router: str, options: dict):
+    from megavq.config import MoEConfig
+    from megavq.moe.layer import MoELayer, assign_moe_layers
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(router=router, num_experts=4, top_k=2, router_options=options), 16, 24, seed=3)
+    assign_moe_layers(layer)
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    outs = [layer(x[b:b + 1]) for b in range(2)]  # one sequence per "rank", as the sharded run does
+    sum(y.square().sum() + aux for y, aux, _ in outs).backward()
+    return layer, torch.cat([y.detach() for y, _, _ in outs]), x.grad
+
+
+LAYER_CASES = [("topk", {}), ("expert_choice", {}), ("compete", {"rate": 1.0, "warmup_steps": 0})]
+
+
+@pytest.fixture(scope="module")
+def layer_runs():
+    plan = [(r, layer_job, dict(router=r, options=o)) for r, o in LAYER_CASES]
+    return run_distributed(jobs, 2, plan)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router, options", LAYER_CASES)
+def test_sharded_layer_equals_single_process_layer(layer_runs, router, options):
+    """Forward, input gradients, expert gradients and the gathered (canonical) state dict."""
+    layer, y, x_grad = single_layer(router, options)
+    ranks = [r[router] for r in layer_runs]
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([r["w_in_grad"] for r in ranks]), layer.experts.w_in.grad,
+                               rtol=1e-5, atol=1e-6)
+    for key, value in layer.named_parameters():  # buffers (compete's counter) count forwards per rank
+        torch.testing.assert_close(ranks[0]["state"][key], value.detach(), msg=key)
+
+
+def test_received_rows_are_grouped_by_local_expert():
+    from megavq.moe.backends.expert_parallel import source_to_expert_order
+    recv_RL = torch.tensor([[1, 2], [0, 3]])  # rows from rank 0: 1 for expert 0, 2 for expert 1; rank 1: 0, 3
+    # received order: [r0e0, r0e1, r0e1, r1e1, r1e1, r1e1] -> expert 0 rows, then expert 1 rows by source
+    assert source_to_expert_order(recv_RL).tolist() == [0, 1, 2, 3, 4, 5]
+    recv_RL = torch.tensor([[1, 1], [2, 1]])  # [r0e0, r0e1, r1e0, r1e0, r1e1]
+    assert source_to_expert_order(recv_RL).tolist() == [0, 2, 3, 1, 4]
+
+
+def test_ep_size_must_divide_the_ranks_and_zero3_names_what_works():
+    from megavq.config import ConfigError, load_config
+    from megavq.train.engine import reconcile_ds_config
+    zero3 = {"zero_optimization": {"stage": 3}}
+    with pytest.raises(ConfigError, match=r"moe.ep_size=2 must divide the number of ranks, got 3"):
+        reconcile_ds_config({}, load_config("tiny", ["moe.ep_size=2"]), 3)
+    for overrides in (["moe.ep_size=2"], ["moe.backend=deepspeed"]):
+        with pytest.raises(ConfigError, match=r"ZeRO-3 runs MoE with moe.backend=native \(or reference\) and "
+                                              r"moe.ep_size=1 only"):
+            reconcile_ds_config(zero3, load_config("tiny", overrides), 2)
+    reconcile_ds_config(zero3, load_config("tiny", []), 2)  # native, ep_size 1: fine
