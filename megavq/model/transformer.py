@@ -109,10 +109,9 @@ class Transformer(nn.Module):
                 module.set_step(step)
 
     def num_params(self, active: bool = False) -> int:
-        """All parameters, or those a token uses (top_k of num_experts experts per MoE layer)."""
-        total = sum(p.numel() for p in self.parameters())
-        if not active:
-            return total
+        """All parameters of the model (every expert counted once, also when this rank holds only its
+        1/ep_size share), or those a token uses (top_k of num_experts experts per MoE layer)."""
         moe = self.cfg.moe
-        expert_params = sum(p.numel() for n, p in self.named_parameters() if ".experts." in n)
-        return total - expert_params + expert_params * moe.top_k // moe.num_experts
+        expert = sum(p.numel() for n, p in self.named_parameters() if ".experts." in n) * moe.ep_size
+        other = sum(p.numel() for n, p in self.named_parameters() if ".experts." not in n)
+        return other + (expert * moe.top_k // moe.num_experts if active else expert)

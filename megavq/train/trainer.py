@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -168,7 +169,7 @@ class Trainer:
         t = self.cfg.train
         end = min(t.stop_at_step or t.max_steps, t.max_steps)
         bar = tqdm(range(start, end), initial=start, total=t.max_steps, disable=self.rank != 0,
-                   desc="train", dynamic_ncols=True)
+                   desc="train", dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
         t_start, t_window, window, last, done = time.time(), time.time(), [], {}, start
         for step in bar:
             window.append(self.train_step(step))

@@ -1,0 +1,265 @@
+"""MoE backend benchmark: one model, one batch, every backend variant in the same process so that ratios
+compare. Used by scripts/benchmark.py (which documents the variants and columns).
+
+Legend: B batch, S sequence, T tokens.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from megavq.config import load_config
+
+PHASES = ("router", "dispatch", "experts", "combine", "comm")
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+
+
+class Clock:
+    """Accumulates wall time per phase; `wrap(phase, fn)` times every call of fn (syncing the GPU). A call
+    inside a call of the same phase counts once; different phases nest (the MoE layer holds the others)."""
+
+    def __init__(self, device: str):
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        self.totals, self.depth = dict.fromkeys((*PHASES, "moe"), 0.0), dict.fromkeys((*PHASES, "moe"), 0)
+        self.enabled = False
+
+    def wrap(self, phase, fn):
+        def timed(*args, **kwargs):
+            if not self.enabled or self.depth[phase]:
+                return fn(*args, **kwargs)
+            self.sync()
+            self.depth[phase], t0 = 1, time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.totals[phase] += time.perf_counter() - t0
+                self.depth[phase] = 0
+        return timed
+
+
+@contextlib.contextmanager
+def patched(obj, name, value):
+    """Set obj.name for the duration; an inherited attribute is restored by deleting the override."""
+    own, old = name in vars(obj), getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, old) if own else delattr(obj, name)
+
+
+def instrument(clock: Clock) -> contextlib.ExitStack:
+    """Time the phases of every backend by wrapping the functions they call."""
+    import megavq.moe.backends as nb
+    import megavq.moe.backends.expert_parallel as ep
+    from megavq.moe.experts import Experts
+    stack = contextlib.ExitStack()
+    stack.enter_context(patched(nb, "sort_by_expert", clock.wrap("dispatch", nb.sort_by_expert)))
+    stack.enter_context(patched(Experts, "forward", clock.wrap("experts", Experts.forward)))
+    for name in ("all_to_all", "exchange_counts", "gather_experts"):
+        stack.enter_context(patched(ep, name, clock.wrap("comm", getattr(ep, name))))
+    with contextlib.suppress(ImportError):
+        import deepspeed.moe.experts as dse
+        import deepspeed.moe.sharded_moe as sm
+        stack.enter_context(patched(sm, "_sparse_encode", clock.wrap("dispatch", sm._sparse_encode)))
+        stack.enter_context(patched(sm, "_sparse_decode", clock.wrap("combine", sm._sparse_decode)))
+        stack.enter_context(patched(dse.Experts, "forward", clock.wrap("experts", dse.Experts.forward)))
+        stack.enter_context(patched(sm._AllToAll, "apply", clock.wrap("comm", sm._AllToAll.apply)))
+    return stack
+
+
+class OwnGateLayer(torch.nn.Module):
+    """A DeepSpeedMoELayer run by DeepSpeed's TopKGate (sharing the megavq topk router's weight)."""
+
+    def __init__(self, layer, cfg):
+        super().__init__()
+        from deepspeed.moe.sharded_moe import TopKGate
+        self.layer, m = layer, cfg.moe
+        gate = TopKGate(layer.router.hidden_size, m.num_experts, m.top_k, m.capacity_factor, m.eval_capacity_factor,
+                        m.min_capacity, None, m.drop_tokens, use_rts=False, top2_2nd_expert_sampling=False)
+        gate.wg.weight = layer.router.gate.weight
+        layer.moe.deepspeed_moe.gate = gate
+        self.coef = m.aux_loss_coef
+
+    def forward(self, x_BSD):
+        y, l_aux, _ = self.layer.moe(x_BSD)
+        return y, self.coef * l_aux, {}
+
+
+def own_megablocks_router(layer) -> None:
+    from megablocks.layers.router import LearnedRouter
+    router = LearnedRouter(layer.args)
+    router.layer.weight = layer.router.gate.weight
+    layer.args.moe_normalize_expert_weights = 1
+    layer.dmoe.router = router
+    layer.forward = lambda x: (layer.dmoe(x), layer.router.gate.weight.new_zeros(()), {})
+
+
+VARIANTS = {  # name: (backend, capacity_factor, own gate)
+    "native": ("native", None, False), "ds-1.25": ("deepspeed", 1.25, False), "ds-2.0": ("deepspeed", 2.0, False),
+    "dsgate-1.25": ("deepspeed", 1.25, True), "dsgate-2.0": ("deepspeed", 2.0, True),
+    "megablocks": ("megablocks", None, False), "mb-learned": ("megablocks", None, True)}
+
+
+def build(args, name):
+    from megavq.model import Transformer
+    from megavq.moe.layer import assign_moe_layers
+    from megavq.train.engine import setup_expert_parallel
+    backend, factor, own = VARIANTS[name]
+    extra = [f"moe.backend={backend}"] + ([f"moe.capacity_factor={factor}"] if factor else [])
+    cfg = load_config(args.config, [*args.overrides, *extra])
+    cfg.model.vocab_size = cfg.model.vocab_size or 4096
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg)
+    assign_moe_layers(model)
+    for block in model.blocks:
+        if block.is_moe and own and backend == "deepspeed":
+            block.mlp = OwnGateLayer(block.mlp, cfg)
+        elif block.is_moe and own:
+            own_megablocks_router(block.mlp)
+    setup_expert_parallel(model, cfg.moe.ep_size)
+    for m in model.modules():  # DeepSpeed MoE layers get their EP group as the engine would give it
+        if type(m).__name__ == "MoE" and hasattr(m, "set_deepspeed_parallelism") and cfg.moe.ep_size > 1:
+            m.set_deepspeed_parallelism()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    return cfg, model.to(args.device, dtype)
+
+
+def moe_layers(model) -> list:
+    return [b.mlp for b in model.blocks if b.is_moe]
+
+
+def gate_of(mlp):
+    """The module that routes: the megavq router, or DeepSpeed's / MegaBlocks' gate that runs it (or their own)."""
+    inner = getattr(mlp, "layer", mlp)
+    if hasattr(inner, "moe"):
+        return inner.moe.deepspeed_moe.gate
+    return inner.dmoe.router if hasattr(inner, "dmoe") else inner.router
+
+
+@contextlib.contextmanager
+def timed_layers(clock: Clock, model):
+    with instrument(clock) as stack:
+        for mlp in moe_layers(model):
+            gate = gate_of(mlp)
+            stack.enter_context(patched(mlp, "forward", clock.wrap("moe", mlp.forward)))
+            stack.enter_context(patched(gate, "forward", clock.wrap("router", gate.forward)))
+        yield
+
+
+def saved_mb(model, x, y) -> float:
+    """Activations saved for the backward (parameters excluded), MB: the memory the backend adds per step."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, total = set(params), [0]
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x, y).loss
+    loss.backward()
+    return total[0] / 2**20
+
+
+def one_step(model, x, y, sync) -> tuple[float, float]:
+    """(forward seconds, whole step seconds) of forward + backward."""
+    model.zero_grad(set_to_none=True)
+    sync()
+    t0 = time.perf_counter()
+    loss = model(x, y).loss
+    sync()
+    t1 = time.perf_counter()
+    loss.backward()
+    sync()
+    return t1 - t0, time.perf_counter() - t0
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def measure(args, names: list[str], world: int) -> list[dict]:
+    """Every variant built once, then timed in turns (round robin) so that drifts of a shared machine hit all."""
+    built = {n: build(args, n) for n in names}
+    cfg = built[names[0]][0]
+    B, S = args.batch, cfg.model.seq_len
+    idx = torch.randint(cfg.model.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(0)).to(args.device)
+    x, y = idx[:, :-1], idx[:, 1:]
+    clocks = {n: Clock(args.device) for n in names}
+    sync = clocks[names[0]].sync
+    times = {n: [] for n in names}
+    mem = {}
+    for n, (_, model) in built.items():
+        for _ in range(args.warmup):
+            one_step(model, x, y, sync)
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            one_step(model, x, y, sync)
+            mem[n] = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            mem[n] = saved_mb(model, x, y)
+    for _ in range(args.steps):
+        for n, (_, model) in built.items():
+            times[n].append(one_step(model, x, y, sync))
+    for _ in range(args.steps):  # the phases, timed apart (their syncs perturb the step)
+        for n, (_, model) in built.items():
+            clocks[n].enabled = True
+            with timed_layers(clocks[n], model):
+                model(x, y)
+    results = []
+    for n, (cfg, model) in built.items():
+        fwd, step = median([t[0] for t in times[n]]), median([t[1] for t in times[n]])
+        phases = {k: v / args.steps * 1e3 for k, v in clocks[n].totals.items()}
+        results.append({"name": n, "tok_s": B * S * world / step, "mem_mb": mem[n], "step_ms": step * 1e3,
+                        "forward_ms": fwd * 1e3, "phases_ms": phases, "active": active_params(model, cfg),
+                        "world": world})
+    return results
+
+
+def active_params(model, cfg) -> int:
+    """Parameters a token uses: all but the experts, plus top_k / E of every expert (of every EP rank)."""
+    experts = sum(p.numel() for n, p in model.named_parameters() if "expert" in n and "router" not in n)
+    total = sum(p.numel() for p in model.parameters())
+    return total - experts + experts * cfg.moe.ep_size * cfg.moe.top_k // cfg.moe.num_experts
+
+
+def mfu(result, args) -> float | None:
+    peak = args.peak_tflops
+    if peak is None and args.device == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None if peak is None else 6 * result["active"] * result["tok_s"] / result["world"] / (peak * 1e12)
+
+
+def row(r: dict, base: float, args) -> list[str]:
+    ph = dict(r["phases_ms"])
+    if r["name"] == "native":  # its combine: the layer's time outside the timed calls
+        ph["combine"] = ph["moe"] - sum(ph[p] for p in PHASES if p != "combine")
+    m = mfu(r, args)
+    return [r["name"], f"{r['tok_s']:.0f}", f"{r['tok_s'] / base:.2f}", f"{r['mem_mb']:.1f}", f"{r['step_ms']:.1f}",
+            f"{r['forward_ms']:.1f}", f"{ph['moe']:.1f}", *[f"{ph[p]:.2f}" for p in PHASES],
+            f"{r['step_ms'] - r['forward_ms']:.1f}", "-" if m is None else f"{m:.1%}"]
+
+
+def table(results: list[dict], args) -> str:
+    mem = "peak MB" if args.device == "cuda" else "saved MB"
+    head = ["variant", "tok/s", "x first", mem, "step ms", "fwd ms", "moe fwd", *[f"{p} ms" for p in PHASES],
+            "bwd ms", "MFU"]
+    rows = [row(r, results[0]["tok_s"], args) for r in results]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
+    lines = [" | ".join(str(c).rjust(w) for c, w in zip(line, widths)) for line in [head, *rows]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def ratios(results: list[dict]) -> list[str]:
+    by = {r["name"]: r["tok_s"] for r in results}
+    pairs = [("ds-1.25", "native"), ("ds-2.0", "native"), ("dsgate-1.25", "ds-1.25"), ("dsgate-2.0", "ds-2.0"),
+             ("megablocks", "native"), ("mb-learned", "megablocks")]
+    return [f"{a} / {b}: {by[a] / by[b]:.2f}x tokens/s" for a, b in pairs if a in by and b in by]
