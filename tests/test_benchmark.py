@@ -1,0 +1,29 @@
+"""scripts/benchmark.py runs every CPU variant in one process and prints same-run ratios."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.seq_len=32",
+        "model.vocab_size=256"]
+
+
+@pytest.mark.slow
+def test_benchmark_prints_table_with_ratios():
+    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--batch", "2", "--steps", "2", "--warmup", "1",
+                           *TINY], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for variant in ["native", "ds-1.25", "ds-2.0", "dsgate-1.25", "dsgate-2.0"]:
+        assert variant in out, variant
+    assert "megablocks" not in out  # GPU only
+    assert "ds-1.25 / native:" in out and "dsgate-1.25 / ds-1.25:" in out, out
+
+
+def test_benchmark_rejects_unknown_variant():
+    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--variants", "nosuch", *TINY], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown variant 'nosuch'")
