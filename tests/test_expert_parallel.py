@@ -13,7 +13,6 @@ import io
 import json
 import os
 import queue
-import socket
 import subprocess
 import sys
 import traceback
@@ -23,6 +22,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from megavq.train.launch import free_port
 
 TOL = 1e-4
 STEPS = 10
@@ -35,12 +35,6 @@ ROUTERS = {"topk": [], "vq": ["moe.router=vq"], "xmoe": ["moe.router=xmoe"],
 
 
 # ---- a small run_distributed_test helper (OLMo-core style) ------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, fn, args, results) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WANDB_MODE="offline")
