@@ -68,6 +68,7 @@ class Trainer:
         cfg = self.cfg
         self.model.set_step(step)
         x, y = self.data.batch("train", step, self.global_batch, cfg.model.seq_len, cfg.train.seed)
+        x, y = x.to(self.engine.device), y.to(self.engine.device)
         totals, metrics = torch.zeros(3), []
         for m in range(cfg.train.grad_accum_steps):
             rows = slice((m * self.world + self.rank) * self.micro, (m * self.world + self.rank + 1) * self.micro)
@@ -81,7 +82,7 @@ class Trainer:
                                     f"perhaps with a lower train.lr")
             self.engine.backward(out.loss)
             self.engine.step()
-            totals += stats
+            totals += stats.cpu()
             metrics.append(flatten_router_metrics(out.router_metrics, self.moe_layer_ids))
         n = cfg.train.grad_accum_steps * self.world
         record = {"train/lm_loss": totals[0].item() / n, "train/aux_loss": totals[1].item() / n}
@@ -95,7 +96,7 @@ class Trainer:
         self.engine.eval()
         total, count = 0.0, 0
         for x, y in self.data.eval_batches(split, self.micro, self.cfg.model.seq_len, max_batches):
-            out = self.engine(x, y)
+            out = self.engine(x.to(self.engine.device), y.to(self.engine.device))
             total += out.lm_loss.float().item() * y.numel()
             count += y.numel()
         self.engine.train()
