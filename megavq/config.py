@@ -95,6 +95,7 @@ class TrainConfig:
     collapse_share: float = 0.9  # warn when one expert gets more than this share of a layer's tokens ...
     collapse_patience: int = 3  # ... for this many consecutive evaluations (see megavq/eval/health.py)
     dead_code_frac: float = 0.5  # vq: warn when more than this fraction of the codes are dead (same patience)
+    code_usage_min: float = 0.5  # vq: ... or when the code perplexity is below this fraction of the codes
     wandb: bool = False
     wandb_project: str = "megavq"
 

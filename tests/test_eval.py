@@ -205,6 +205,14 @@ def test_dead_vq_codes_trigger_the_warning():
     assert monitor.check(3, {**record, "moe/L1/dead_codes": 1.0}) == []
 
 
+def test_collapsed_vq_codebook_triggers_the_warning_with_no_dead_code():
+    monitor = CollapseMonitor(patience=2, num_codes=4, code_usage_min=0.5)
+    record = {"moe/L0/load": [0.25] * 4, "moe/L0/dead_codes": 0.0, "moe/L0/code_perplexity": 1.19}
+    assert monitor.check(1, record) == []
+    assert "vq code perplexity 1.19 of 4 codes" in monitor.check(2, record)[0]
+    assert monitor.check(3, {**record, "moe/L0/code_perplexity": 3.9}) == []
+
+
 # ---- the scripts on a trained checkpoint ---------------------------------------------------------------------
 
 def run_script(*args):

@@ -5,7 +5,9 @@ A layer is collapsed at an evaluation when
   times the slots per token (k for top-k, the logged `experts_per_token` where a router reports it). For
   top-1 that is its share of tokens; for top-k the largest share a single expert can reach is 1 (every
   token), while uniform routing gives k / E. Layers where every token uses every expert (k >= E) are skipped.
-- or more than `dead_code_frac` of a vq codebook's codes are dead (`moe/L{i}/dead_codes`).
+- or more than `dead_code_frac` of a vq codebook's codes are dead (`moe/L{i}/dead_codes`), or its code
+  perplexity (`moe/L{i}/code_perplexity`) is below `code_usage_min` of the codes: a codebook can collapse
+  onto one code while the others are used just often enough never to count as dead.
 The monitor warns when a layer stays collapsed for `patience` consecutive evaluations, and at every
 evaluation after that until it recovers.
 """
@@ -20,15 +22,17 @@ _LOAD_KEY = re.compile(r"moe/L(\d+)/load$")
 
 class CollapseMonitor:
     def __init__(self, share: float = 0.9, patience: int = 3, dead_code_frac: float = 0.5,
-                 slots_per_token: float = 1.0, num_codes: int = 0):
+                 slots_per_token: float = 1.0, num_codes: int = 0, code_usage_min: float = 0.5):
         if not 0 < share <= 1:
             raise ConfigError(f"train.collapse_share must be in (0, 1], got {share}")
         if patience < 1:
             raise ConfigError(f"train.collapse_patience must be >= 1, got {patience}")
         if not 0 < dead_code_frac <= 1:
             raise ConfigError(f"train.dead_code_frac must be in (0, 1], got {dead_code_frac}")
+        if not 0 <= code_usage_min <= 1:
+            raise ConfigError(f"train.code_usage_min must be in [0, 1], got {code_usage_min}")
         self.share, self.patience, self.dead_code_frac = share, patience, dead_code_frac
-        self.slots_per_token, self.num_codes = slots_per_token, num_codes
+        self.slots_per_token, self.num_codes, self.code_usage_min = slots_per_token, num_codes, code_usage_min
         self.streaks: dict[tuple[int, str], int] = {}  # (layer, "load" | "codes") -> consecutive evaluations
 
     @classmethod
@@ -37,7 +41,8 @@ class CollapseMonitor:
         moe, t = cfg.moe, cfg.train
         soft = getattr(router_class(moe.router), "layer_kind", "token") == "soft"  # combine mass sums to 1
         num_codes = (moe.router_options.get("num_codes") or moe.num_experts) if moe.router == "vq" else 0
-        return cls(t.collapse_share, t.collapse_patience, t.dead_code_frac, 1.0 if soft else moe.top_k, num_codes)
+        return cls(t.collapse_share, t.collapse_patience, t.dead_code_frac, 1.0 if soft else moe.top_k, num_codes,
+                   t.code_usage_min)
 
     def check(self, step: int, record: dict) -> list[str]:
         """Update with one evaluation's logged record; the warnings to print (empty when healthy)."""
@@ -61,11 +66,15 @@ class CollapseMonitor:
         return f"expert {top} gets {token_share:.0%} of the tokens (train.collapse_share={self.share})"
 
     def _code_problem(self, i: int, record: dict) -> str | None:
-        dead = record.get(f"moe/L{i}/dead_codes")
-        if dead is None or not self.num_codes or dead / self.num_codes <= self.dead_code_frac:
+        if not self.num_codes:
             return None
-        return (f"{dead:.0f} of {self.num_codes} vq codes are dead "
-                f"(train.dead_code_frac={self.dead_code_frac})")
+        dead, perplexity = record.get(f"moe/L{i}/dead_codes"), record.get(f"moe/L{i}/code_perplexity")
+        if dead is not None and dead / self.num_codes > self.dead_code_frac:
+            return f"{dead:.0f} of {self.num_codes} vq codes are dead (train.dead_code_frac={self.dead_code_frac})"
+        if perplexity is not None and perplexity < self.code_usage_min * self.num_codes:
+            return (f"vq code perplexity {perplexity:.2f} of {self.num_codes} codes "
+                    f"(train.code_usage_min={self.code_usage_min})")
+        return None
 
     def _track(self, layer: int, kind: str, problem: str | None, step: int) -> list[str]:
         streak = self.streaks[layer, kind] = self.streaks.get((layer, kind), 0) + 1 if problem else 0
