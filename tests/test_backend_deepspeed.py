@@ -14,15 +14,15 @@ TOKEN_ROUTERS = [r for r in available_routers() if getattr(router_class(r), "lay
 OPTIONS = {"compete": {"rate": 1.0, "warmup_steps": 0}}
 
 
-def layer_pair(router: str, **moe):
-    """A native MoELayer and a DeepSpeed one built from the same seeds (same weights)."""
+def layer_pair(router: str, backend: str = "deepspeed", d_model: int = 16, d_hidden: int = 24, **moe):
+    """A native MoE layer and one of `backend` built from the same seeds (same weights)."""
     cfg = MoEConfig(router=router, num_experts=4, top_k=2, capacity_factor=8.0, router_options=OPTIONS.get(router, {}),
                     **moe)
     layers = []
-    for backend in ("native", "deepspeed"):
-        cfg.backend = backend
+    for name in ("native", backend):
+        cfg.backend = name
         torch.manual_seed(0)
-        layer = build_moe_layer(cfg, 16, 24, seed=3)
+        layer = build_moe_layer(cfg, d_model, d_hidden, seed=3)
         assign_moe_layers(layer)
         layers.append(layer)
     return layers
@@ -154,15 +154,7 @@ def test_megablocks_on_cpu_names_the_gpu_and_the_extra():
 
 # ---- MegaBlocks (GPU) -------------------------------------------------------------------------------------
 def megablocks_pair(router: str):
-    cfg = MoEConfig(router=router, num_experts=4, top_k=2, router_options=OPTIONS.get(router, {}))
-    layers = []
-    for backend in ("native", "megablocks"):
-        cfg.backend = backend
-        torch.manual_seed(0)
-        layer = build_moe_layer(cfg, 64, 128, seed=3)
-        assign_moe_layers(layer)
-        layers.append(layer.cuda().to(torch.bfloat16))
-    return layers
+    return [layer.cuda().to(torch.bfloat16) for layer in layer_pair(router, "megablocks", 64, 128)]
 
 
 @pytest.mark.gpu

@@ -34,38 +34,49 @@ class Experts(nn.Module):
             self.w_in[e].copy_(torch.randn(self.w_in[e].shape, generator=g) * self.init_std)
             self.w_out[e].copy_(torch.randn(self.w_out[e].shape, generator=g) * self.out_std)
 
-    def _act(self, h_in: torch.Tensor) -> torch.Tensor:  # (..., 1|2, H) -> (..., H)
-        if self.mlp == "swiglu":
-            return F.silu(h_in[..., 0, :]) * h_in[..., 1, :]
-        return F.gelu(h_in[..., 0, :], approximate="tanh")
-
     def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         """Expert e on rows x_ND: the plain formula, used by the reference backend."""
         h = torch.einsum("nd,idh->nih", x_ND, self.w_in[e])  # (N, 1|2, H)
         if self.b_in is not None:
             h = h + self.b_in[e]
-        y = self._act(h) @ self.w_out[e]
+        y = activation(h, self.mlp) @ self.w_out[e]
         return y + self.b_out[e] if self.b_out is not None else y
 
     def forward(self, x_ND: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         """Rows sorted by expert; counts_E[e] rows belong to expert e. One product per non-empty expert."""
-        w_in = self.w_in.transpose(1, 2).flatten(2)  # (E, D, 1|2 * H)
-        outs = []
-        for e, x in enumerate(torch.split(x_ND, counts_E)):
-            if x.shape[0] == 0:
-                continue
-            h = (x @ w_in[e]).unflatten(-1, (-1, self.w_out.shape[1]))  # (n, 1|2, H)
-            if self.b_in is not None:
-                h = h + self.b_in[e]
-            y = self._act(h) @ self.w_out[e]
-            outs.append(y + self.b_out[e] if self.b_out is not None else y)
+        bias = self.b_in is not None
+        outs = [expert_mlp(x, self.w_in[e], self.w_out[e], self.b_in[e] if bias else None,
+                           self.b_out[e] if bias else None, self.mlp)
+                for e, x in enumerate(torch.split(x_ND, counts_E)) if x.shape[0]]
         return torch.cat(outs) if outs else x_ND.new_zeros(0, self.w_out.shape[-1])
 
     def all_experts(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, (E, T, D): the dense mode of competition routing."""
-        T = x_TD.shape[0]
-        y = self(x_TD.repeat(self.num_experts, 1), [T] * self.num_experts)
-        return y.view(self.num_experts, T, -1)
+        return every_expert(self, self.num_experts, x_TD)
+
+
+def activation(h: torch.Tensor, mlp: str) -> torch.Tensor:
+    """(..., 1|2, H) -> (..., H): SwiGLU (silu of the gate side times the up side) or tanh GELU."""
+    if mlp == "swiglu":
+        return F.silu(h[..., 0, :]) * h[..., 1, :]
+    return F.gelu(h[..., 0, :], approximate="tanh")
+
+
+def expert_mlp(x_ND: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None,
+               b_out: torch.Tensor | None, mlp: str) -> torch.Tensor:
+    """One expert on rows x_ND with one fused input product: w_in (1|2, D, H), w_out (H, D)."""
+    h = (x_ND @ w_in.transpose(0, 1).flatten(1)).unflatten(-1, (w_in.shape[0], w_in.shape[-1]))  # (N, 1|2, H)
+    if b_in is not None:
+        h = h + b_in
+    y = activation(h, mlp) @ w_out
+    return y + b_out if b_out is not None else y
+
+
+def every_expert(bank, num_experts: int, x_TD: torch.Tensor) -> torch.Tensor:
+    """Every expert of `bank` (called as bank(x_ND, counts_E) on rows sorted by expert) on every token, (E, T, D)."""
+    T = x_TD.shape[0]
+    y = bank(x_TD.repeat(num_experts, 1), [T] * num_experts)
+    return y.view(num_experts, T, -1)
 
 
 def expert_out_std(init_std: float, n_layers: int) -> float:

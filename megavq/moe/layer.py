@@ -26,6 +26,22 @@ def router_options(cfg: MoEConfig) -> dict:
     return opts
 
 
+def layer_router(cfg: MoEConfig, d_model: int) -> Router:
+    """The router of an MoE layer of any kind, built from the config."""
+    return build_router(cfg.router, hidden_size=d_model, num_experts=cfg.num_experts, top_k=cfg.top_k,
+                        **router_options(cfg))
+
+
+def router_kwargs(router: Router, x_BSD: torch.Tensor, all_experts) -> dict:
+    """The keyword arguments a router asks for: expert_fn (competition routing), seq_len (per-sequence routing)."""
+    kwargs = {}
+    if router.needs_expert_outputs:
+        kwargs["expert_fn"] = all_experts
+    if getattr(router, "needs_seq_len", False):
+        kwargs["seq_len"] = x_BSD.shape[1]
+    return kwargs
+
+
 def router_is_causal(name: str, options: dict) -> bool:
     """A router class's `causal`, or `causal_for(options)` where an option decides it (usmoe's selection)."""
     cls = router_class(name)
@@ -51,20 +67,14 @@ class MoELayer(nn.Module):
                               f"moe.backend={cfg.backend} runs with moe.ep_size=1")
         if getattr(router_class(cfg.router), "layer_kind", "token") != "token":
             raise ConfigError(f"moe.router={cfg.router} is its own layer kind: build it with build_moe_layer")
-        self.router = build_router(cfg.router, hidden_size=d_model, num_experts=cfg.num_experts,
-                                   top_k=cfg.top_k, **router_options(cfg))
+        self.router = layer_router(cfg, d_model)
         self.experts = Experts(cfg.num_experts, d_model, d_hidden, mlp, bias, init_std, out_std, seed)
         self.backend = cfg.backend
         self.run_experts = token_backend(cfg.backend)
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        kwargs = {}
-        if self.router.needs_expert_outputs:
-            kwargs["expert_fn"] = lambda: self.experts.all_experts(x_TD)
-        if getattr(self.router, "needs_seq_len", False):  # routers that route within a sequence
-            kwargs["seq_len"] = x_BSD.shape[1]
-        r = self.router(x_TD, **kwargs)
+        r = self.router(x_TD, **router_kwargs(self.router, x_BSD, lambda: self.experts.all_experts(x_TD)))
         y_TD = self.run_experts(x_TD, r, self.experts)
         return y_TD.view_as(x_BSD), r.aux_loss, r.metrics
 

@@ -15,7 +15,8 @@ from torch import nn
 from megavq.config import ConfigError, MoEConfig
 from megavq.moe.backends import token_backend
 from megavq.moe.experts import Experts
-from megavq.moe.routers import RouterOutput, build_router
+from megavq.moe.layer import layer_router
+from megavq.moe.routers import RouterOutput
 from megavq.moe.routers.soft import soft_metrics
 
 
@@ -25,8 +26,7 @@ class SoftMoELayer(nn.Module):
         super().__init__()
         if cfg.ep_size != 1:
             raise ConfigError(f"moe.router=soft runs with moe.ep_size=1, got {cfg.ep_size}")
-        self.router = build_router(cfg.router, hidden_size=d_model, num_experts=cfg.num_experts,
-                                   top_k=cfg.top_k, **cfg.router_options)
+        self.router = layer_router(cfg, d_model)
         assert getattr(self.router, "layer_kind", "token") == "soft", cfg.router
         self.experts = Experts(cfg.num_experts, d_model, d_hidden, mlp, bias, init_std, out_std, seed)
         self.backend = cfg.backend

@@ -15,8 +15,8 @@ moe.drop_policy: `position` (first slots first, then token order: DeepSpeed's to
 (highest router score of the pair first: DeepSpeed's top-k gate). The fraction dropped is the metric `dropped_frac`.
 
 The router is a child of this layer, not of the gate: DeepSpeed's MoE checkpointing treats every state-dict
-key containing "expert" under the MoE module as an expert weight, and router names may contain it
-(xmoe's expert_emb, vq's code_to_expert). Experts are `ExpertMLP`s in `Experts`' per-expert layout,
+key containing "expert" under the MoE module as an expert weight (router keys are kept free of it, a
+contract test checks that, but the router's state stays out of DeepSpeed's expert bookkeeping either way). Experts are `ExpertMLP`s in `Experts`' per-expert layout,
 re-initialised by global expert id, so they equal the native backend's for the same seed.
 Canonical layout (`to_canonical` / `from_canonical`): `router.*` and `experts.*` stacked as (E, ...).
 """
@@ -26,13 +26,13 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from megavq.config import ConfigError, MoEConfig
-from megavq.moe.backends.expert_parallel import ShardedExperts, ep_rank_of, gather_experts, router_kwargs
-from megavq.moe.experts import Experts
-from megavq.moe.routers import RouterOutput, build_router
+from megavq.moe.backends.expert_parallel import ShardedExperts, ep_rank_of, gather_experts
+from megavq.moe.experts import Experts, expert_mlp
+from megavq.moe.layer import layer_router, router_kwargs
+from megavq.moe.routers import RouterOutput
 
 DS_EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts"  # where DeepSpeed keeps the local experts
 
@@ -57,13 +57,7 @@ class ExpertMLP(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(d_model)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
-        x_ND = x.reshape(-1, x.shape[-1])
-        h = (x_ND @ self.w_in.transpose(0, 1).flatten(1)).unflatten(-1, (-1, self.w_out.shape[0]))  # (N, 1|2, H)
-        if self.b_in is not None:
-            h = h + self.b_in
-        a = F.silu(h[:, 0]) * h[:, 1] if self.mlp == "swiglu" else F.gelu(h[:, 0], approximate="tanh")
-        y = a @ self.w_out
-        y = y + self.b_out if self.b_out is not None else y
+        y = expert_mlp(x.reshape(-1, x.shape[-1]), self.w_in, self.w_out, self.b_in, self.b_out, self.mlp)
         return y.view_as(x)
 
 
@@ -160,12 +154,10 @@ class DeepSpeedMoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, d_model: int, d_hidden: int, mlp: str = "swiglu", bias: bool = False,
                  init_std: float = 0.02, out_std: float | None = None, seed: int = 0):
         super().__init__()
-        from megavq.moe.layer import router_options
         MoE = require_deepspeed()  # the class itself: the engine finds MoE layers by isinstance
         self.num_experts, self.ep_size = cfg.num_experts, cfg.ep_size
         self.ep_rank = ep_rank_of(cfg.ep_size)
-        self.router = build_router(cfg.router, hidden_size=d_model, num_experts=cfg.num_experts,
-                                   top_k=cfg.top_k, **router_options(cfg))
+        self.router = layer_router(cfg, d_model)
         with torch.random.fork_rng(devices=[]):  # its TopKGate draws weights: keep the native RNG stream
             self.moe = MoE(hidden_size=d_model, expert=ExpertMLP(d_model, d_hidden, mlp, bias),
                            num_experts=cfg.num_experts, ep_size=cfg.ep_size, k=cfg.top_k,

@@ -21,8 +21,8 @@ from torch import nn
 
 from megavq.config import ConfigError, MoEConfig
 from megavq.moe.backends import native_moe
-from megavq.moe.experts import Experts
-from megavq.moe.routers import build_router
+from megavq.moe.experts import Experts, every_expert
+from megavq.moe.layer import layer_router, router_kwargs
 
 
 def ep_rank_of(ep_size: int) -> int:
@@ -126,19 +126,7 @@ class ShardedExperts:
 
     def all_experts(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Every expert (of every rank) on every token of this rank, (E, T, D)."""
-        T = x_TD.shape[0]
-        y = self(x_TD.repeat(self.num_experts, 1), [T] * self.num_experts)
-        return y.view(self.num_experts, T, -1)
-
-
-def router_kwargs(router, x_BSD: torch.Tensor, all_experts) -> dict:
-    """The keyword arguments a router asks for: expert_fn (competition routing), seq_len (per-sequence routing)."""
-    kwargs = {}
-    if router.needs_expert_outputs:
-        kwargs["expert_fn"] = all_experts
-    if getattr(router, "needs_seq_len", False):
-        kwargs["seq_len"] = x_BSD.shape[1]
-    return kwargs
+        return every_expert(self, self.num_experts, x_TD)
 
 
 class ExpertParallelMoELayer(nn.Module):
@@ -152,13 +140,11 @@ class ExpertParallelMoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, d_model: int, d_hidden: int, mlp: str = "swiglu", bias: bool = False,
                  init_std: float = 0.02, out_std: float | None = None, seed: int = 0):
         super().__init__()
-        from megavq.moe.layer import router_options
         self.ep_size, self.num_experts = cfg.ep_size, cfg.num_experts
         self.ep_rank = ep_rank_of(cfg.ep_size)
         L = cfg.num_experts // cfg.ep_size
         self.first_expert = self.ep_rank * L
-        self.router = build_router(cfg.router, hidden_size=d_model, num_experts=cfg.num_experts,
-                                   top_k=cfg.top_k, **router_options(cfg))
+        self.router = layer_router(cfg, d_model)
         self.experts = Experts(L, d_model, d_hidden, mlp, bias, init_std, out_std, seed, self.first_expert)
         self.ep_group = None
 

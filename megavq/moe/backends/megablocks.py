@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavq.config import ConfigError, MoEConfig
-from megavq.moe.backends.expert_parallel import router_kwargs
 from megavq.moe.experts import Experts
-from megavq.moe.routers import build_router
+from megavq.moe.layer import layer_router, router_kwargs
 
 MB_MLP = "dmoe.experts.mlp"  # where MegaBlocks keeps the expert weights
 
@@ -80,7 +79,6 @@ class MegaBlocksMoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, d_model: int, d_hidden: int, mlp: str = "swiglu", bias: bool = False,
                  init_std: float = 0.02, out_std: float | None = None, seed: int = 0):
         super().__init__()
-        from megavq.moe.layer import router_options
         if cfg.ep_size != 1:
             raise ConfigError(f"moe.backend=megablocks runs with moe.ep_size=1, got {cfg.ep_size}; "
                               f"expert parallelism: moe.backend=native or deepspeed")
@@ -88,8 +86,7 @@ class MegaBlocksMoELayer(nn.Module):
             raise ConfigError("moe.backend=megablocks has no per-expert biases: set model.mlp_bias=false")
         dMoE, Arguments = require_megablocks()
         self.num_experts, self.d_hidden, self.mlp = cfg.num_experts, d_hidden, mlp
-        self.router = build_router(cfg.router, hidden_size=d_model, num_experts=cfg.num_experts,
-                                   top_k=cfg.top_k, **router_options(cfg))
+        self.router = layer_router(cfg, d_model)
         act = F.silu if mlp == "swiglu" else functools.partial(F.gelu, approximate="tanh")
         self.args = Arguments(hidden_size=d_model, ffn_hidden_size=d_hidden, moe_num_experts=cfg.num_experts,
                               moe_top_k=cfg.top_k, mlp_type="glu" if mlp == "swiglu" else "mlp", mlp_impl="grouped",
