@@ -213,6 +213,16 @@ def test_collapsed_vq_codebook_triggers_the_warning_with_no_dead_code():
     assert monitor.check(3, {**record, "moe/L0/code_perplexity": 3.9}) == []
 
 
+def test_saturated_vq_mixing_gate_triggers_the_warning():
+    monitor = CollapseMonitor(share=0.9, patience=2, num_codes=4)
+    record = {"moe/L3/load": [0.25] * 4, "moe/L3/code_perplexity": 3.9, "moe/L3/gate_discrete": 0.03}
+    assert monitor.check(1, record) == []
+    assert "gives the continuous path 97% of its weight" in monitor.check(2, record)[0]
+    assert monitor.check(3, {**record, "moe/L3/gate_discrete": 0.5}) == []
+    assert "discrete path 96%" in CollapseMonitor(patience=1).check(1, {"moe/L0/load": [0.25] * 4,
+                                                                          "moe/L0/gate_discrete": 0.96})[0]
+
+
 # ---- the scripts on a trained checkpoint ---------------------------------------------------------------------
 
 def run_script(*args):

@@ -14,6 +14,7 @@ from megavq.model.transformer import Transformer
 from megavq.moe.layer import assign_moe_layers, build_moe_layer, check_causal
 from megavq.moe.routers import available_routers, build_router, load_balance_loss
 from megavq.moe.routers.compete import competing_layers
+from megavq.moe.routers.xmoe import default_proj_dim
 from megavq.moe.soft import SoftMoELayer
 
 B, S, D, H, E, K = 2, 8, 16, 24, 4, 2
@@ -24,7 +25,8 @@ VARIANTS = [(name, {}) for name in ROUTERS] + [
     ("compete", {"rate": 1.0, "warmup_steps": 0, "affinity": "norm", "winner_coef": 0.0}),
     ("usmoe", {"selection": "token"}),
     ("vq", {"discrete_only": True}),
-    ("vq", {"ema": True, "codebook_init": "kmeans", "num_codes": 8}),
+    ("vq", {"ema": False, "codebook_init": "random", "beta": 0.25, "num_codes": 8}),  # the paper's settings
+    ("vq", {"continuous": "xmoe"}),
     ("expert_choice", {"group": "sequence"}),
     ("soft", {"slots_per_expert": 2}),
 ]
@@ -165,7 +167,7 @@ def test_reference_and_native_backends_agree(name, options):
 @pytest.mark.parametrize("name, options", [("compete", {"affinity": "l1"}), ("vq", {"codebook_init": "pca"}),
                                            ("usmoe", {"selection": "expert"}), ("expert_choice", {"group": "x"}),
                                            ("xmoe", {"temperature": 0.0}), ("soft", {"slots_per_expert": 0}),
-                                           ("vq", {"nonsense": 1})])
+                                           ("vq", {"nonsense": 1}), ("vq", {"continuous": "soft"})])
 def test_bad_options_raise(name, options):
     with pytest.raises(ConfigError):
         build_router(name, hidden_size=D, num_experts=E, top_k=K, **options)
@@ -195,21 +197,34 @@ def test_xmoe_is_invariant_to_input_scale_and_balances_with_fixed_tau():
     s = h @ F.normalize(router.centroids, dim=-1).t()
     torch.testing.assert_close(r1.scores, (s / 0.07).softmax(-1))
     torch.testing.assert_close(r1.aux_loss, load_balance_loss((s / 0.3).softmax(-1), r1.indices))
-    assert router.proj.weight.shape == (E // 2, D)
+    assert router.proj.weight.shape == (min(D, 16), D)
     torch.testing.assert_close(r1.metrics["temperature"], torch.tensor(0.07))
 
 
+@pytest.mark.parametrize("hidden, experts, proj_dim", [(768, 32, 16), (768, 64, 32), (768, 4, 16), (8, 4, 8)])
+def test_xmoe_routing_dimension_is_half_the_experts_at_least_16(hidden, experts, proj_dim):
+    assert default_proj_dim(hidden, experts) == proj_dim
+    router = build_router("xmoe", hidden_size=hidden, num_experts=experts, top_k=2, proj_dim=3)
+    assert router.proj.weight.shape == (3, hidden)
+
+
 # ---- vq ---------------------------------------------------------------------------------------------
-def test_vq_routes_by_brute_force_nearest_code_without_renormalising_one_continuous_expert():
+@pytest.mark.parametrize("continuous", ["xmoe", "topk"])
+def test_vq_routes_by_brute_force_nearest_code_without_renormalising_one_continuous_expert(continuous):
     torch.manual_seed(0)
-    router = build_router("vq", hidden_size=D, num_experts=E, top_k=2, num_codes=8).eval()
+    router = build_router("vq", hidden_size=D, num_experts=E, top_k=2, num_codes=8, continuous=continuous).eval()
     x = torch.randn(30, D)
     r = router(x)
     dist = torch.stack([((x[t][None] - router.codebook.detach()) ** 2).sum(-1) for t in range(30)])  # (T, codes)
     codes = dist.argmin(-1)
     assert torch.equal(r.indices[:, -1], codes % E)
     g = torch.softmax(x @ router.mix.weight.t() + router.mix.bias, -1)
-    p = torch.softmax(x @ router.continuous.gate.weight.t(), -1)
+    if continuous == "topk":
+        p = torch.softmax(x @ router.continuous.gate.weight.t(), -1)
+    else:  # cosine scores over the learned temperature
+        cont = router.continuous
+        s = F.normalize(x @ cont.proj.weight.t(), dim=-1) @ F.normalize(cont.centroids, dim=-1).t()
+        p = torch.softmax(s / cont.log_temperature.exp(), -1)
     assert torch.equal(r.indices[:, 0], p.argmax(-1))
     torch.testing.assert_close(r.weights[:, 1], g[:, 1])
     torch.testing.assert_close(r.weights[:, 0], g[:, 0] * p.max(-1).values)  # full-softmax probability
@@ -229,7 +244,7 @@ def test_vq_discrete_routing_gives_one_expert_per_token(options, top_k):
 
 def test_vq_straight_through_and_losses():
     torch.manual_seed(0)
-    router = build_router("vq", hidden_size=D, num_experts=E, top_k=K)
+    router = build_router("vq", hidden_size=D, num_experts=E, top_k=K, ema=False, beta=0.25)
     z = torch.randn(10, D, requires_grad=True)
     codes, z_q, loss = router.quantize(z)
     c = router.codebook[codes]
@@ -253,7 +268,8 @@ def test_vq_kmeans_init_finds_clusters():
 
 def test_vq_restarts_dead_codes_from_recent_inputs():
     torch.manual_seed(0)
-    router = build_router("vq", hidden_size=D, num_experts=E, top_k=K, dead_code_steps=2).train()
+    router = build_router("vq", hidden_size=D, num_experts=E, top_k=K, dead_code_steps=2,
+                          codebook_init="random", ema=False).train()
     with torch.no_grad():
         router.codebook[0] = 1e3  # never the nearest
     x = torch.randn(16, D)
@@ -266,7 +282,8 @@ def test_vq_restarts_dead_codes_from_recent_inputs():
 
 def test_vq_ema_codebook_moves_to_cluster_means():
     torch.manual_seed(0)
-    router = build_router("vq", hidden_size=D, num_experts=E, top_k=K, ema=True, ema_decay=0.5).train()
+    router = build_router("vq", hidden_size=D, num_experts=E, top_k=K, ema_decay=0.5,
+                          codebook_init="random").train()
     assert "codebook" not in dict(router.named_parameters())
     x = torch.randn(40, D)
     for _ in range(40):
@@ -300,7 +317,7 @@ def test_vq_codebook_upkeep_keeps_ranks_identical(tmp_path):
     """EMA, usage counters, k-means init and dead-code restarts see every rank's tokens and agree."""
     import torch.multiprocessing as mp
     restarts = {"ema": True, "codebook_init": "kmeans", "dead_code_steps": 2, "num_codes": 24}
-    single = {"ema": True, "dead_code_steps": 0}  # nothing random: 2 ranks equal 1 process on all tokens
+    single = {"codebook_init": "random", "dead_code_steps": 0}  # nothing random: 2 ranks equal 1 process on all tokens
     mp.spawn(_vq_rank, args=(2, tmp_path / "store", tmp_path, [restarts, single]), nprocs=2)
     s0, s1 = (torch.load(tmp_path / f"rank{r}-0.pt") for r in range(2))
     for k in s0:

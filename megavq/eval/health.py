@@ -7,7 +7,9 @@ A layer is collapsed at an evaluation when
   token), while uniform routing gives k / E. Layers where every token uses every expert (k >= E) are skipped.
 - or more than `dead_code_frac` of a vq codebook's codes are dead (`moe/L{i}/dead_codes`), or its code
   perplexity (`moe/L{i}/code_perplexity`) is below `code_usage_min` of the codes: a codebook can collapse
-  onto one code while the others are used just often enough never to count as dead.
+  onto one code while the others are used just often enough never to count as dead;
+- or a vq mixing gate gives one path (discrete or continuous) more than `share` of its weight on average
+  (`moe/L{i}/gate_discrete`): the layer then runs top_k experts and uses one path's.
 The monitor warns when a layer stays collapsed for `patience` consecutive evaluations, and at every
 evaluation after that until it recovers.
 """
@@ -33,7 +35,7 @@ class CollapseMonitor:
             raise ConfigError(f"train.code_usage_min must be in [0, 1], got {code_usage_min}")
         self.share, self.patience, self.dead_code_frac = share, patience, dead_code_frac
         self.slots_per_token, self.num_codes, self.code_usage_min = slots_per_token, num_codes, code_usage_min
-        self.streaks: dict[tuple[int, str], int] = {}  # (layer, "load" | "codes") -> consecutive evaluations
+        self.streaks: dict[tuple[int, str], int] = {}  # (layer, "load" | "codes" | "gate") -> evaluations in a row
 
     @classmethod
     def from_config(cls, cfg: Config) -> "CollapseMonitor":
@@ -53,6 +55,7 @@ class CollapseMonitor:
                 i = int(match.group(1))
                 messages += self._track(i, "load", self._load_problem(i, load, record), step)
                 messages += self._track(i, "codes", self._code_problem(i, record), step)
+                messages += self._track(i, "gate", self._gate_problem(i, record), step)
         return messages
 
     def _load_problem(self, i: int, load: list, record: dict) -> str | None:
@@ -75,6 +78,14 @@ class CollapseMonitor:
             return (f"vq code perplexity {perplexity:.2f} of {self.num_codes} codes "
                     f"(train.code_usage_min={self.code_usage_min})")
         return None
+
+    def _gate_problem(self, i: int, record: dict) -> str | None:
+        g = record.get(f"moe/L{i}/gate_discrete")
+        if g is None or max(g, 1 - g) <= self.share:
+            return None
+        path = "discrete" if g > 0.5 else "continuous"
+        return f"the vq mixing gate gives the {path} path {max(g, 1 - g):.0%} of its weight " \
+               f"(train.collapse_share={self.share})"
 
     def _track(self, layer: int, kind: str, problem: str | None, step: int) -> list[str]:
         streak = self.streaks[layer, kind] = self.streaks.get((layer, kind), 0) + 1 if problem else 0

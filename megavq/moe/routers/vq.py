@@ -2,16 +2,19 @@
 
 Legend: T tokens (N rows in general), D hidden, C code dimension, Q codes, E experts, K slots per token.
 A codebook of Q codes, code j pointing to expert j mod E, assigns each token one expert by its nearest code
-(squared distance). During pre-training an ordinary softmax top-k router adds k_c = top_k - 1 experts
-(compute-matched with `topk` at the same top_k), and a two-way gate [g_c, g_d] = softmax(Linear(D, 2)(x))
-mixes the paths, as one routing of k_c + 1 slots:
+(squared distance). During pre-training an ordinary router (softmax top-k, or the X-MoE cosine router) adds
+k_c = top_k - 1 experts (compute-matched with `topk` at the same top_k), and a two-way gate
+[g_c, g_d] = softmax(Linear(D, 2)(x)) mixes the paths, as one routing of k_c + 1 slots:
     indices = [continuous top-k_c ..., expert(code)],  weights = [g_c * w_cont ..., g_d].
 With k_c = 1 the continuous weight is the full-softmax probability (not renormalised: a softmax over one
 score is always 1 and that router would never learn). With top_k = 1 there is no continuous slot (k_c = 0):
 the router is the discrete path alone, weight 1, as with `discrete_only`.
 Losses: codebook MSE(c, z.detach()) + beta * commitment MSE(c.detach(), z), times vq_coef; the continuous
-router's balance and z-losses. With `ema=True` the codebook is a buffer updated by exponential moving
-averages of its tokens instead of the codebook loss.
+router's balance and z-losses. With `ema=True` (the default) the codebook is a buffer updated by exponential
+moving averages of its tokens instead of the codebook loss.
+Defaults beyond the paper (see docs/routers.md for the measurements): EMA codebook, k-means initialisation
+on the first training batch, and beta = 0. The experts read x itself, so the commitment term's only effect
+is to pull the MoE input toward its code, which the model satisfies by shrinking its pre-MoE norm gain.
 Codebook upkeep (EMA, usage counters, dead-code restarts, k-means init on the first batch) runs in training
 only; in a distributed run its statistics are summed over ranks and new codes come from rank 0, so the
 replicas of the router stay identical.
@@ -28,6 +31,7 @@ from torch import nn
 from megavq.config import ConfigError
 from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, register, routing_metrics
 from megavq.moe.routers.topk import TopKRouter
+from megavq.moe.routers.xmoe import XMoERouter
 
 
 def _distributed() -> bool:
@@ -78,11 +82,12 @@ def kmeans(z_NC: torch.Tensor, num_codes: int, iters: int = 10, seed: int = 0) -
 @register("vq")
 class VQRouter(Router):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, num_codes: int = 0, code_dim: int = 0,
-                 discrete_only: bool = False, vq_coef: float = 0.08, beta: float = 0.25, ema: bool = False,
+                 discrete_only: bool = False, vq_coef: float = 0.08, beta: float = 0.0, ema: bool = True,
                  ema_decay: float = 0.99, dead_code_steps: int = 100, restart_dead_codes: bool = True,
-                 codebook_init: str = "random", balance_coef: float = 0.01, z_loss_coef: float = 1e-3):
+                 codebook_init: str = "kmeans", continuous: str = "topk", balance_coef: float = 0.01,
+                 z_loss_coef: float = 1e-3):
         super().__init__(hidden_size, num_experts, top_k)
-        self._check_options(num_codes, code_dim, ema_decay, dead_code_steps, codebook_init)
+        self._check_options(num_codes, code_dim, ema_decay, dead_code_steps, codebook_init, continuous)
         Q, C = num_codes or num_experts, code_dim or hidden_size
         self.num_codes, self.discrete_only = Q, discrete_only
         self.vq_coef, self.beta, self.ema, self.ema_decay = vq_coef, beta, ema, ema_decay
@@ -102,15 +107,19 @@ class VQRouter(Router):
         self.register_buffer("initialized", torch.tensor(codebook_init == "random"))
         self.num_continuous = top_k - 1
         if self.num_continuous > 0:  # kept under discrete_only too, so checkpoints load either way
-            self.continuous = TopKRouter(hidden_size, num_experts, self.num_continuous,
-                                         normalize=self.num_continuous > 1, balance_coef=balance_coef,
-                                         z_loss_coef=z_loss_coef)
+            k_c, normalize = self.num_continuous, self.num_continuous > 1
+            if continuous == "topk":
+                self.continuous = TopKRouter(hidden_size, num_experts, k_c, normalize=normalize,
+                                             balance_coef=balance_coef, z_loss_coef=z_loss_coef)
+            else:
+                self.continuous = XMoERouter(hidden_size, num_experts, k_c, normalize=normalize,
+                                             balance_coef=balance_coef)
             self.mix = FP32Linear(hidden_size, 2)
             nn.init.normal_(self.mix.weight, std=0.02)
             nn.init.zeros_(self.mix.bias)
 
     @staticmethod
-    def _check_options(num_codes, code_dim, ema_decay, dead_code_steps, codebook_init) -> None:
+    def _check_options(num_codes, code_dim, ema_decay, dead_code_steps, codebook_init, continuous) -> None:
         if num_codes < 0 or code_dim < 0 or dead_code_steps < 0:
             raise ConfigError(f"vq: num_codes, code_dim and dead_code_steps must be >= 0, "
                               f"got {num_codes}, {code_dim}, {dead_code_steps}")
@@ -118,6 +127,8 @@ class VQRouter(Router):
             raise ConfigError(f"vq: ema_decay must be in (0, 1), got {ema_decay}")
         if codebook_init not in ("random", "kmeans"):
             raise ConfigError(f"vq: codebook_init must be 'random' or 'kmeans', got {codebook_init!r}")
+        if continuous not in ("topk", "xmoe"):
+            raise ConfigError(f"vq: continuous must be 'topk' or 'xmoe', got {continuous!r}")
 
     # ---- the discrete path --------------------------------------------------------------------------
     def project(self, x_ND: torch.Tensor) -> torch.Tensor:
@@ -139,7 +150,7 @@ class VQRouter(Router):
         z_TC = self.project(x_TD)
         if self.training:
             self._prepare_codebook(z_TC.detach())
-        codes_T, _, vq_loss = self.quantize(z_TC)
+        codes_T, z_q, vq_loss = self.quantize(z_TC)
         if self.training:
             self._update_codebook(z_TC.detach(), codes_T)
         expert_T = self.code_map[codes_T]
@@ -148,7 +159,8 @@ class VQRouter(Router):
         else:
             r = self._mixed_routing(x_TD, expert_T)
         r = r._replace(aux_loss=r.aux_loss + self.vq_coef * vq_loss)
-        r.metrics.update(self._code_metrics(codes_T), vq_loss=vq_loss.detach())
+        r.metrics.update(self._code_metrics(codes_T), vq_loss=vq_loss.detach(),
+                         quant_error=(z_q - z_TC).detach().pow(2).mean())  # z_q - z = c - z
         return r
 
     def _discrete_routing(self, expert_T: torch.Tensor) -> RouterOutput:
@@ -164,7 +176,7 @@ class VQRouter(Router):
         weights_TK = torch.cat([g_T2[:, :1] * cont.weights, g_T2[:, 1:]], dim=1)
         indices_TK = torch.cat([cont.indices, expert_T[:, None]], dim=1)
         metrics = routing_metrics(indices_TK, cont.scores)
-        metrics.update(balance_loss=cont.metrics["balance_loss"], z_loss=cont.metrics["z_loss"],
+        metrics.update({k: v for k, v in cont.metrics.items() if k in ("balance_loss", "z_loss", "temperature")},
                        gate_discrete=g_T2[:, 1].mean().detach())
         return RouterOutput(weights_TK, indices_TK, cont.scores, cont.aux_loss, metrics)
 

@@ -17,6 +17,12 @@ from megavq.config import ConfigError
 from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, load_balance_loss, register, routing_metrics
 
 
+def default_proj_dim(hidden_size: int, num_experts: int) -> int:
+    """E/2 (the paper's rule), at least 16 (its value with 32 experts; torchscale's fixed one), at most D.
+    With a handful of experts E/2 would leave a 1- or 2-dimensional routing space."""
+    return min(hidden_size, max(num_experts // 2, 16))
+
+
 @register("xmoe")
 class XMoERouter(Router):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, proj_dim: int = 0, temperature: float = 0.07,
@@ -24,10 +30,10 @@ class XMoERouter(Router):
                  balance_coef: float = 0.01, frozen: bool = False):
         super().__init__(hidden_size, num_experts, top_k)
         if proj_dim < 0:
-            raise ConfigError(f"xmoe: proj_dim must be >= 0 (0 = num_experts // 2), got {proj_dim}")
+            raise ConfigError(f"xmoe: proj_dim must be >= 0 (0 = the default), got {proj_dim}")
         if temperature <= 0 or balance_tau <= 0:
             raise ConfigError(f"xmoe: temperature and balance_tau must be > 0, got {temperature}, {balance_tau}")
-        P = proj_dim or max(1, num_experts // 2)
+        P = proj_dim or default_proj_dim(hidden_size, num_experts)
         self.proj = FP32Linear(hidden_size, P, bias=False)
         nn.init.normal_(self.proj.weight, std=0.02)
         self.centroids = nn.Parameter(torch.randn(num_experts, P) / math.sqrt(P))  # (E, P), rows of norm ~1
