@@ -69,17 +69,22 @@ def block_split(i: int, held_out: tuple = ("val", "test")) -> str:
     return next((s for s in held_out if i % PERIOD == HELDOUT_SLOT[s]), "train")
 
 
+def char_groups(texts: Iterable[str], min_chars: int) -> Iterator[list]:
+    """Consecutive texts in groups of at least `min_chars` characters (the last group may be shorter)."""
+    group, size = [], 0
+    for text in texts:
+        group.append(text)
+        size += len(text)
+        if size >= min_chars:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
 def blocks(units: Iterable[str], block_chars: int = BLOCK_CHARS) -> Iterator[str]:
     """Join consecutive units (lines or rows) into blocks of at least `block_chars` characters."""
-    parts, size = [], 0
-    for unit in units:
-        parts.append(unit)
-        size += len(unit)
-        if size >= block_chars:
-            yield "".join(parts)
-            parts, size = [], 0
-    if parts:
-        yield "".join(parts)
+    return ("".join(group) for group in char_groups(units, block_chars))
 
 
 def interleaved(units: Iterable[str], split: str, held_out: tuple = ("val", "test")) -> Iterator[str]:

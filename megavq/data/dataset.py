@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from megavq.data import DataError
-from megavq.data.corpus import SPLITS, builtin_sha256, read_corpus
+from megavq.data.corpus import SPLITS, builtin_sha256, char_groups, read_corpus
 from megavq.data.tokenizer import Tokenizer, train_tokenizer
 
 META = "meta.json"
@@ -76,23 +76,11 @@ def install_tokenizer(source: str, out: Path, tokenizer_path, vocab_size: int, t
     return Tokenizer(model)
 
 
-def doc_batches(documents: Iterable[str], max_chars: int = ENCODE_BATCH_CHARS) -> Iterator[list]:
-    batch, size = [], 0
-    for doc in documents:
-        batch.append(doc)
-        size += len(doc)
-        if size >= max_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
 def encode_split(documents: Iterable[str], tokenizer: Tokenizer, path: Path, dtype: np.dtype) -> dict:
     """Stream `documents` into `path` batch by batch; returns the split's meta entry."""
     tokens = n_bytes = 0
     with open(path, "wb") as f, tqdm(desc=path.stem, unit="B", unit_scale=True, disable=None) as bar:
-        for batch in doc_batches(documents):
+        for batch in char_groups(documents, ENCODE_BATCH_CHARS):
             ids_list = tokenizer.encode_batch(batch)
             ids = np.fromiter(itertools.chain.from_iterable(ids_list), dtype=dtype, count=sum(map(len, ids_list)))
             ids.tofile(f)
