@@ -25,7 +25,8 @@ VARIANTS = [(name, {}) for name in ROUTERS] + [
     ("compete", {"rate": 1.0, "warmup_steps": 0, "affinity": "norm", "winner_coef": 0.0}),
     ("usmoe", {"selection": "token"}),
     ("vq", {"discrete_only": True}),
-    ("vq", {"ema": False, "codebook_init": "random", "beta": 0.25, "num_codes": 8}),  # the paper's settings
+    ("vq", {"ema": False, "codebook_init": "random", "beta": 0.25, "normalize": False, "dead_code_steps": 0,
+            "num_codes": 8}),  # the paper's settings
     ("vq", {"continuous": "xmoe"}),
     ("expert_choice", {"group": "sequence"}),
     ("soft", {"slots_per_expert": 2}),
@@ -209,10 +210,12 @@ def test_xmoe_routing_dimension_is_half_the_experts_at_least_16(hidden, experts,
 
 
 # ---- vq ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("continuous", ["xmoe", "topk"])
-def test_vq_routes_by_brute_force_nearest_code_without_renormalising_one_continuous_expert(continuous):
+@pytest.mark.parametrize("continuous, normalize", [("xmoe", True), ("topk", True), ("topk", False)])
+def test_vq_routes_by_brute_force_nearest_code_with_the_full_softmax_probability_of_one_continuous_expert(
+        continuous, normalize):
     torch.manual_seed(0)
-    router = build_router("vq", hidden_size=D, num_experts=E, top_k=2, num_codes=8, continuous=continuous).eval()
+    router = build_router("vq", hidden_size=D, num_experts=E, top_k=2, num_codes=8, continuous=continuous,
+                          normalize=normalize).eval()
     x = torch.randn(30, D)
     r = router(x)
     dist = torch.stack([((x[t][None] - router.codebook.detach()) ** 2).sum(-1) for t in range(30)])  # (T, codes)
@@ -226,8 +229,8 @@ def test_vq_routes_by_brute_force_nearest_code_without_renormalising_one_continu
         s = F.normalize(x @ cont.proj.weight.t(), dim=-1) @ F.normalize(cont.centroids, dim=-1).t()
         p = torch.softmax(s / cont.log_temperature.exp(), -1)
     assert torch.equal(r.indices[:, 0], p.argmax(-1))
-    torch.testing.assert_close(r.weights[:, 1], g[:, 1])
-    torch.testing.assert_close(r.weights[:, 0], g[:, 0] * p.max(-1).values)  # full-softmax probability
+    w = torch.stack([g[:, 0] * p.max(-1).values, g[:, 1]], dim=1)  # full-softmax probability, not 1
+    torch.testing.assert_close(r.weights, w / w.sum(-1, keepdim=True) if normalize else w)
 
 
 @pytest.mark.parametrize("options, top_k", [({"discrete_only": True}, 3), ({}, 1)])

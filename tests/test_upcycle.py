@@ -27,7 +27,7 @@ PRESERVES = {
     ("xmoe", 1): False,
     ("compete", 2): True,  # softmax over the top-k logits (competition steps: over the top-k affinities)
     ("vq", 1): True,  # the code's expert alone, weight 1
-    ("vq", 2): False,  # g_c * p_cont + g_d: the single continuous weight is not renormalised
+    ("vq", 2): True,  # [g_c * p_cont, g_d] divided by their sum (the default normalize=True)
     ("vq", 3): True,  # g_c * (renormalised top-2) + g_d = 1
     ("expert_choice", 2): False,  # a token gets 0..E experts
     ("usmoe", 2): False,  # 0..E experts; weights normalised over all E experts, not the chosen ones

@@ -7,14 +7,17 @@ k_c = top_k - 1 experts (compute-matched with `topk` at the same top_k), and a t
 [g_c, g_d] = softmax(Linear(D, 2)(x)) mixes the paths, as one routing of k_c + 1 slots:
     indices = [continuous top-k_c ..., expert(code)],  weights = [g_c * w_cont ..., g_d].
 With k_c = 1 the continuous weight is the full-softmax probability (not renormalised: a softmax over one
-score is always 1 and that router would never learn). With top_k = 1 there is no continuous slot (k_c = 0):
-the router is the discrete path alone, weight 1, as with `discrete_only`.
+score is always 1 and that router would never learn). With `normalize=True` (the default) the k_c + 1 slot
+weights are then divided by their sum, so that they sum to 1 as they do for k_c > 1; the continuous router
+still learns through the ratio of its probability to g_d. With top_k = 1 there is no continuous slot
+(k_c = 0): the router is the discrete path alone, weight 1, as with `discrete_only`.
 Losses: codebook MSE(c, z.detach()) + beta * commitment MSE(c.detach(), z), times vq_coef; the continuous
 router's balance and z-losses. With `ema=True` (the default) the codebook is a buffer updated by exponential
 moving averages of its tokens instead of the codebook loss.
 Defaults beyond the paper (see docs/routers.md for the measurements): EMA codebook, k-means initialisation
-on the first training batch, and beta = 0. The experts read x itself, so the commitment term's only effect
-is to pull the MoE input toward its code, which the model satisfies by shrinking its pre-MoE norm gain.
+on the first training batch, beta = 0, slot weights summing to 1, and restarts of codes unused for 10
+training steps. The experts read x itself, so the commitment term's only effect is to pull the MoE input
+toward its code, which the model satisfies by shrinking its pre-MoE norm gain.
 Codebook upkeep (EMA, usage counters, dead-code restarts, k-means init on the first batch) runs in training
 only; in a distributed run its statistics are summed over ranks and new codes come from rank 0, so the
 replicas of the router stay identical.
@@ -83,9 +86,9 @@ def kmeans(z_NC: torch.Tensor, num_codes: int, iters: int = 10, seed: int = 0) -
 class VQRouter(Router):
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, num_codes: int = 0, code_dim: int = 0,
                  discrete_only: bool = False, vq_coef: float = 0.08, beta: float = 0.0, ema: bool = True,
-                 ema_decay: float = 0.99, dead_code_steps: int = 100, restart_dead_codes: bool = True,
-                 codebook_init: str = "kmeans", continuous: str = "topk", balance_coef: float = 0.01,
-                 z_loss_coef: float = 1e-3):
+                 ema_decay: float = 0.99, dead_code_steps: int = 10, restart_dead_codes: bool = True,
+                 codebook_init: str = "kmeans", continuous: str = "topk", normalize: bool = True,
+                 balance_coef: float = 0.01, z_loss_coef: float = 1e-3):
         super().__init__(hidden_size, num_experts, top_k)
         self._check_options(num_codes, code_dim, ema_decay, dead_code_steps, codebook_init, continuous)
         Q, C = num_codes or num_experts, code_dim or hidden_size
@@ -105,14 +108,14 @@ class VQRouter(Router):
         self.register_buffer("code_map", torch.arange(Q) % num_experts)
         self.register_buffer("unused_steps", torch.zeros(Q, dtype=torch.long))  # training forwards since last use
         self.register_buffer("initialized", torch.tensor(codebook_init == "random"))
-        self.num_continuous = top_k - 1
+        self.num_continuous, self.normalize = top_k - 1, normalize
         if self.num_continuous > 0:  # kept under discrete_only too, so checkpoints load either way
-            k_c, normalize = self.num_continuous, self.num_continuous > 1
+            k_c = self.num_continuous
             if continuous == "topk":
-                self.continuous = TopKRouter(hidden_size, num_experts, k_c, normalize=normalize,
+                self.continuous = TopKRouter(hidden_size, num_experts, k_c, normalize=k_c > 1,
                                              balance_coef=balance_coef, z_loss_coef=z_loss_coef)
             else:
-                self.continuous = XMoERouter(hidden_size, num_experts, k_c, normalize=normalize,
+                self.continuous = XMoERouter(hidden_size, num_experts, k_c, normalize=k_c > 1,
                                              balance_coef=balance_coef)
             self.mix = FP32Linear(hidden_size, 2)
             nn.init.normal_(self.mix.weight, std=0.02)
@@ -174,6 +177,8 @@ class VQRouter(Router):
         cont = self.continuous(x_TD)
         g_T2 = self.mix(x_TD).softmax(dim=-1)  # [g_c, g_d]
         weights_TK = torch.cat([g_T2[:, :1] * cont.weights, g_T2[:, 1:]], dim=1)
+        if self.normalize:
+            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         indices_TK = torch.cat([cont.indices, expert_T[:, None]], dim=1)
         metrics = routing_metrics(indices_TK, cont.scores)
         metrics.update({k: v for k, v in cont.metrics.items() if k in ("balance_loss", "z_loss", "temperature")},
