@@ -213,20 +213,13 @@ def measure(args, names: list[str], world: int) -> list[dict]:
             with timed_layers(clocks[n], model):
                 model(x, y)
     results = []
-    for n, (cfg, model) in built.items():
+    for n, (_, model) in built.items():
         fwd, step = median([t[0] for t in times[n]]), median([t[1] for t in times[n]])
         phases = {k: v / args.steps * 1e3 for k, v in clocks[n].totals.items()}
         results.append({"name": n, "tok_s": B * S * world / step, "mem_mb": mem[n], "step_ms": step * 1e3,
-                        "forward_ms": fwd * 1e3, "phases_ms": phases, "active": active_params(model, cfg),
+                        "forward_ms": fwd * 1e3, "phases_ms": phases, "active": model.num_params(active=True),
                         "world": world})
     return results
-
-
-def active_params(model, cfg) -> int:
-    """Parameters a token uses: all but the experts, plus top_k / E of every expert (of every EP rank)."""
-    experts = sum(p.numel() for n, p in model.named_parameters() if "expert" in n and "router" not in n)
-    total = sum(p.numel() for p in model.parameters())
-    return total - experts + experts * cfg.moe.ep_size * cfg.moe.top_k // cfg.moe.num_experts
 
 
 def mfu(result, args) -> float | None:

@@ -42,7 +42,6 @@ def parse_args():
     return p.parse_intermixed_args()
 
 
-
 def main():
     args = parse_args()
     with user_errors():

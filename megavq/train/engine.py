@@ -216,14 +216,19 @@ def full_optimizer_state(engine) -> tuple[dict, int]:
     return out, adam_step(engine)
 
 
+def _adam_slots(engine) -> tuple[dict, list]:
+    """(the Adam state dict, the tensors it is keyed by) of a ZeRO-0/1/2 or bf16 optimizer."""
+    flat = _flat_optimizer(engine)
+    if flat is not None:
+        return flat[0].state, flat[1]
+    return engine.optimizer.state, [p for g in engine.optimizer.param_groups for p in g["params"]]
+
+
 def _adam_states(engine) -> list[dict]:
     if engine.zero_optimization_partition_weights():
         return list(engine.optimizer.optimizer.state.values())
-    flat = _flat_optimizer(engine)
-    if flat is not None:
-        inner, flats = flat
-        return [inner.state[f] for f in flats]
-    return [engine.optimizer.state[p] for g in engine.optimizer.param_groups for p in g["params"]]
+    state, tensors = _adam_slots(engine)
+    return [state[t] for t in tensors]
 
 
 def adam_step(engine) -> int:
@@ -240,9 +245,7 @@ def _link_zero_moments(engine) -> None:
 
 def _init_adam_states(engine, step: int) -> None:
     """Create the Adam states (made lazily at the first step), set their step count, link ZeRO's views."""
-    flat = _flat_optimizer(engine)
-    tensors = flat[1] if flat is not None else [p for g in engine.optimizer.param_groups for p in g["params"]]
-    state = flat[0].state if flat is not None else engine.optimizer.state
+    state, tensors = _adam_slots(engine)
     for t in tensors:
         if not state[t]:
             state[t].update(exp_avg=torch.zeros_like(t), exp_avg_sq=torch.zeros_like(t))
