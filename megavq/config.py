@@ -14,15 +14,9 @@ from typing import Any
 
 import yaml
 
+from megavq.errors import ConfigError
+
 PRESET_DIR = Path(__file__).parent / "configs"
-
-
-class MegavqError(Exception):
-    """An error in user input; scripts print its message on one line and exit non-zero."""
-
-
-class ConfigError(MegavqError):
-    pass
 
 
 @dataclass

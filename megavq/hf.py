@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from megavq.config import Config, MegavqError, ModelConfig, config_from_dict
+from megavq.errors import MegavqError
+from megavq.config import Config, ModelConfig, config_from_dict
 
 SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "gpt2")
 DEFAULT_THETA = {"mixtral": 1e6}  # rope_theta when config.json has none; 10000 otherwise

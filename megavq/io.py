@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from megavq.config import Config, MegavqError, config_from_dict
+from megavq.errors import MegavqError
+from megavq.config import Config, config_from_dict
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 

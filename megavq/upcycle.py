@@ -21,7 +21,8 @@ import re
 
 import torch
 
-from megavq.config import Config, MegavqError, config_from_dict, parse_override
+from megavq.errors import MegavqError
+from megavq.config import Config, config_from_dict, parse_override
 from megavq.model import Transformer
 from megavq.model.transformer import is_moe_layer
 from megavq.moe.layer import check_causal

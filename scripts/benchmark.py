@@ -24,7 +24,7 @@ import argparse  # noqa: E402
 import torch  # noqa: E402
 
 from megavq.bench import VARIANTS, measure, ratios, table  # noqa: E402
-from megavq.config import ConfigError  # noqa: E402
+from megavq.errors import ConfigError  # noqa: E402
 from megavq.train.launch import single_process_env, user_errors  # noqa: E402
 
 

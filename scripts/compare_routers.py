@@ -12,7 +12,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not scr
 
 import argparse  # noqa: E402
 
-from megavq.config import ConfigError, load_config  # noqa: E402
+from megavq.errors import ConfigError  # noqa: E402
+from megavq.config import load_config  # noqa: E402
 from megavq.moe.routers import router_class  # noqa: E402
 from megavq.train.compare import compare, markdown_table  # noqa: E402
 from megavq.train.launch import free_port, user_errors  # noqa: E402

@@ -34,7 +34,7 @@ def parse_args():
 def main():
     args = parse_args()
     with user_errors():
-        from megavq.config import MegavqError
+        from megavq.errors import MegavqError
         from megavq.eval import evaluate, write_report
         from megavq.hf import is_hf_dir
         from megavq.io import resolve_model_dir

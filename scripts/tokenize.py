@@ -14,7 +14,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
 
-from megavq.config import MegavqError  # noqa: E402
+from megavq.errors import MegavqError  # noqa: E402
 from megavq.data import SPLITS, TokenData, encode_corpus  # noqa: E402
 
 

@@ -5,7 +5,8 @@ Multi-rank runs of both backends are in test_expert_parallel.py. The megablocks 
 import pytest
 import torch
 
-from megavq.config import ConfigError, MoEConfig
+from megavq.errors import ConfigError
+from megavq.config import MoEConfig
 from megavq.moe.backends.deepspeed import DeepSpeedMoELayer, RouterGate
 from megavq.moe.layer import assign_moe_layers, build_moe_layer
 from megavq.moe.routers import available_routers, build_router, router_class

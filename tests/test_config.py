@@ -1,6 +1,7 @@
 import pytest
 
-from megavq.config import ConfigError, available_presets, load_config, parse_override
+from megavq.errors import ConfigError
+from megavq.config import available_presets, load_config, parse_override
 
 
 def test_presets_load():

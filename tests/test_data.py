@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from megavq.config import MegavqError
+from megavq.errors import MegavqError
 from megavq.data import DataError, TokenData, Tokenizer, encode_corpus, prepare_data, read_corpus
 from megavq.data.corpus import SPLITS, block_split, blocks, builtin_text, lines_of
 from megavq.data.dataset import BUILTIN_TOKENIZER

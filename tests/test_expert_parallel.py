@@ -268,7 +268,8 @@ def test_received_rows_are_grouped_by_local_expert():
 
 
 def test_ep_size_must_divide_the_ranks_and_zero3_names_what_works():
-    from megavq.config import ConfigError, load_config
+    from megavq.errors import ConfigError
+    from megavq.config import load_config
     from megavq.train.engine import reconcile_ds_config
     zero3 = {"zero_optimization": {"stage": 3}}
     with pytest.raises(ConfigError, match=r"moe.ep_size=2 must divide the number of ranks, got 3"):

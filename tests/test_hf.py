@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from megavq.config import MegavqError, config_from_dict
+from megavq.errors import MegavqError
+from megavq.config import config_from_dict
 from megavq.hf import save_hf
 from megavq.io import load_model, resolve_model_dir
 from megavq.model import Transformer

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megavq.config import ConfigError, MoEConfig, load_config
+from megavq.errors import ConfigError
+from megavq.config import MoEConfig, load_config
 from megavq.model.transformer import Transformer
 from megavq.moe.layer import assign_moe_layers, build_moe_layer, check_causal
 from megavq.moe.routers import available_routers, build_router, load_balance_loss

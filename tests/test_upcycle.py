@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megavq.config import MegavqError, config_from_dict
+from megavq.errors import MegavqError
+from megavq.config import config_from_dict
 from megavq.io import load_model, save_model
 from megavq.model import Transformer
 from megavq.moe.routers import available_routers

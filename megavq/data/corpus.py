@@ -32,7 +32,7 @@ import io
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from megavq.data import DataError
+from megavq.errors import DataError
 
 SPLITS = ("train", "val", "test")
 BLOCK_CHARS = 2000

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megavq.data import DataError
+from megavq.errors import DataError
 from megavq.data.corpus import SPLITS, builtin_sha256, char_groups, read_corpus
 from megavq.data.tokenizer import Tokenizer, train_tokenizer
 

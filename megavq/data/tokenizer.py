@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
-from megavq.data import DataError
+from megavq.errors import DataError
 
 TRAINER_OPTIONS = dict(
     model_type="bpe",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from megavq.config import MegavqError
+from megavq.errors import MegavqError
 from megavq.eval.routing import top1_routes
 from megavq.eval.stats import agreement
 from megavq.io import MODEL_FILE, load_model

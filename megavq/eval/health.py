@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import re
 
-from megavq.config import Config, ConfigError
+from megavq.errors import ConfigError
+from megavq.config import Config
 
 _LOAD_KEY = re.compile(r"moe/L(\d+)/load$")
 

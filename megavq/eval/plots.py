@@ -132,7 +132,7 @@ def evaluation_figures(result: dict, out_dir: Path) -> list[Path]:
 # ---- training runs ------------------------------------------------------------------------------------------
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    from megavq.config import MegavqError
+    from megavq.errors import MegavqError
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise MegavqError(f"{run_dir} is not a run directory: {path} is missing")

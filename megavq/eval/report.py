@@ -10,7 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-from megavq.config import MegavqError
+from megavq.errors import MegavqError
 from megavq.eval import consistency, lm, routing
 from megavq.eval.stats import bits_per_byte, load_stats
 

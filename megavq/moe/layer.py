@@ -9,7 +9,8 @@ import inspect
 import torch
 from torch import nn
 
-from megavq.config import ConfigError, MoEConfig
+from megavq.errors import ConfigError
+from megavq.config import MoEConfig
 from megavq.moe.backends import token_backend
 from megavq.moe.experts import Experts
 from megavq.moe.routers import Router, build_router, router_class

@@ -10,7 +10,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from megavq.config import MegavqError
+from megavq.errors import MegavqError
 
 COLUMNS = ["router", "val_loss", "val_vs_topk", "test_bits_per_byte", "tokens_per_s", "step_time_vs_topk",
            "load_cv", "vq_code_perplexity", "vq_dead_codes"]

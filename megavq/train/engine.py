@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from megavq.config import Config, ConfigError
+from megavq.errors import ConfigError
+from megavq.config import Config
 
 # DeepSpeed key -> (megavq key, how to read the megavq value)
 _RECONCILED = {

@@ -6,7 +6,7 @@ import socket
 import sys
 from contextlib import contextmanager
 
-from megavq.config import MegavqError
+from megavq.errors import MegavqError
 
 
 def free_port() -> int:

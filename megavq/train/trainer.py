@@ -17,17 +17,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megavq.config import Config, ConfigError, MegavqError, save_config
+from megavq.errors import ConfigError, MegavqError, TrainingError
+from megavq.config import Config, save_config
 from megavq.eval.health import CollapseMonitor
 from megavq.io import load_weights, save_model
 from megavq.model import Transformer
 from megavq.train.engine import (build_engine, full_optimizer_state, full_state_dict, load_full_optimizer_state,
                                  read_ds_config, reconcile_ds_config, set_schedule_position)
 from megavq.train.logging import RunLogger, average_metrics, flatten_router_metrics
-
-
-class TrainingError(MegavqError):
-    pass
 
 
 def load_data(source: str, rank: int):

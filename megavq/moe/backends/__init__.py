@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from megavq.config import ConfigError
+from megavq.errors import ConfigError
 from megavq.moe.routers.base import RouterOutput
 
 

@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megavq.config import ConfigError, MoEConfig
+from megavq.errors import ConfigError
+from megavq.config import MoEConfig
 from megavq.moe.backends.expert_parallel import ShardedExperts, ep_rank_of, gather_experts
 from megavq.moe.experts import Experts, expert_mlp
 from megavq.moe.layer import layer_router, router_kwargs

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megavq.config import ConfigError, MoEConfig
+from megavq.errors import ConfigError
+from megavq.config import MoEConfig
 from megavq.moe.backends import native_moe
 from megavq.moe.experts import Experts, every_expert
 from megavq.moe.layer import layer_router, router_kwargs

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megavq.config import ConfigError, MoEConfig
+from megavq.errors import ConfigError
+from megavq.config import MoEConfig
 from megavq.moe.experts import Experts
 from megavq.moe.layer import layer_router, router_kwargs
 

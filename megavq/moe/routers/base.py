@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megavq.config import ConfigError
+from megavq.errors import ConfigError
 
 _REGISTRY: dict[str, type["Router"]] = {}
 

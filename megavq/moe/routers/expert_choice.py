@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from megavq.config import ConfigError
+from megavq.errors import ConfigError
 from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, register, routing_metrics
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megavq.config import ConfigError
+from megavq.errors import ConfigError
 from megavq.moe.routers.base import Router, RouterOutput, load_metrics, register
 
 

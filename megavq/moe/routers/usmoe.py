@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megavq.config import ConfigError
+from megavq.errors import ConfigError
 from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, load_balance_loss, register, routing_metrics
 from megavq.moe.routers.expert_choice import check_group, coverage_metrics, group_size, slots_from_mask
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megavq.config import ConfigError
+from megavq.errors import ConfigError
 from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, register, routing_metrics
 from megavq.moe.routers.topk import TopKRouter
 from megavq.moe.routers.xmoe import XMoERouter
