@@ -11,6 +11,7 @@ import time
 import torch
 
 from megavq.config import load_config
+from megavq.train import ds_compat
 
 PHASES = ("router", "dispatch", "experts", "combine", "comm")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
@@ -53,8 +54,8 @@ def patched(obj, name, value):
 
 def instrument(clock: Clock) -> contextlib.ExitStack:
     """Time the phases of every backend by wrapping the functions they call."""
-    import megavq.moe.backends as nb
-    import megavq.moe.backends.expert_parallel as ep
+    import megavq.moe.dispatch.expert_parallel as ep
+    import megavq.moe.dispatch.native as nb
     from megavq.moe.experts import Experts
     stack = contextlib.ExitStack()
     stack.enter_context(patched(nb, "sort_by_expert", clock.wrap("dispatch", nb.sort_by_expert)))
@@ -62,40 +63,35 @@ def instrument(clock: Clock) -> contextlib.ExitStack:
     for name in ("all_to_all", "exchange_counts", "gather_experts"):
         stack.enter_context(patched(ep, name, clock.wrap("comm", getattr(ep, name))))
     with contextlib.suppress(ImportError):
-        import deepspeed.moe.experts as dse
-        import deepspeed.moe.sharded_moe as sm
-        stack.enter_context(patched(sm, "_sparse_encode", clock.wrap("dispatch", sm._sparse_encode)))
-        stack.enter_context(patched(sm, "_sparse_decode", clock.wrap("combine", sm._sparse_decode)))
-        stack.enter_context(patched(dse.Experts, "forward", clock.wrap("experts", dse.Experts.forward)))
-        stack.enter_context(patched(sm._AllToAll, "apply", clock.wrap("comm", sm._AllToAll.apply)))
+        for owner, name, phase in ds_compat.moe_phase_functions():
+            stack.enter_context(patched(owner, name, clock.wrap(phase, getattr(owner, name))))
     return stack
 
 
-class OwnGateLayer(torch.nn.Module):
-    """A DeepSpeedMoELayer run by DeepSpeed's TopKGate (sharing the megavq topk router's weight)."""
+def own_deepspeed_gate(layer, cfg) -> None:
+    """Run a DeepSpeed MoE layer with DeepSpeed's TopKGate (sharing the megavq topk router's weight)."""
+    from deepspeed.moe.sharded_moe import TopKGate
+    m = cfg.moe
+    gate = TopKGate(layer.router.hidden_size, m.num_experts, m.top_k, m.capacity_factor, m.eval_capacity_factor,
+                    m.min_capacity, None, m.drop_tokens, use_rts=False, top2_2nd_expert_sampling=False)
+    gate.wg.weight = layer.router.gate.weight
+    ds_compat.set_moe_gate(layer.experts, gate)
 
-    def __init__(self, layer, cfg):
-        super().__init__()
-        from deepspeed.moe.sharded_moe import TopKGate
-        self.layer, m = layer, cfg.moe
-        gate = TopKGate(layer.router.hidden_size, m.num_experts, m.top_k, m.capacity_factor, m.eval_capacity_factor,
-                        m.min_capacity, None, m.drop_tokens, use_rts=False, top2_2nd_expert_sampling=False)
-        gate.wg.weight = layer.router.gate.weight
-        layer.moe.deepspeed_moe.gate = gate
-        self.coef = m.aux_loss_coef
-
-    def forward(self, x_BSD):
-        y, l_aux, _ = self.layer.moe(x_BSD)
-        return y, self.coef * l_aux, {}
+    def forward(x_BSD):
+        y, l_aux, _ = layer.experts(x_BSD)
+        return y, m.aux_loss_coef * l_aux, {}
+    layer.forward = forward
 
 
 def own_megablocks_router(layer) -> None:
+    """Run a MegaBlocks layer with MegaBlocks' LearnedRouter (sharing the megavq topk router's weight)."""
     from megablocks.layers.router import LearnedRouter
-    router = LearnedRouter(layer.args)
+    args = layer.experts.router.args
+    router = LearnedRouter(args)
     router.layer.weight = layer.router.gate.weight
-    layer.args.moe_normalize_expert_weights = 1
-    layer.dmoe.router = router
-    layer.forward = lambda x: (layer.dmoe(x), layer.router.gate.weight.new_zeros(()), {})
+    args.moe_normalize_expert_weights = 1
+    layer.experts.router = router
+    layer.forward = lambda x: (layer.experts(x), layer.router.gate.weight.new_zeros(()), {})
 
 
 VARIANTS = {  # name: (backend, capacity_factor, own gate)
@@ -106,7 +102,6 @@ VARIANTS = {  # name: (backend, capacity_factor, own gate)
 
 def build(args, name):
     from megavq.model import Transformer
-    from megavq.moe.layer import assign_moe_layers
     from megavq.train.engine import setup_expert_parallel
     backend, factor, own = VARIANTS[name]
     extra = [f"moe.backend={backend}"] + ([f"moe.capacity_factor={factor}"] if factor else [])
@@ -114,36 +109,27 @@ def build(args, name):
     cfg.model.vocab_size = cfg.model.vocab_size or 4096
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg)
-    assign_moe_layers(model)
-    for block in model.blocks:
-        if block.is_moe and own and backend == "deepspeed":
-            block.mlp = OwnGateLayer(block.mlp, cfg)
-        elif block.is_moe and own:
-            own_megablocks_router(block.mlp)
     setup_expert_parallel(model, cfg.moe.ep_size)
-    for m in model.modules():  # DeepSpeed MoE layers get their EP group as the engine would give it
-        if type(m).__name__ == "MoE" and hasattr(m, "set_deepspeed_parallelism") and cfg.moe.ep_size > 1:
-            m.set_deepspeed_parallelism()
+    if backend == "deepspeed" and cfg.moe.ep_size > 1:
+        ds_compat.set_moe_parallelism(model)  # the EP groups deepspeed.initialize would give
+    for _, layer in model.moe_layers() if own else []:
+        own_deepspeed_gate(layer, cfg) if backend == "deepspeed" else own_megablocks_router(layer)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     return cfg, model.to(args.device, dtype)
 
 
-def moe_layers(model) -> list:
-    return [b.mlp for b in model.blocks if b.is_moe]
-
-
-def gate_of(mlp):
+def gate_of(layer):
     """The module that routes: the megavq router, or DeepSpeed's / MegaBlocks' gate that runs it (or their own)."""
-    inner = getattr(mlp, "layer", mlp)
-    if hasattr(inner, "moe"):
-        return inner.moe.deepspeed_moe.gate
-    return inner.dmoe.router if hasattr(inner, "dmoe") else inner.router
+    from megavq.moe.dispatch.megablocks import MegaBlocksDispatcher
+    if layer.dispatcher.deepspeed_moe:
+        return ds_compat.moe_gate(layer.experts)
+    return layer.experts.router if isinstance(layer.dispatcher, MegaBlocksDispatcher) else layer.router
 
 
 @contextlib.contextmanager
 def timed_layers(clock: Clock, model):
     with instrument(clock) as stack:
-        for mlp in moe_layers(model):
+        for _, mlp in model.moe_layers():
             gate = gate_of(mlp)
             stack.enter_context(patched(mlp, "forward", clock.wrap("moe", mlp.forward)))
             stack.enter_context(patched(gate, "forward", clock.wrap("router", gate.forward)))

@@ -12,9 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from megavq.errors import ConfigError
+from megavq.moe.dispatch import available_dispatchers, dispatcher_class, dispatchers_where
+from megavq.moe.layer import check_causal, check_layer
+from megavq.moe.routers import available_routers, build_router
+from megavq.moe.spec import router_options
+from megavq.plugins import load_plugins
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -189,6 +195,7 @@ def resolve_source(name_or_path: str) -> Path:
 
 
 def load_config(name_or_path: str = "tiny", overrides: list[str] = ()) -> Config:
+    load_plugins()  # routers and dispatchers registered by MEGAVQ_PLUGINS
     cfg = Config()
     _apply(cfg, _read_file(resolve_source(name_or_path)))
     for text in overrides:
@@ -198,6 +205,7 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] = ()) -> Config
 
 
 def config_from_dict(data: dict) -> Config:
+    load_plugins()
     cfg = Config()
     _apply(cfg, data)
     validate(cfg)
@@ -209,15 +217,23 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate(cfg: Config) -> None:
-    m, moe, t = cfg.model, cfg.moe, cfg.train
-    for key, value in [("model.n_layers", m.n_layers), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
-                       ("model.seq_len", m.seq_len), ("model.d_ff", m.d_ff), ("moe.num_experts", moe.num_experts),
-                       ("moe.top_k", moe.top_k), ("moe.ep_size", moe.ep_size), ("train.max_steps", t.max_steps),
-                       ("data.micro_batch_size", cfg.data.micro_batch_size),
-                       ("train.grad_accum_steps", t.grad_accum_steps), ("train.eval_every", t.eval_every),
-                       ("train.save_every", t.save_every), ("train.log_every", t.log_every)]:
+def validate(cfg: Config, zero_stage: int | None = None) -> None:
+    """Every start-up check that does not need the world size: types and ranges, the router and backend, the
+    router's options, router x backend x ep_size (x ZeRO stage when given), causality. `load_config` calls it;
+    the launch adds the checks that need the world size (megavq.train.engine.check_world)."""
+    _check_model(cfg.model)
+    _check_train(cfg.train, cfg.data)
+    _check_moe(cfg, zero_stage)
+
+
+def _check_positive(pairs: list) -> None:
+    for key, value in pairs:
         _check(value >= 1, f"{key} must be >= 1, got {value}")
+
+
+def _check_model(m: ModelConfig) -> None:
+    _check_positive([("model.n_layers", m.n_layers), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
+                     ("model.seq_len", m.seq_len), ("model.d_ff", m.d_ff)])
     _check(m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     kv = m.n_kv_heads or m.n_heads
     _check(m.n_heads % kv == 0, f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({kv})")
@@ -225,19 +241,48 @@ def validate(cfg: Config) -> None:
     _check(m.norm in ("rmsnorm", "layernorm"), f"model.norm must be rmsnorm or layernorm, got {m.norm!r}")
     _check(m.pos in ("rope", "learned"), f"model.pos must be rope or learned, got {m.pos!r}")
     _check(m.vocab_size >= 0, f"model.vocab_size must be >= 0, got {m.vocab_size}")
+    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+
+
+def _check_train(t: TrainConfig, data: DataConfig) -> None:
+    _check_positive([("train.max_steps", t.max_steps), ("data.micro_batch_size", data.micro_batch_size),
+                     ("data.eval_batches", data.eval_batches), ("train.grad_accum_steps", t.grad_accum_steps),
+                     ("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
+                     ("train.log_every", t.log_every), ("train.keep_checkpoints", t.keep_checkpoints),
+                     ("train.collapse_patience", t.collapse_patience)])
+    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    for key in ("warmup_steps", "weight_decay", "grad_clip", "max_time_s", "stop_at_step"):
+        _check(getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}")
+    _check(0 < t.collapse_share <= 1, f"train.collapse_share must be in (0, 1], got {t.collapse_share}")
+    _check(0 < t.dead_code_frac <= 1, f"train.dead_code_frac must be in (0, 1], got {t.dead_code_frac}")
+    _check(0 <= t.code_usage_min <= 1, f"train.code_usage_min must be in [0, 1], got {t.code_usage_min}")
+
+
+def _check_moe(cfg: Config, zero_stage: int | None) -> None:
+    moe = cfg.moe
+    _check_positive([("moe.num_experts", moe.num_experts), ("moe.top_k", moe.top_k), ("moe.ep_size", moe.ep_size)])
     _check(moe.every >= 0, f"moe.every must be >= 0, got {moe.every}")
     _check(moe.top_k <= moe.num_experts, f"moe.top_k ({moe.top_k}) exceeds moe.num_experts ({moe.num_experts})")
     _check(moe.num_experts % moe.ep_size == 0,
            f"moe.num_experts ({moe.num_experts}) must be divisible by moe.ep_size ({moe.ep_size})")
     _check(moe.drop_policy in ("position", "probs"),
            f"moe.drop_policy must be position or probs, got {moe.drop_policy!r}")
-    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
-    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    from megavq.moe.routers import available_routers  # late import: routers import torch
-    from megavq.moe.backends import available_backends
     _check(moe.router in available_routers(), f"unknown moe.router '{moe.router}' (valid: {available_routers()})")
-    _check(moe.backend in available_backends(),
-           f"unknown moe.backend '{moe.backend}' (valid: {available_backends()})")
+    _check(moe.backend in available_dispatchers(),
+           f"unknown moe.backend '{moe.backend}' (valid: {available_dispatchers()})")
+    if moe.every == 0:
+        return
+    check_layer(moe, cfg.model.mlp_bias)
+    check_causal(cfg)
+    with torch.device("meta"):  # the router's own checks of its options, without allocating anything
+        build_router(moe.router, cfg.model.d_model, moe.num_experts, moe.top_k, **router_options(moe))
+    if zero_stage == 3 and (moe.ep_size != 1 or not dispatcher_class(moe.backend).zero3):
+        zero3 = dispatchers_where(lambda d: d.zero3)
+        choices = zero3[0] + "".join(f" (or {n})" for n in zero3[1:])
+        raise ConfigError(f"ZeRO-3 runs MoE with moe.backend={choices} and moe.ep_size=1 only, got "
+                          f"moe.backend={moe.backend} moe.ep_size={moe.ep_size}; for expert parallelism or the "
+                          f"other backends use ZeRO-0/1/2 (ds_configs/zero2.json)")
 
 
 def save_config(cfg: Config, path: Path) -> None:

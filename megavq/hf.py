@@ -23,6 +23,7 @@ import torch
 
 from megavq.errors import MegavqError
 from megavq.config import Config, ModelConfig, config_from_dict
+from megavq.moe.routers import hf_router_name
 
 SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "gpt2")
 DEFAULT_THETA = {"mixtral": 1e6}  # rope_theta when config.json has none; 10000 otherwise
@@ -194,15 +195,16 @@ def moe_config(hf: dict) -> dict:
     """The moe section: dense (every 0), Mixtral (every block, renormalised top-k) or Qwen2-MoE."""
     if hf["model_type"] == "mixtral":  # renormalises the top-k probabilities, also for k = 1
         jitter = hf.get("router_jitter_noise") or 0.0
-        return {"every": 1, "router": "topk", "num_experts": _need(hf, "num_local_experts"),
+        return {"every": 1, "router": hf_router_name(), "num_experts": _need(hf, "num_local_experts"),
                 "top_k": _need(hf, "num_experts_per_tok"), "aux_loss_coef": hf.get("router_aux_loss_coef", 0.02),
                 "router_options": {"normalize": True, **({"jitter": float(jitter)} if jitter else {})}}
     if hf["model_type"] != "qwen2_moe":
         return {"every": 0}
     if hf.get("shared_expert_intermediate_size") or hf.get("mlp_only_layers"):
         raise _unsupported(hf, "a shared expert or mlp_only_layers")
-    return {"every": hf.get("decoder_sparse_step", 1), "router": "topk", "num_experts": _need(hf, "num_experts"),
-            "top_k": _need(hf, "num_experts_per_tok"), "d_expert": _need(hf, "moe_intermediate_size"),
+    return {"every": hf.get("decoder_sparse_step", 1), "router": hf_router_name(),
+            "num_experts": _need(hf, "num_experts"), "top_k": _need(hf, "num_experts_per_tok"),
+            "d_expert": _need(hf, "moe_intermediate_size"),
             "aux_loss_coef": hf.get("router_aux_loss_coef", 0.001),
             "router_options": {"normalize": bool(hf.get("norm_topk_prob", False))}}
 
@@ -305,16 +307,17 @@ def hf_model_type(model) -> str:
     if m.out_bias or m.mlp_bias:
         raise _refuse("Hugging Face MoE models (Mixtral, Qwen2-MoE) have no biases but on q, k, v "
                       "(model.out_bias and model.mlp_bias must be false)")
-    normalized = [topk_normalize(i, b.mlp.router) for i, b in enumerate(model.blocks) if b.is_moe]
+    normalized = [hf_routing(i, b.mlp.router)["normalize"] for i, b in enumerate(model.blocks) if b.is_moe]
     return "mixtral" if moe.every == 1 and not m.qkv_bias and all(normalized) else "qwen2_moe"
 
 
-def topk_normalize(i: int, router) -> bool:
-    """Whether block i's router, which must be a softmax top-k router, renormalises its weights."""
-    if getattr(router, "name", None) != "topk":
-        raise _refuse(f"block {i} routes with {getattr(router, 'name', type(router).__name__)!r}; Hugging Face MoE "
-                      f"models (Mixtral, Qwen2-MoE) route by softmax top-k (moe.router=topk)")
-    return bool(router.normalize)
+def hf_routing(i: int, router) -> dict:
+    """Block i's routing as Hugging Face's softmax top-k MoE expresses it ({"normalize", "jitter"})."""
+    routing = router.hf_routing()
+    if routing is None:
+        raise _refuse(f"block {i} routes with {router.name!r}; Hugging Face MoE models (Mixtral, Qwen2-MoE) route "
+                      f"by softmax top-k (moe.router={hf_router_name()})")
+    return routing
 
 
 def hf_config(model, model_type: str) -> dict:
@@ -334,14 +337,14 @@ def hf_config(model, model_type: str) -> dict:
         out.update(use_sliding_window=False, sliding_window=None)
     if model_type in ("mixtral", "qwen2_moe"):
         out.update(num_experts_per_tok=moe.top_k, router_aux_loss_coef=moe.aux_loss_coef, output_router_logits=False)
+    if model_type in ("mixtral", "qwen2_moe"):
+        routing = next(hf_routing(i, b.mlp.router) for i, b in enumerate(model.blocks) if b.is_moe)
     if model_type == "mixtral":
-        router = next(b.mlp.router for b in model.blocks if b.is_moe)
-        out.update(num_local_experts=moe.num_experts, router_jitter_noise=float(router.jitter))
+        out.update(num_local_experts=moe.num_experts, router_jitter_noise=routing["jitter"])
     if model_type == "qwen2_moe":
-        router = next(b.mlp.router for b in model.blocks if b.is_moe)
         out.update(num_experts=moe.num_experts, moe_intermediate_size=moe.d_expert or m.d_ff,
                    decoder_sparse_step=moe.every, mlp_only_layers=[], shared_expert_intermediate_size=0,
-                   norm_topk_prob=bool(router.normalize), qkv_bias=True, max_window_layers=m.n_layers)
+                   norm_topk_prob=routing["normalize"], qkv_bias=True, max_window_layers=m.n_layers)
     return out
 
 

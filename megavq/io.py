@@ -66,9 +66,7 @@ def load_state_dict(model_dir: Path) -> dict:
 
 def fit_weights(model: torch.nn.Module, sd: dict, source: str | Path) -> None:
     """Load canonical state dict `sd` (read from `source`) into `model`; every tensor must fit."""
-    for name, module in model.named_modules():  # layer kinds whose layout differs from the canonical one
-        if hasattr(module, "from_canonical"):
-            sd = module.from_canonical(f"{name}.", sd)
+    sd = model.from_canonical(sd)  # MoE layers whose layout differs from the canonical one
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model.cfg.model.tie_embeddings]
     if missing or unexpected:

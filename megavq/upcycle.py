@@ -5,8 +5,8 @@ block starting with the second) becomes an MoE layer whose E experts are exact c
 and biases, no noise). The router is new, initialised as the router initialises itself (normal std 0.02 for
 topk). Every other tensor is copied. Optimizer state is not carried over.
 
-A router that offers `init_codebook_kmeans(x_ND)` (vq) starts its codebook from k-means of the dense model's
-hidden states entering that block's MLP (after mlp_norm) on calibration batches.
+A router that declares `init_from_data_needed` (vq) initialises from the dense model's hidden states entering
+that block's MLP (after mlp_norm) on calibration batches (vq: a k-means codebook).
 
 With identical experts the MoE output is sum_k w_k MLP(x) = (sum_k w_k) MLP(x): the upcycled model computes
 the dense model's function wherever the router's weights sum to 1 per token (docs/upcycling.md, per router).
@@ -24,9 +24,8 @@ import torch
 from megavq.errors import MegavqError
 from megavq.config import Config, config_from_dict, parse_override
 from megavq.model import Transformer
-from megavq.model.transformer import is_moe_layer
-from megavq.moe.layer import check_causal
 from megavq.moe.routers import router_class
+from megavq.moe.spec import is_moe_layer
 
 # ModelConfig fields that fix the shapes of the copied tensors
 SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "d_ff", "mlp", "norm", "pos", "qkv_bias",
@@ -54,9 +53,8 @@ def upcycle_config(dense: Config, num_experts: int, top_k: int, router: str, eve
     data = _merge(dense.to_dict(), {"moe": moe})
     for text in overrides:
         data = _merge(data, parse_override(text))
-    cfg = config_from_dict(data)
+    cfg = config_from_dict(data)  # validated: a non-causal router is refused now, not when training starts
     _check_shapes(dense, cfg)
-    check_causal(cfg)  # refuse a non-causal router now rather than when training starts
     return cfg
 
 
@@ -126,8 +124,8 @@ def _is_routing_key(key: str, cfg: Config) -> bool:
 
 # ---- router initialisation from data -----------------------------------------------------------------------
 def needs_calibration(cfg: Config) -> bool:
-    """Whether cfg's router initialises from the dense model's hidden states (offers init_codebook_kmeans)."""
-    return hasattr(router_class(cfg.moe.router), "init_codebook_kmeans")
+    """Whether cfg's router initialises from the dense model's hidden states."""
+    return router_class(cfg.moe.router).init_from_data_needed
 
 
 @torch.no_grad()
@@ -155,26 +153,13 @@ def mlp_inputs(dense: Transformer, layer_ids: list[int], batches, max_tokens: in
 
 @torch.no_grad()
 def init_routers_from_data(model: Transformer, states: dict, seed: int = 0) -> dict:
-    """k-means codebooks for routers that offer it; returns {block: fraction of codes used on the states}."""
+    """Routers that initialise from data do (vq: k-means codebooks); returns {block: fraction of codes used}."""
     usage = {}
     for i, x_ND in states.items():
-        router = model.blocks[i].mlp.router
-        if not hasattr(router, "init_codebook_kmeans"):
-            continue
-        router.init_codebook_kmeans(x_ND, seed=seed + i)
-        used = code_usage(router, x_ND)
+        used = model.blocks[i].mlp.router.init_from_data(x_ND, seed=seed + i)
         if used is not None:
             usage[i] = used
     return usage
-
-
-@torch.no_grad()
-def code_usage(router, x_ND: torch.Tensor) -> float | None:
-    """Fraction of a vq router's codes that are the nearest code of at least one row of x_ND."""
-    was_training = router.training
-    unused = router.eval()(x_ND).metrics.get("unused_codes")
-    router.train(was_training)
-    return None if unused is None else 1.0 - float(unused) / router.num_codes
 
 
 # ---- the whole recipe ----------------------------------------------------------------------------------------

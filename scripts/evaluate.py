@@ -28,6 +28,8 @@ def parse_args():
     p.add_argument("--noise", type=float, default=0.01, help="routing stability noise, relative to the token rms")
     p.add_argument("--seed", type=int, default=0, help="seed of the corrupted tokens and the noise")
     p.add_argument("--compare", default=None, help="another checkpoint, or a run directory to walk")
+    p.add_argument("--plugin", action="append", default=[],
+                   help="a .py file or module that registers routers or dispatchers (repeatable)")
     return p.parse_args()
 
 
@@ -38,6 +40,8 @@ def main():
         from megavq.eval import evaluate, write_report
         from megavq.hf import is_hf_dir
         from megavq.io import resolve_model_dir
+        from megavq.plugins import load_plugins
+        load_plugins(args.plugin)
         if args.max_batches is not None and args.max_batches < 1:
             raise MegavqError(f"--max_batches must be >= 1, got {args.max_batches}")
         if args.compare and not (Path(args.compare) / "checkpoints").is_dir():

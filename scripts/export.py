@@ -22,6 +22,8 @@ def parse_args():
     p.add_argument("--checkpoint", required=True, help="run, checkpoint or model directory (megavq or Hugging Face)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", choices=("megavq", "hf"), default="megavq")
+    p.add_argument("--plugin", action="append", default=[],
+                   help="a .py file or module that registers routers or dispatchers (repeatable)")
     return p.parse_args()
 
 
@@ -30,6 +32,8 @@ def main():
     with user_errors():
         from megavq.hf import is_hf_dir, save_hf
         from megavq.io import load_config_file, load_model, resolve_model_dir, save_model
+        from megavq.plugins import load_plugins
+        load_plugins(args.plugin)
         model = load_model(args.checkpoint)
         if args.format == "hf":
             save_hf(model, args.out)

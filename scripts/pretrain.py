@@ -13,6 +13,7 @@ import json  # noqa: E402
 
 from megavq.config import load_config  # noqa: E402
 from megavq.io import resolve_model_dir  # noqa: E402
+from megavq.plugins import load_plugins  # noqa: E402
 from megavq.train.launch import single_process_env, user_errors  # noqa: E402
 
 
@@ -25,6 +26,8 @@ def parse_args():
     p.add_argument("--out_dir", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     p.add_argument("--init_from", default=None, help="start from the weights of a model/checkpoint directory")
+    p.add_argument("--plugin", action="append", default=[],
+                   help="a .py file or module that registers routers or dispatchers (repeatable)")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. moe.router=vq train.lr=1e-3")
     return p.parse_intermixed_args()
@@ -33,6 +36,7 @@ def parse_args():
 def main():
     args = parse_args()
     with user_errors():
+        load_plugins(args.plugin)
         overrides = args.overrides + ([f"data.source={args.data}"] if args.data else [])
         config = args.config or (str(resolve_model_dir(args.init_from) / "config.json") if args.init_from else "tiny")
         cfg = load_config(config, overrides)

@@ -2,16 +2,20 @@
 
 Multi-rank runs of both backends are in test_expert_parallel.py. The megablocks tests need a CUDA GPU.
 """
+import dataclasses
+
 import pytest
 import torch
 
-from megavq.errors import ConfigError
 from megavq.config import MoEConfig
-from megavq.moe.backends.deepspeed import DeepSpeedMoELayer, RouterGate
-from megavq.moe.layer import assign_moe_layers, build_moe_layer
+from megavq.errors import ConfigError
+from megavq.moe.dispatch.deepspeed import DeepSpeedDispatcher, RouterGate
+from megavq.moe.layer import build_moe_layer
 from megavq.moe.routers import available_routers, build_router, router_class
+from megavq.moe.spec import MoESpec
+from megavq.train import ds_compat
 
-TOKEN_ROUTERS = [r for r in available_routers() if getattr(router_class(r), "layer_kind", "token") == "token"]
+TOKEN_ROUTERS = [r for r in available_routers() if router_class(r).layer_kind == "token"]
 OPTIONS = {"compete": {"rate": 1.0, "warmup_steps": 0}}
 
 
@@ -21,11 +25,8 @@ def layer_pair(router: str, backend: str = "deepspeed", d_model: int = 16, d_hid
                     **moe)
     layers = []
     for name in ("native", backend):
-        cfg.backend = name
         torch.manual_seed(0)
-        layer = build_moe_layer(cfg, d_model, d_hidden, seed=3)
-        assign_moe_layers(layer)
-        layers.append(layer)
+        layers.append(build_moe_layer(MoESpec(dataclasses.replace(cfg, backend=name), d_model, d_hidden, seed=3)))
     return layers
 
 
@@ -33,7 +34,7 @@ def layer_pair(router: str, backend: str = "deepspeed", d_model: int = 16, d_hid
 def test_deepspeed_backend_equals_native(router):
     """Forward, aux loss and gradients (inputs, router, experts) with capacity large enough to drop nothing."""
     native, ds = layer_pair(router)
-    assert isinstance(ds, DeepSpeedMoELayer)
+    assert isinstance(ds.dispatcher, DeepSpeedDispatcher)
     x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1))
     results = []
     for layer in (native, ds):
@@ -60,10 +61,10 @@ def test_canonical_layout_round_trip():
     assert sorted(canon) == sorted(native.state_dict())
     for k, v in native.state_dict().items():
         torch.testing.assert_close(canon[k], v, msg=k)
-    assert not [k for k in ds.state_dict() if k.startswith("moe.") and "deepspeed_experts" not in k], \
+    assert not [k for k in ds.state_dict() if k.startswith("experts.") and "deepspeed_experts" not in k], \
         "the DeepSpeed MoE module must hold nothing but experts (its checkpointing splits keys on 'expert')"
     _, fresh = layer_pair("xmoe")
-    torch.nn.init.zeros_(fresh.local_experts[1].w_out)
+    torch.nn.init.zeros_(ds_compat.moe_local_experts(fresh.experts)[1].w_out)
     fresh.load_state_dict(fresh.from_canonical("", canon))
     for (k, a), b in zip(ds.state_dict().items(), fresh.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
@@ -82,8 +83,9 @@ def test_topk_router_routes_like_deepspeed_topkgate(k, factor, policy):
     torch.nn.init.normal_(theirs.wg.weight, std=0.5)
     router = build_router("topk", hidden_size=D, num_experts=E, top_k=k)
     router.gate.weight.data.copy_(theirs.wg.weight.data)
-    ours = RouterGate(router, MoEConfig(num_experts=E, top_k=k, capacity_factor=factor, eval_capacity_factor=factor,
-                                        min_capacity=1, drop_policy=policy))
+    ours = RouterGate(MoEConfig(num_experts=E, top_k=k, capacity_factor=factor, eval_capacity_factor=factor,
+                                min_capacity=1, drop_policy=policy))
+    ours.route = router
     x = torch.randn(T, D)
     _, C0, _, idx0, _, gates0, counts0 = theirs(x, None, True)
     _, C1, _, idx1, loc1, gates1, counts1 = ours(x, None, True)
@@ -105,9 +107,10 @@ def test_layer_equals_deepspeed_moe_with_its_own_gate():
     """DeepSpeed's MoE with its TopKGate and our layer (topk router, same weights) give the same output."""
     from deepspeed.moe.layer import MoE
     _, ds = layer_pair("topk")
-    theirs = MoE(16, ds.local_experts[0], num_experts=4, k=2, capacity_factor=8.0, eval_capacity_factor=8.0,
+    local = ds_compat.moe_local_experts(ds.experts)
+    theirs = MoE(16, local[0], num_experts=4, k=2, capacity_factor=8.0, eval_capacity_factor=8.0,
                  top2_2nd_expert_sampling=False, use_rts=False)
-    theirs.deepspeed_moe.experts.load_state_dict(ds.moe.deepspeed_moe.experts.state_dict())
+    ds_compat.moe_local_experts(theirs).load_state_dict(local.state_dict())
     theirs.deepspeed_moe.gate.wg.weight.data.copy_(ds.router.gate.weight.data)
     x = torch.randn(2, 9, 16)
     torch.testing.assert_close(ds(x)[0], theirs(x)[0], rtol=1e-5, atol=1e-6)
@@ -115,7 +118,7 @@ def test_layer_equals_deepspeed_moe_with_its_own_gate():
 
 def test_capacity_drops_and_eval_capacity():
     _, ds = layer_pair("topk", min_capacity=1)
-    gate = ds.moe.deepspeed_moe.gate
+    gate = ds_compat.moe_gate(ds.experts)
     gate.capacity_factor, gate.eval_capacity_factor = 0.25, 8.0
     x = torch.randn(2, 16, 16)
     _, _, metrics = ds(x)
@@ -131,26 +134,27 @@ def test_pre_0_19_4_dense_gate_contract_gives_the_same_output():
     """gate(x, used_token) -> (l_aux, combine[T,E,C], dispatch_mask, exp_counts), computed as old MOELayer did."""
     _, ds = layer_pair("usmoe", allow_noncausal=True)  # 0..E experts per token: -1 slots
     x = torch.randn(2, 9, 16)
-    gate = ds.moe.deepspeed_moe.gate
-    gate.context = {"seq_len": 9}
+    gate = ds_compat.moe_gate(ds.experts)
+    gate.route = ds.router_fn(9)
     _, combine_TEC, dispatch_TEC, _ = gate(x.view(-1, 16), None)
     dispatched_ECD = torch.einsum("sec,sm->ecm", dispatch_TEC.float(), x.view(-1, 16))
-    out_ECD = torch.stack([expert(dispatched_ECD[e]) for e, expert in enumerate(ds.local_experts)])
+    local = ds_compat.moe_local_experts(ds.experts)
+    out_ECD = torch.stack([expert(dispatched_ECD[e]) for e, expert in enumerate(local)])
     old = torch.einsum("sec,ecm->sm", combine_TEC, out_ECD)
     torch.testing.assert_close(old.view_as(x), ds(x)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_unsupported_combinations_say_what_works():
     with pytest.raises(ConfigError, match="moe.router=soft runs on moe.backend=native or reference"):
-        build_moe_layer(MoEConfig(router="soft", backend="deepspeed", allow_noncausal=True), 16, 24)
+        build_moe_layer(MoESpec(MoEConfig(router="soft", backend="deepspeed", allow_noncausal=True), 16, 24))
     with pytest.raises(ConfigError, match="moe.ep_size=2 runs on moe.backend=native or deepspeed"):
-        build_moe_layer(MoEConfig(backend="reference", ep_size=2), 16, 24)
+        build_moe_layer(MoESpec(MoEConfig(backend="reference", ep_size=2), 16, 24))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_megablocks_on_cpu_names_the_gpu_and_the_extra():
     with pytest.raises(ConfigError, match=r"needs a CUDA GPU and the megablocks extra"):
-        build_moe_layer(MoEConfig(backend="megablocks"), 16, 24)
+        build_moe_layer(MoESpec(MoEConfig(backend="megablocks"), 16, 24))
 
 
 # ---- MegaBlocks (GPU) -------------------------------------------------------------------------------------
@@ -190,12 +194,14 @@ def test_megablocks_router_seam_equals_learned_router():
     """The megavq topk router, fed MegaBlocks' LearnedRouter weights, returns what LearnedRouter returns."""
     from megablocks.layers.router import LearnedRouter
     native, mb = megablocks_pair("topk")
-    theirs = LearnedRouter(mb.args).cuda().to(torch.bfloat16)
+    seam = mb.experts.router
+    theirs = LearnedRouter(seam.args).cuda().to(torch.bfloat16)
     theirs.args.moe_normalize_expert_weights = 1  # megavq topk renormalises the k > 1 weights to sum 1
     theirs.layer.weight.data.copy_(mb.router.gate.weight.data)
     x = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
     scores0, w0, i0 = theirs(x)
-    scores1, w1, i1 = mb.dmoe.router(x)
+    seam.route = mb.router
+    scores1, w1, i1 = seam(x)
     assert torch.equal(i0, i1)
     torch.testing.assert_close(w1.float(), w0.float(), rtol=2e-2, atol=1e-3)
     torch.testing.assert_close(scores1.float(), scores0.float(), rtol=2e-2, atol=1e-3)

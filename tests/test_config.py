@@ -55,7 +55,8 @@ def test_unknown_preset_and_file(tmp_path):
 
 
 def test_router_options_merge():
-    cfg = load_config("tiny", ["moe.router_options.rate=0.5", "moe.router_options.warmup_steps=10"])
+    cfg = load_config("tiny", ["moe.router=compete", "moe.router_options.rate=0.5",  # options are validated
+                               "moe.router_options.warmup_steps=10"])
     assert cfg.moe.router_options == {"rate": 0.5, "warmup_steps": 10}
 
 

@@ -140,9 +140,9 @@ def test_topk_sweep_and_discrete_only_restore_the_routers():
     assert [r["k"] for r in rows] == [1, 2, 4]
     assert rows[1]["loss"] == pytest.approx(lm.lm_eval(model, data)["loss"], rel=1e-9)  # trained k = 2
     assert all(layer.router.top_k == 2 for _, layer in routing.moe_layers(model))
-    assert lm.discrete_only_eval(model, data) is None
+    assert lm.variant_evals(model, data) == {"discrete_only": None}
     vq = tiny_model("moe.router=vq")
-    d = lm.discrete_only_eval(vq, data)
+    d = lm.variant_evals(vq, data)["discrete_only"]
     assert d["experts_per_token"] == 1 and d["experts_per_token_trained"] == 2 and d["expert_compute_saved"] == 0.5
     assert not any(layer.router.discrete_only for _, layer in routing.moe_layers(vq))
     assert lm.topk_sweep(vq, data) is None
@@ -176,13 +176,17 @@ def record_of(router, x_TD):
     return flatten_router_metrics([router(x_TD).metrics], [0])
 
 
+def router_of(name, num_experts=4, top_k=2):
+    return build_router(name, hidden_size=8, num_experts=num_experts, top_k=top_k)
+
+
 def test_router_sending_everything_to_one_expert_triggers_the_collapse_warning():
     router = build_router("topk", hidden_size=8, num_experts=4, top_k=1)
     x_TD = torch.rand(64, 8) + 0.1  # positive inputs: a large first gate row wins every token
     with torch.no_grad():
         router.gate.weight.zero_()
         router.gate.weight[0] = 10.0
-    monitor = CollapseMonitor(share=0.9, patience=3)
+    monitor = CollapseMonitor({0: router}, share=0.9, patience=3)
     assert [monitor.check(s, record_of(router, x_TD)) for s in (1, 2)] == [[], []]
     warning = monitor.check(3, record_of(router, x_TD))
     assert len(warning) == 1 and "MoE layer 0 collapsed" in warning[0] and "expert 0 gets 100%" in warning[0]
@@ -191,14 +195,15 @@ def test_router_sending_everything_to_one_expert_triggers_the_collapse_warning()
 
 
 def test_collapse_share_counts_tokens_under_top_k():
-    monitor = CollapseMonitor(share=0.9, patience=1, slots_per_token=2)
+    monitor = CollapseMonitor({3: router_of("topk", top_k=2)}, share=0.9, patience=1)
     assert monitor.check(1, {"moe/L3/load": [0.25] * 4}) == []  # uniform top-2: each expert sees half the tokens
     assert monitor.check(2, {"moe/L3/load": [0.5, 0.2, 0.2, 0.1]}) != []  # expert 0 in every token's top-2
-    assert CollapseMonitor(patience=1, slots_per_token=2).check(1, {"moe/L0/load": [0.5, 0.5]}) == []  # k = E
+    every = CollapseMonitor({0: router_of("topk", num_experts=2, top_k=2)}, patience=1)
+    assert every.check(1, {"moe/L0/load": [0.5, 0.5]}) == []  # k = E
 
 
 def test_dead_vq_codes_trigger_the_warning():
-    monitor = CollapseMonitor(patience=2, dead_code_frac=0.5, num_codes=4)
+    monitor = CollapseMonitor({1: router_of("vq")}, patience=2, dead_code_frac=0.5)  # 4 codes
     record = {"moe/L1/load": [0.25] * 4, "moe/L1/dead_codes": 3.0}
     assert monitor.check(1, record) == []
     assert "3 of 4 vq codes are dead" in monitor.check(2, record)[0]
@@ -206,7 +211,7 @@ def test_dead_vq_codes_trigger_the_warning():
 
 
 def test_collapsed_vq_codebook_triggers_the_warning_with_no_dead_code():
-    monitor = CollapseMonitor(patience=2, num_codes=4, code_usage_min=0.5)
+    monitor = CollapseMonitor({0: router_of("vq")}, patience=2, code_usage_min=0.5)
     record = {"moe/L0/load": [0.25] * 4, "moe/L0/dead_codes": 0.0, "moe/L0/code_perplexity": 1.19}
     assert monitor.check(1, record) == []
     assert "vq code perplexity 1.19 of 4 codes" in monitor.check(2, record)[0]
@@ -214,13 +219,13 @@ def test_collapsed_vq_codebook_triggers_the_warning_with_no_dead_code():
 
 
 def test_saturated_vq_mixing_gate_triggers_the_warning():
-    monitor = CollapseMonitor(share=0.9, patience=2, num_codes=4)
+    monitor = CollapseMonitor({3: router_of("vq")}, share=0.9, patience=2)
     record = {"moe/L3/load": [0.25] * 4, "moe/L3/code_perplexity": 3.9, "moe/L3/gate_discrete": 0.03}
     assert monitor.check(1, record) == []
     assert "gives the continuous path 97% of its weight" in monitor.check(2, record)[0]
     assert monitor.check(3, {**record, "moe/L3/gate_discrete": 0.5}) == []
-    assert "discrete path 96%" in CollapseMonitor(patience=1).check(1, {"moe/L0/load": [0.25] * 4,
-                                                                          "moe/L0/gate_discrete": 0.96})[0]
+    assert "discrete path 96%" in CollapseMonitor({0: router_of("vq")}, patience=1).check(
+        1, {"moe/L0/load": [0.25] * 4, "moe/L0/gate_discrete": 0.96})[0]
 
 
 # ---- the scripts on a trained checkpoint ---------------------------------------------------------------------

@@ -205,16 +205,17 @@ def test_two_simulated_nodes_with_torchrun_match_one_rank(ep_runs, builtin_data,
 
 # ---- the sharded layer against the single-process layer, on 2 ranks -----------------------------------
 def layer_job(router: str, options: dict) -> dict:
-    """Rank r runs rows r of a batch through ExpertParallelMoELayer; returns outputs and local expert grads."""
+    """Rank r runs rows r of a batch through a native layer sharded over 2 ranks; returns outputs and local
+    expert grads."""
     import torch.distributed as dist
     from megavq.config import MoEConfig
-    from megavq.moe.backends.expert_parallel import ExpertParallelMoELayer, new_ep_group
-    from megavq.moe.layer import assign_moe_layers
+    from megavq.moe.dispatch.expert_parallel import new_ep_group
+    from megavq.moe.layer import build_moe_layer
+    from megavq.moe.spec import MoESpec
     cfg = MoEConfig(router=router, num_experts=4, top_k=2, ep_size=2, router_options=options)
     torch.manual_seed(0)
-    layer = ExpertParallelMoELayer(cfg, 16, 24, seed=3)
+    layer = build_moe_layer(MoESpec(cfg, 16, 24, seed=3))
     layer.set_ep_group(new_ep_group(2))
-    assign_moe_layers(layer)
     x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))[dist.get_rank():dist.get_rank() + 1]
     x.requires_grad_()
     y, aux, _ = layer(x)
@@ -225,10 +226,11 @@ def layer_job(router: str, options: dict) -> dict:
 
 def single_layer(router: str, options: dict):
     from megavq.config import MoEConfig
-    from megavq.moe.layer import MoELayer, assign_moe_layers
+    from megavq.moe.layer import build_moe_layer
+    from megavq.moe.spec import MoESpec
     torch.manual_seed(0)
-    layer = MoELayer(MoEConfig(router=router, num_experts=4, top_k=2, router_options=options), 16, 24, seed=3)
-    assign_moe_layers(layer)
+    layer = build_moe_layer(MoESpec(MoEConfig(router=router, num_experts=4, top_k=2, router_options=options), 16, 24,
+                                    seed=3))
     x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
     outs = [layer(x[b:b + 1]) for b in range(2)]  # one sequence per "rank", as the sharded run does
     sum(y.square().sum() + aux for y, aux, _ in outs).backward()
@@ -259,7 +261,7 @@ def test_sharded_layer_equals_single_process_layer(layer_runs, router, options):
 
 
 def test_received_rows_are_grouped_by_local_expert():
-    from megavq.moe.backends.expert_parallel import source_to_expert_order
+    from megavq.moe.dispatch.expert_parallel import source_to_expert_order
     recv_RL = torch.tensor([[1, 2], [0, 3]])  # rows from rank 0: 1 for expert 0, 2 for expert 1; rank 1: 0, 3
     # received order: [r0e0, r0e1, r0e1, r1e1, r1e1, r1e1] -> expert 0 rows, then expert 1 rows by source
     assert source_to_expert_order(recv_RL).tolist() == [0, 1, 2, 3, 4, 5]

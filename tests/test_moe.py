@@ -1,13 +1,16 @@
-"""The native dropless backend equals the reference loop over experts; one-expert MoE equals a dense MLP."""
+"""The native dropless dispatcher equals the reference loop over experts; one-expert MoE equals a dense MLP."""
 import pytest
 import torch
 
 from megavq.config import ModelConfig, MoEConfig
 from megavq.model.layers import MLP
-from megavq.moe.backends import native_moe, reference_moe, sort_by_expert
+from megavq.moe.dispatch import dispatcher_class
+from megavq.moe.dispatch.native import native_moe, sort_by_expert
+from megavq.moe.dispatch.reference import reference_moe
 from megavq.moe.experts import Experts
 from megavq.moe.layer import MoELayer
 from megavq.moe.routers import RouterOutput
+from megavq.moe.spec import MoESpec
 
 
 def random_routing(T, E, K, seed=0, unused=0.0):
@@ -47,12 +50,12 @@ def test_native_equals_reference(mlp, bias, unused):
 
 def test_native_equals_reference_fp32_layer():
     torch.manual_seed(0)
-    cfg = MoEConfig(num_experts=6, top_k=2)
-    layer = MoELayer(cfg, d_model=32, d_hidden=48)
+    spec = MoESpec(MoEConfig(num_experts=6, top_k=2), d_model=32, d_hidden=48)
+    layer = MoELayer(spec)
     x = torch.randn(2, 9, 32, requires_grad=True)
     results = []
-    for backend in ("reference", "native"):
-        layer.run_experts = {"reference": reference_moe, "native": native_moe}[backend]
+    for backend in ("reference", "native"):  # the same Experts layout: swap the dispatcher only
+        layer.dispatcher = dispatcher_class(backend)(spec)
         y, aux, _ = layer(x)
         (y.square().sum() + aux).backward()
         results.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in layer.parameters()]))

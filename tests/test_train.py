@@ -144,3 +144,17 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(builtin_data, t
     assert last_line(proc).startswith("error: non-finite loss at step 2"), last_line(proc)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000001"
     assert (out / "checkpoints" / "step_0000001" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_vq_dead_code_counters_count_optimizer_steps(builtin_data, tmp_path):
+    """With 4 accumulation steps a code unused for the whole run has been unused for 3 optimizer steps, not 12
+    forwards: router state changes once per optimizer step (post_step)."""
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    pretrain(["--data", str(builtin_data), "--out_dir", str(out), *SMALL, "train.max_steps=3", "train.save_every=3",
+              "train.grad_accum_steps=4", "moe.router=vq", "moe.router_options.codebook_init=random",
+              "moe.router_options.num_codes=32", "moe.router_options.restart_dead_codes=false"])
+    sd = load_file(out / "checkpoints" / "step_0000003" / "model.safetensors")
+    unused = [v for k, v in sd.items() if k.endswith("router.unused_steps")]
+    assert len(unused) == 2 and max(int(u.max()) for u in unused) == 3, unused

@@ -1,5 +1,5 @@
 """Language-model figures: loss and perplexity over evaluation batches, robustness to corrupted input, and
-the same evaluation with the routing changed (top-k sweep, vq `discrete_only`).
+the same evaluation with the routing changed (top-k sweep, the routers' declared variants: vq `discrete_only`).
 
 Legend: B batch, S sequence, E experts.
 """
@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-from megavq.eval.routing import moe_layers
+from megavq.moe.routers import available_routers, router_class
 
 
 def corrupt_tokens(x_BS: torch.Tensor, p: float, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -56,15 +56,6 @@ def robustness(model, batches: list, ps: list[float], vocab_size: int, seed: int
 
 # ---- evaluation with the routing changed -------------------------------------------------------------------
 
-NOT_SWEPT = {"vq"}  # slots fixed when built (k_c + 1); evaluated with discrete_only instead
-
-
-def is_token_choice(router) -> bool:
-    """A causal router that gives every token its `top_k` experts (topk, xmoe, compete, usmoe per token)."""
-    kind = getattr(router, "layer_kind", "token")
-    return kind == "token" and router.causal and getattr(router, "name", "") not in NOT_SWEPT
-
-
 def sweep_ks(num_experts: int) -> list[int]:
     """1, 2, 4, ... below E, then E."""
     return [2 ** i for i in range(num_experts.bit_length()) if 2 ** i < num_experts] + [num_experts]
@@ -73,7 +64,7 @@ def sweep_ks(num_experts: int) -> list[int]:
 @contextmanager
 def routers_set(model, **attrs):
     """Set attributes on every MoE layer's router for the duration, then restore them."""
-    routers = [layer.router for _, layer in moe_layers(model)]
+    routers = model.routers()
     saved = [{k: getattr(r, k) for k in attrs} for r in routers]
     try:
         for r in routers:
@@ -87,29 +78,35 @@ def routers_set(model, **attrs):
 
 
 def topk_sweep(model, batches: list) -> list[dict] | None:
-    """Loss and perplexity at k = 1, 2, 4, ..., E experts per token (all MoE layers); None for other routers.
-
-    Each router keeps the weight normalisation it was built with.
-    """
-    layers = moe_layers(model)
-    if not layers or not all(is_token_choice(layer.router) for _, layer in layers):
+    """Loss and perplexity at k = 1, 2, 4, ..., E experts per token (all MoE layers); None unless every router
+    declares that its top_k may change (causal token choice). Each router keeps its weight normalisation."""
+    routers = model.routers()
+    if not routers or not all(r.sweeps_top_k for r in routers):
         return None
     rows = []
-    for k in sweep_ks(layers[0][1].router.num_experts):
+    for k in sweep_ks(routers[0].num_experts):
         with routers_set(model, top_k=k):
             r = lm_eval(model, batches)
         rows.append({"k": k, "loss": r["loss"], "perplexity": r["perplexity"]})
     return rows
 
 
-def discrete_only_eval(model, batches: list) -> dict | None:
-    """vq routers: perplexity with the continuous router dropped (one expert per token, by code); None otherwise."""
-    layers = moe_layers(model)
-    if not layers or not all(getattr(layer.router, "name", "") == "vq" for _, layer in layers):
-        return None
-    router = layers[0][1].router
-    trained_k = 1 if router.discrete_only else router.top_k
-    with routers_set(model, discrete_only=True):
-        r = lm_eval(model, batches)
-    return {"loss": r["loss"], "perplexity": r["perplexity"], "experts_per_token": 1,
-            "experts_per_token_trained": trained_k, "expert_compute_saved": 1 - 1 / trained_k}
+def variant_names() -> list[str]:
+    """Every evaluation variant a registered router declares (vq: discrete_only)."""
+    return sorted({v for name in available_routers() for v in router_class(name).eval_variants})
+
+
+def variant_evals(model, batches: list) -> dict[str, dict | None]:
+    """{variant: loss, perplexity and experts per token with the variant's router settings} for every declared
+    variant; None where the model's routers do not declare it."""
+    routers, out = model.routers(), {}
+    for name in variant_names():
+        if not routers or not all(name in r.eval_variants for r in routers):
+            out[name] = None
+            continue
+        trained_k = routers[0].experts_per_token
+        with routers_set(model, **routers[0].eval_variants[name]):
+            k, r = routers[0].experts_per_token, lm_eval(model, batches)
+        out[name] = {"loss": r["loss"], "perplexity": r["perplexity"], "experts_per_token": k,
+                     "experts_per_token_trained": trained_k, "expert_compute_saved": 1 - k / trained_k}
+    return out

@@ -13,6 +13,7 @@ from pathlib import Path
 from megavq.errors import MegavqError
 from megavq.eval import consistency, lm, routing
 from megavq.eval.stats import bits_per_byte, load_stats
+from megavq.moe.routers import router_class
 
 ROBUSTNESS_PS = (0.0, 0.05, 0.1, 0.2)
 STANDARD_METRICS = ("load", "load_cv", "load_max", "entropy")  # recomputed from the averaged load below
@@ -35,8 +36,7 @@ def diagnostic_batches(batches: list, max_tokens: int) -> list:
 
 
 def causality_warnings(cfg) -> list[str]:
-    from megavq.moe.layer import router_is_causal
-    if cfg.moe.every == 0 or router_is_causal(cfg.moe.router, cfg.moe.router_options):
+    if cfg.moe.every == 0 or router_class(cfg.moe.router).is_causal(cfg.moe.router_options):
         return []
     return [f"moe.router={cfg.moe.router} is not causal: a token's routing depends on later tokens of its "
             f"sequence or batch, so this perplexity is not a causal language model's (it can be too low)"]
@@ -97,7 +97,7 @@ def evaluate(path, data_source: str = "builtin", split: str = "test", max_batche
     result["layers"] = layer_reports(model, base, diag, noise, seed)
     result["robustness"] = lm.robustness(model, batches, list(ROBUSTNESS_PS), data.vocab_size, seed)
     result["topk_sweep"] = lm.topk_sweep(model, batches)
-    result["discrete_only"] = lm.discrete_only_eval(model, batches)
+    result.update(lm.variant_evals(model, batches))
     result["consistency"] = compare_with(path, compare, diag, model, backend) if compare else None
     return result
 
@@ -153,12 +153,13 @@ def markdown_extras(r: dict) -> list[str]:
     if r["topk_sweep"]:
         lines += ["## Top-k sweep", ""] + _table(["k", "loss", "perplexity"],
                                                  [[x["k"], x["loss"], x["perplexity"]] for x in r["topk_sweep"]])
-    if r["discrete_only"]:
-        d = r["discrete_only"]
-        lines += ["## vq discrete_only", ""] + _table(
-            ["loss", "perplexity", "experts/token", "trained experts/token", "expert compute saved"],
-            [[d["loss"], d["perplexity"], d["experts_per_token"], d["experts_per_token_trained"],
-              d["expert_compute_saved"]]])
+    for name in lm.variant_names():
+        if r[name]:
+            d = r[name]
+            lines += [f"## {r['router']} {name}", ""] + _table(
+                ["loss", "perplexity", "experts/token", "trained experts/token", "expert compute saved"],
+                [[d["loss"], d["perplexity"], d["experts_per_token"], d["experts_per_token_trained"],
+                  d["expert_compute_saved"]]])
     c = r["consistency"]
     if c and c["mode"] == "pair":
         lines += [f"## Routing consistency with {c['other']}", ""] + _table(

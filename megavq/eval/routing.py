@@ -9,7 +9,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from megavq.eval.stats import effective_rank, mean_pairwise_cosine, top1_expert
 from megavq.moe.routers import RouterOutput
@@ -47,18 +46,12 @@ def layer_inputs(model, batches: list) -> dict[int, list[torch.Tensor]]:
 @torch.no_grad()
 def route(layer, x_BSD: torch.Tensor) -> RouterOutput:
     """The layer's routing of x_BSD, with the router called as the MoE layer calls it."""
-    x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-    kwargs = {}
-    if getattr(layer.router, "needs_seq_len", False):
-        kwargs["seq_len"] = x_BSD.shape[1]
-    if layer.router.needs_expert_outputs:
-        kwargs["expert_fn"] = lambda: layer.experts.all_experts(x_TD)
-    return layer.router(x_TD, **kwargs)
+    return layer.route(x_BSD)
 
 
 def top1_of(layer, xs_BSD: list[torch.Tensor]) -> torch.Tensor:
     """Top-1 expert (largest total weight) of every token of the batches, (T,)."""
-    E = layer.experts.num_experts
+    E = layer.router.num_experts
     return torch.cat([top1_expert(r.weights, r.indices, E) for r in (route(layer, x) for x in xs_BSD)])
 
 
@@ -71,37 +64,11 @@ def top1_routes(model, batches: list) -> dict[int, torch.Tensor]:
 
 # ---- the router's view of the tokens: the (T, R) scores it ranks experts (or codes, or slots) by -------------
 
-def _xmoe_view(router, x_TD):
-    return router.cosine_scores(x_TD)
-
-
-def _vq_view(router, x_TD):
-    z_TC, c_QC = router.project(x_TD), router.codebook.float()
-    return -(z_TC.pow(2).sum(-1, keepdim=True) - 2 * z_TC @ c_QC.t() + c_QC.pow(2).sum(-1))
-
-
-def _soft_view(router, x_TD):
-    return F.normalize(x_TD, dim=-1) @ (router.scale.float() * F.normalize(router.phi.float(), dim=0))
-
-
-# name -> (description, function of (router, x_TD fp32)); routers with a linear `gate` default to its logits
-ROUTER_VIEWS = {
-    "xmoe": ("cosine scores cos(W_r x, e_i), (T, E)", _xmoe_view),
-    "vq": ("negative squared distances to the codes -|z - c_j|^2, (T, codes)", _vq_view),
-    "soft": ("slot logits l2norm(x) . scale * l2norm(Phi), (T, slots)", _soft_view),
-}
-
-
 def router_view(layer, x_BSD: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """(what it is, (T, R) matrix): the scores the router ranks its choices by."""
-    router = layer.router
-    x_TD = x_BSD.reshape(-1, x_BSD.shape[-1]).float()
-    if getattr(router, "name", "") in ROUTER_VIEWS:
-        what, view = ROUTER_VIEWS[router.name]
-        return what, view(router, x_TD)
-    if isinstance(getattr(router, "gate", None), torch.nn.Linear):
-        return "logits x W_g^T, (T, E)", x_TD @ router.gate.weight.float().t()
-    return "scores (the router's probability-like output), (T, E)", route(layer, x_BSD).scores.float()
+    """(what it is, (T, R) matrix): the scores the router ranks its choices by (its declared view, else the
+    probability-like scores of its output)."""
+    view = layer.router.view(x_BSD.reshape(-1, x_BSD.shape[-1]).float())
+    return view or ("scores (the router's probability-like output), (T, E)", route(layer, x_BSD).scores.float())
 
 
 # ---- per-layer diagnostics ----------------------------------------------------------------------------------
@@ -137,5 +104,5 @@ def layer_diagnostics(layer, xs_BSD: list, noise: float, seed: int) -> dict:
         "experts_per_token": slots_T.mean().item(),
         "routing_stability": {"noise": noise, "top1_changed": routing_stability(layer, xs_BSD, noise, seed)},
         "effective_rank": rank_figures(layer, xs_BSD),
-        "expert_output_cosine": mean_pairwise_cosine(layer.experts.all_experts(x_TD[:COSINE_TOKENS])),
+        "expert_output_cosine": mean_pairwise_cosine(layer.all_experts(x_TD[:COSINE_TOKENS])),
     }

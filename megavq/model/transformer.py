@@ -14,7 +14,9 @@ from torch import nn
 from megavq.config import Config, ModelConfig
 from megavq.model.layers import MLP, CausalSelfAttention, make_norm, rope_tables
 from megavq.moe.experts import expert_out_std
-from megavq.moe.layer import assign_moe_layers, build_moe_layer
+from megavq.moe.layer import MoELayer, build_moe_layer
+from megavq.moe.routers import Router
+from megavq.moe.spec import MoESpec, is_moe_layer
 
 
 class LMOutput(NamedTuple):
@@ -25,22 +27,14 @@ class LMOutput(NamedTuple):
     router_metrics: list  # one dict per MoE layer
 
 
-def is_moe_layer(i: int, every: int) -> bool:
-    return every > 0 and (i + 1) % every == 0
-
-
 class Block(nn.Module):
-    def __init__(self, cfg: Config, i: int, moe_factory=build_moe_layer):
+    def __init__(self, cfg: Config, i: int):
         super().__init__()
         m = cfg.model
         self.attn_norm, self.attn = make_norm(m), CausalSelfAttention(m)
         self.mlp_norm = make_norm(m)
         self.is_moe = is_moe_layer(i, cfg.moe.every)
-        if self.is_moe:
-            self.mlp = moe_factory(cfg.moe, m.d_model, cfg.moe.d_expert or m.d_ff, m.mlp, m.mlp_bias, m.init_std,
-                                   expert_out_std(m.init_std, m.n_layers), seed=cfg.train.seed * 1000 + i)
-        else:
-            self.mlp = MLP(m)
+        self.mlp = build_moe_layer(MoESpec.for_block(cfg, i)) if self.is_moe else MLP(m)
 
     def forward(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
         x = x + self.attn(self.attn_norm(x), rope)
@@ -51,7 +45,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: Config, moe_factory=build_moe_layer):
+    def __init__(self, cfg: Config):
         super().__init__()
         m = cfg.model
         assert m.vocab_size > 0, "model.vocab_size must be resolved before building the model"
@@ -59,7 +53,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.pos_embed = nn.Embedding(m.seq_len, m.d_model) if m.pos == "learned" else None
         self.drop = nn.Dropout(m.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i, moe_factory) for i in range(m.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(m.n_layers))
         self.norm = make_norm(m)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
@@ -67,7 +61,6 @@ class Transformer(nn.Module):
         rope = rope_tables(m.seq_len, m.d_model // m.n_heads, m.rope_theta) if m.pos == "rope" else None
         self.rope = rope
         self._init_weights(m)
-        assign_moe_layers(self)
 
     def _init_weights(self, m: ModelConfig) -> None:
         out_std = expert_out_std(m.init_std, m.n_layers)
@@ -102,11 +95,40 @@ class Transformer(nn.Module):
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else lm_loss.new_zeros(())
         return LMOutput(logits, lm_loss + aux_loss, lm_loss, aux_loss, metrics)
 
-    def set_step(self, step: int) -> None:
-        """Tell step-scheduled modules (e.g. competition routing) the optimizer step about to run."""
-        for module in self.modules():
-            if module is not self and hasattr(module, "set_step"):
-                module.set_step(step)
+    # ---- the MoE layers ---------------------------------------------------------------------------------
+    def moe_layers(self) -> list[tuple[str, MoELayer]]:
+        """(state-dict prefix, layer) of every MoE layer, in order."""
+        return [(f"blocks.{i}.mlp.", b.mlp) for i, b in enumerate(self.blocks) if b.is_moe]
+
+    def routers(self) -> list[Router]:
+        return [layer.router for _, layer in self.moe_layers()]
+
+    def set_step(self, step: int, micro_batch: int = 0) -> None:
+        """Tell the routers the optimizer step about to run and the global index of this rank's micro-batch
+        in it (their schedules and random draws are keyed by them)."""
+        for router in self.routers():
+            router.set_step(step, micro_batch)
+
+    def post_step(self) -> None:
+        """After each optimizer step, on every rank: routers apply what forward observed (vq's codebook)."""
+        for router in self.routers():
+            router.post_step()
+
+    def set_ep_group(self, group) -> None:
+        for _, layer in self.moe_layers():
+            layer.set_ep_group(group)
+
+    def to_canonical(self, sd: dict) -> dict:
+        """A state dict of this model (or one keyed like it) in the canonical layout (collective under EP)."""
+        for prefix, layer in self.moe_layers():
+            sd = layer.to_canonical(prefix, sd)
+        return sd
+
+    def from_canonical(self, sd: dict) -> dict:
+        """A canonical state dict in this model's layout (this rank's experts under EP)."""
+        for prefix, layer in self.moe_layers():
+            sd = layer.from_canonical(prefix, sd)
+        return sd
 
     def num_params(self, active: bool = False) -> int:
         """All parameters of the model (every expert counted once, also when this rank holds only its

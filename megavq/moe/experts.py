@@ -26,6 +26,12 @@ class Experts(nn.Module):
         self.init_std, self.out_std, self.seed = init_std, out_std or init_std, seed
         self.reset_parameters()
 
+    @classmethod
+    def for_spec(cls, spec, count: int | None = None, first_expert: int = 0) -> "Experts":
+        """`count` experts (default all) of an MoE layer's spec, starting at global id `first_expert`."""
+        return cls(count or spec.moe.num_experts, spec.d_model, spec.d_hidden, spec.mlp, spec.bias, spec.init_std,
+                   spec.out_std, spec.seed, first_expert)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Each expert from its own generator, seeded by its global id: the same weights at any ep_size."""

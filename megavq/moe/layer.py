@@ -1,58 +1,45 @@
-"""The MoE layer: a router and a bank of experts, run by a backend.
+"""The MoE layer: router + experts + dispatcher, built from one MoESpec.
 
 Legend: B batch, S sequence, T = B*S tokens, D hidden, E experts, K slots per token.
+The router decides (RouterOutput), the dispatcher (moe.backend) moves the routed rows to the experts and
+back; the experts are weights in the dispatcher's layout. Every layer has the same interface:
+`forward(x_BSD) -> (y_BSD, aux_loss, metrics)`. What differs between routers and dispatchers is declared
+on their classes (megavq.moe.routers.base.Router, megavq.moe.dispatch.base.Dispatcher) and checked by
+`check_layer` before anything is built.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megavq.errors import ConfigError
-from megavq.config import MoEConfig
-from megavq.moe.backends import token_backend
-from megavq.moe.experts import Experts
-from megavq.moe.routers import Router, build_router, router_class
+from megavq.moe.dispatch import build_dispatcher, dispatcher_class, dispatchers_where
+from megavq.moe.routers import RouterOutput, router_class
+from megavq.moe.spec import MoESpec, build_layer_router
 
 
-def router_options(cfg: MoEConfig) -> dict:
-    """router_options, with moe.aux_loss_coef / moe.z_loss_coef passed to routers that take them."""
-    params = inspect.signature(router_class(cfg.router).__init__).parameters
-    opts = dict(cfg.router_options)
-    if "balance_coef" in params:
-        opts.setdefault("balance_coef", cfg.aux_loss_coef)
-    if "z_loss_coef" in params:
-        opts.setdefault("z_loss_coef", cfg.z_loss_coef)
-    return opts
-
-
-def layer_router(cfg: MoEConfig, d_model: int) -> Router:
-    """The router of an MoE layer of any kind, built from the config."""
-    return build_router(cfg.router, hidden_size=d_model, num_experts=cfg.num_experts, top_k=cfg.top_k,
-                        **router_options(cfg))
-
-
-def router_kwargs(router: Router, x_BSD: torch.Tensor, all_experts) -> dict:
-    """The keyword arguments a router asks for: expert_fn (competition routing), seq_len (per-sequence routing)."""
-    kwargs = {}
-    if router.needs_expert_outputs:
-        kwargs["expert_fn"] = all_experts
-    if getattr(router, "needs_seq_len", False):
-        kwargs["seq_len"] = x_BSD.shape[1]
-    return kwargs
-
-
-def router_is_causal(name: str, options: dict) -> bool:
-    """A router class's `causal`, or `causal_for(options)` where an option decides it (usmoe's selection)."""
-    cls = router_class(name)
-    return cls.causal_for(options) if hasattr(cls, "causal_for") else cls.causal
+def check_layer(moe, bias: bool = False) -> None:
+    """Refuse a router x dispatcher x ep_size combination that cannot run, naming what works."""
+    router, disp = router_class(moe.router), dispatcher_class(moe.backend)
+    if router.layer_kind not in disp.layer_kinds:
+        serving = dispatchers_where(lambda d: router.layer_kind in d.layer_kinds)
+        raise ConfigError(f"moe.router={moe.router} runs on moe.backend={' or '.join(serving)} "
+                          f"(a {router.layer_kind!r} layer), got moe.backend={moe.backend}")
+    if moe.ep_size > 1 and not disp.expert_parallel:
+        parallel = dispatchers_where(lambda d: d.expert_parallel)
+        raise ConfigError(f"moe.ep_size={moe.ep_size} runs on moe.backend={' or '.join(parallel)}, "
+                          f"got moe.backend={moe.backend}")
+    if moe.ep_size > 1 and router.layer_kind != "token":
+        raise ConfigError(f"moe.router={moe.router} runs with moe.ep_size=1, got {moe.ep_size}")
+    if bias and not disp.biases:
+        raise ConfigError(f"moe.backend={moe.backend} has no per-expert biases: set model.mlp_bias=false")
 
 
 def check_causal(cfg) -> None:
     """Refuse a non-causal router for causal language-model training unless moe.allow_noncausal is set."""
     moe = cfg.moe
-    if moe.every == 0 or router_is_causal(moe.router, moe.router_options) or moe.allow_noncausal:
+    if moe.every == 0 or router_class(moe.router).is_causal(moe.router_options) or moe.allow_noncausal:
         return
     raise ConfigError(f"moe.router={moe.router} is not causal: a token's routing depends on later tokens of "
                       f"its sequence, which leaks the future into next-token prediction (training loss looks "
@@ -60,55 +47,74 @@ def check_causal(cfg) -> None:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: MoEConfig, d_model: int, d_hidden: int, mlp: str = "swiglu", bias: bool = False,
-                 init_std: float = 0.02, out_std: float | None = None, seed: int = 0):
+    """Token routing: `forward(x_BSD) -> (y_BSD, aux_loss, metrics)`."""
+
+    def __init__(self, spec: MoESpec):
         super().__init__()
-        if cfg.ep_size != 1:
-            raise ConfigError(f"moe.ep_size={cfg.ep_size} needs an expert-parallel backend; "
-                              f"moe.backend={cfg.backend} runs with moe.ep_size=1")
-        if getattr(router_class(cfg.router), "layer_kind", "token") != "token":
-            raise ConfigError(f"moe.router={cfg.router} is its own layer kind: build it with build_moe_layer")
-        self.router = layer_router(cfg, d_model)
-        self.experts = Experts(cfg.num_experts, d_model, d_hidden, mlp, bias, init_std, out_std, seed)
-        self.backend = cfg.backend
-        self.run_experts = token_backend(cfg.backend)
+        check_layer(spec.moe, spec.bias)
+        self.router = build_layer_router(spec)
+        self.dispatcher = build_dispatcher(spec)  # not a module: it holds no tensors
+        self.experts = self.dispatcher.build_experts()
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        r = self.router(x_TD, **router_kwargs(self.router, x_BSD, lambda: self.experts.all_experts(x_TD)))
-        y_TD = self.run_experts(x_TD, r, self.experts)
-        return y_TD.view_as(x_BSD), r.aux_loss, r.metrics
+        y_BSD, r, extra = self.dispatcher.forward(x_BSD, self.router_fn(x_BSD.shape[1]), self.experts)
+        return y_BSD, r.aux_loss, {**r.metrics, **extra}
+
+    def router_fn(self, seq_len: int):
+        """x_TD -> RouterOutput, the router called with what it declares it needs."""
+        return lambda x_TD: self.router.route(x_TD, seq_len, lambda: self.all_experts(x_TD))
+
+    def route(self, x_BSD: torch.Tensor) -> RouterOutput:
+        """The routing of x_BSD as forward computes it (for diagnostics)."""
+        return self.router_fn(x_BSD.shape[1])(x_BSD.reshape(-1, x_BSD.shape[-1]))
+
+    def all_experts(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Every expert of the layer (on every EP rank) on every token, (E, T, D)."""
+        return self.dispatcher.all_experts(x_TD, self.experts)
+
+    # ---- distributed set-up and the canonical layout (see megavq.moe.dispatch) --------------------------
+    def set_ep_group(self, group) -> None:
+        self.dispatcher.set_ep_group(group)
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        return self.dispatcher.expert_parameters(self.experts)
+
+    def to_canonical(self, prefix: str, sd: dict) -> dict:
+        return self.dispatcher.to_canonical(self.experts, f"{prefix}experts.", sd)
+
+    def from_canonical(self, prefix: str, sd: dict) -> dict:
+        return self.dispatcher.from_canonical(self.experts, f"{prefix}experts.", sd)
 
 
-def build_moe_layer(cfg: MoEConfig, d_model: int, d_hidden: int, mlp: str = "swiglu", bias: bool = False,
-                    init_std: float = 0.02, out_std: float | None = None, seed: int = 0) -> nn.Module:
-    """The MoE layer for cfg.backend (and cfg.router, for layer-kind routers).
+class SoftMoELayer(MoELayer):
+    """Soft MoE (Puigcerver et al. 2024): experts run on soft slots, mixes of a sequence's tokens.
 
-    Every kind has the same interface: `forward(x_BSD) -> (y_BSD, aux_loss, metrics)`.
+    Legend: N = E*P slots per sequence, M = B*N slots in the batch. Slot n of every sequence is one row routed
+    to expert n // P with weight 1, run by the dispatcher like routed tokens.
     """
-    args = (cfg, d_model, d_hidden, mlp, bias, init_std, out_std, seed)
-    if getattr(router_class(cfg.router), "layer_kind", "token") == "soft":
-        if cfg.backend not in ("reference", "native"):
-            raise ConfigError(f"moe.router=soft runs on moe.backend=native or reference, got {cfg.backend}")
-        from megavq.moe.soft import SoftMoELayer
-        return SoftMoELayer(*args)
-    if cfg.backend == "deepspeed":
-        from megavq.moe.backends.deepspeed import DeepSpeedMoELayer
-        return DeepSpeedMoELayer(*args)
-    if cfg.backend == "megablocks":
-        from megavq.moe.backends.megablocks import MegaBlocksMoELayer
-        return MegaBlocksMoELayer(*args)
-    if cfg.ep_size > 1:
-        if cfg.backend != "native":
-            raise ConfigError(f"moe.ep_size={cfg.ep_size} runs on moe.backend=native or deepspeed, got {cfg.backend}")
-        from megavq.moe.backends.expert_parallel import ExpertParallelMoELayer
-        return ExpertParallelMoELayer(*args)
-    return MoELayer(*args)
+
+    def slot_routing(self, batch: int, device) -> RouterOutput:
+        """Each slot row goes to its expert with weight 1."""
+        E, P = self.router.num_experts, self.router.slots_per_expert
+        expert_M = (torch.arange(E * P, device=device) // P).repeat(batch)
+        weights_M1 = torch.ones(expert_M.shape[0], 1, device=device)
+        return RouterOutput(weights_M1, expert_M[:, None], F.one_hot(expert_M, E).float(),
+                            weights_M1.new_zeros(()), {})
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        B = x_BSD.shape[0]
+        dispatch_BSN, combine_BSN = self.router.dispatch_combine(x_BSD)
+        slots_BND = (dispatch_BSN.transpose(1, 2) @ x_BSD.float()).to(x_BSD.dtype)
+        routing = self.slot_routing(B, x_BSD.device)
+        y_BND, _, _ = self.dispatcher.forward(slots_BND, lambda x: routing, self.experts)
+        y_BSD = combine_BSN @ y_BND.float()
+        aux = x_BSD.new_zeros((), dtype=torch.float32)
+        return y_BSD.to(x_BSD.dtype), aux, self.router.combine_metrics(combine_BSN)
 
 
-def assign_moe_layers(model: nn.Module) -> None:
-    """Tell each router that schedules per layer (compete) its index among the model's MoE layers and their count."""
-    routers = [m.router for m in model.modules() if isinstance(getattr(m, "router", None), Router)]  # one per layer
-    for i, router in enumerate(routers):
-        if hasattr(router, "set_layer"):
-            router.set_layer(i, len(routers))
+LAYER_KINDS = {"token": MoELayer, "slots": SoftMoELayer}
+
+
+def build_moe_layer(spec: MoESpec) -> MoELayer:
+    """The MoE layer of the kind its router declares."""
+    return LAYER_KINDS[router_class(spec.moe.router).layer_kind](spec)

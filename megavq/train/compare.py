@@ -10,6 +10,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
+from megavq.config import MoEConfig
 from megavq.errors import MegavqError
 
 COLUMNS = ["router", "val_loss", "val_vs_topk", "test_bits_per_byte", "tokens_per_s", "step_time_vs_topk",
@@ -40,7 +41,8 @@ def read_result(router: str, out_dir: Path) -> dict:
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    base = next((r for r in rows if r["router"] == "topk"), rows[0])
+    """Ratios against the baseline: the default router (moe.router's default, softmax top-k), else the first."""
+    base = next((r for r in rows if r["router"] == MoEConfig.router), rows[0])
     for r in rows:
         r["val_vs_topk"] = r["val_loss"] / base["val_loss"]
         r["step_time_vs_topk"] = base["tokens_per_s"] / r["tokens_per_s"]

@@ -1,4 +1,6 @@
-"""The only module that calls deepspeed.initialize: DeepSpeed config reconciliation, optimizer, schedule."""
+"""The only module that calls deepspeed.initialize: DeepSpeed config reconciliation, the checks that need the
+world size, optimizer, schedule, and the portable (layout-free) optimizer state. DeepSpeed internals are reached
+through megavq.train.ds_compat."""
 from __future__ import annotations
 
 import json
@@ -7,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from megavq.config import Config, validate
 from megavq.errors import ConfigError
-from megavq.config import Config
+from megavq.train import ds_compat
 
 # DeepSpeed key -> (megavq key, how to read the megavq value)
 _RECONCILED = {
@@ -23,6 +26,7 @@ _RECONCILED = {
 def init_distributed() -> tuple[int, int]:
     """Start torch.distributed through DeepSpeed (gloo on CPU); returns (rank, world_size)."""
     import deepspeed
+    ds_compat.check_version()
     deepspeed.init_distributed(verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
@@ -51,19 +55,16 @@ def reconcile_ds_config(ds: dict, cfg: Config, world_size: int) -> dict:
         ds[ds_key] = ours
     ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("steps_per_print", 10**9)
-    check_parallel_layout(ds, cfg, world_size)
+    check_world(cfg, world_size)
+    validate(cfg, zero_stage(ds))
     return ds
 
 
-def check_parallel_layout(ds: dict, cfg: Config, world_size: int) -> None:
-    """Refuse, at start-up, the combinations of ZeRO stage, MoE backend and ep_size that cannot run."""
+def check_world(cfg: Config, world_size: int) -> None:
+    """The start-up checks that need the number of ranks (validate holds the others)."""
     moe = cfg.moe
     if moe.every > 0 and world_size % moe.ep_size:
         raise ConfigError(f"moe.ep_size={moe.ep_size} must divide the number of ranks, got {world_size} rank(s)")
-    if zero_stage(ds) == 3 and moe.every > 0 and (moe.ep_size != 1 or moe.backend not in ("native", "reference")):
-        raise ConfigError(f"ZeRO-3 runs MoE with moe.backend=native (or reference) and moe.ep_size=1 only, got "
-                          f"moe.backend={moe.backend} moe.ep_size={moe.ep_size}; for expert parallelism or the "
-                          f"deepspeed/megablocks backends use ZeRO-0/1/2 (ds_configs/zero2.json)")
 
 
 def zero_stage(ds: dict) -> int:
@@ -101,49 +102,21 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def _expert_parallel_tag(num_experts: int, ep_size: int, group_name: str):
-    """A parameter-free DeepSpeed `MoE` that makes the engine treat the model as an MoE model.
-
-    The engine reduces `param.allreduce = False` parameters over their expert-data-parallel group only when
-    it has found an `MoE` module (isinstance); native expert-parallel layers are not one, so the model gets
-    this tag. It holds no weights and names no local experts, so DeepSpeed writes no expert files for it.
-    """
-    from deepspeed.moe.layer import MoE
-
-    class ExpertParallelTag(MoE):
-        def __init__(self):
-            torch.nn.Module.__init__(self)
-            self.num_experts, self.ep_size, self.expert_group_name = num_experts, ep_size, group_name
-            self.num_local_experts, self.use_residual, self.enable_expert_tensor_parallelism = 0, False, False
-
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            pass  # the groups exist (setup_expert_parallel)
-
-        def forward(self, *args):
-            raise RuntimeError("the expert-parallel tag is not a layer")
-
-    return ExpertParallelTag()
-
-
 def setup_expert_parallel(model: torch.nn.Module, ep_size: int) -> None:
-    """Native expert-parallel layers: DeepSpeed's EP groups, and expert parameters marked as MoE parameters.
+    """Layers whose experts megavq shards itself (not DeepSpeed's MoE): DeepSpeed's EP groups, and their expert
+    parameters marked as MoE parameters.
 
     Expert gradients are then averaged over the expert-data-parallel group (ranks with the same EP rank), the
     rest over all ranks, and the optimizer gets separate MoE parameter groups (param_groups).
     """
-    from megavq.moe.backends.expert_parallel import ExpertParallelMoELayer
-    layers = [m for m in model.modules() if isinstance(m, ExpertParallelMoELayer)]
-    if not layers:
+    layers = [layer for _, layer in model.moe_layers() if not layer.dispatcher.deepspeed_moe]
+    if ep_size == 1 or not layers:
         return
-    from deepspeed.utils import groups
-    name = f"ep_size_{ep_size}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
+    name, group = ds_compat.expert_parallel_group(ep_size)
     for layer in layers:
-        layer.set_ep_group(groups._get_expert_parallel_group(name))
-        for p in layer.expert_parameters():
-            p.allreduce, p.group_name = False, name
-    model.add_module("expert_parallel_tag", _expert_parallel_tag(layers[0].num_experts, ep_size, name))
+        layer.set_ep_group(group)
+        ds_compat.mark_expert_parameters(layer.expert_parameters(), name)
+    model.add_module("expert_parallel_tag", ds_compat.expert_parallel_tag(model.cfg.moe.num_experts, ep_size, name))
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
@@ -160,16 +133,15 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
 def full_state_dict(engine) -> dict | None:
     """The whole model's state dict in the canonical (native, ep_size 1) layout, on rank 0.
 
-    Gathered under ZeRO-3. Every module with a `to_canonical(prefix, state_dict)` method (expert-parallel
-    or DeepSpeed MoE layers) rewrites its own entries; it is called on every rank, so it may communicate.
-    Other ranks may get None.
+    Gathered under ZeRO-3. Each MoE layer rewrites its own entries (`to_canonical`); it is called on every
+    rank, so it may communicate. Other ranks may get None.
     """
     model = engine.module
     if engine.zero_optimization_partition_weights():
-        sd = engine._zero3_consolidated_16bit_state_dict()
+        sd = ds_compat.zero3_full_state_dict(engine)
     else:
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return canonical(model, sd)
+    return model.to_canonical(sd)
 
 
 # ---- portable optimizer state: fp32 weights and Adam moments in the canonical layout ------------------
@@ -180,24 +152,9 @@ def full_state_dict(engine) -> dict | None:
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
-def canonical(model: torch.nn.Module, sd: dict, hook: str = "to_canonical") -> dict:
-    """Apply every module's `to_canonical` (or `from_canonical`) to a dict keyed like the model's state dict."""
-    for name, module in model.named_modules():
-        if hasattr(module, hook):
-            sd = getattr(module, hook)(f"{name}.", sd)
-    return sd
-
-
-def _flat_optimizer(engine):
-    """(inner torch optimizer, fp32 flat partitions) of a ZeRO-1/2 or bf16 optimizer; None for a plain one."""
-    opt = engine.optimizer
-    flats = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_groups_flat_partition", None)
-    return (opt.optimizer, flats) if flats is not None else None
-
-
 def _get_state(engine, p: torch.nn.Parameter, key: str) -> torch.Tensor:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-    if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):  # ZeRO, bf16: gathered over the data-parallel group
+    if ds_compat.has_fragment_mapping(p):  # ZeRO, bf16: gathered over the data-parallel group
         return safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
     if key == "fp32":
         return p.detach().float()
@@ -209,17 +166,17 @@ def full_optimizer_state(engine) -> tuple[dict, int]:
     """({'fp32/<name>', 'exp_avg/<name>', 'exp_avg_sq/<name>': canonical tensor}, Adam step count)."""
     model, out = engine.module, {}
     if not engine.zero_optimization_partition_weights():
-        _link_zero_moments(engine)
+        ds_compat.link_zero_moments(engine)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for key in STATE_KEYS:
-        sd = canonical(model, {n: _get_state(engine, p, key).cpu() for n, p in params})
+        sd = model.to_canonical({n: _get_state(engine, p, key).cpu() for n, p in params})
         out.update({f"{key}/{n}": t for n, t in sd.items()})
     return out, adam_step(engine)
 
 
 def _adam_slots(engine) -> tuple[dict, list]:
     """(the Adam state dict, the tensors it is keyed by) of a ZeRO-0/1/2 or bf16 optimizer."""
-    flat = _flat_optimizer(engine)
+    flat = ds_compat.flat_optimizer(engine)
     if flat is not None:
         return flat[0].state, flat[1]
     return engine.optimizer.state, [p for g in engine.optimizer.param_groups for p in g["params"]]
@@ -237,13 +194,6 @@ def adam_step(engine) -> int:
     return max(steps, default=0)
 
 
-def _link_zero_moments(engine) -> None:
-    """ZeRO-1/2 and bf16 optimizers give each parameter its view of the Adam moments lazily: do it now."""
-    if _flat_optimizer(engine) is not None:
-        engine.optimizer._hp_optimizer_states_linked = False
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
-
-
 def _init_adam_states(engine, step: int) -> None:
     """Create the Adam states (made lazily at the first step), set their step count, link ZeRO's views."""
     state, tensors = _adam_slots(engine)
@@ -251,7 +201,7 @@ def _init_adam_states(engine, step: int) -> None:
         if not state[t]:
             state[t].update(exp_avg=torch.zeros_like(t), exp_avg_sq=torch.zeros_like(t))
         state[t]["step"] = torch.tensor(float(step))
-    _link_zero_moments(engine)
+    ds_compat.link_zero_moments(engine)
 
 
 def _set_state(engine, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
@@ -259,7 +209,7 @@ def _set_state(engine, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> 
     value = value.to(p.device)
     if key == "fp32":
         p.data.copy_(value.to(p.dtype))
-    if hasattr(p, "_hp_mapping"):
+    if ds_compat.maps_fragments(p):
         if key == "fp32":
             safe_set_full_fp32_param(p, value)
         else:
@@ -277,8 +227,7 @@ def load_full_optimizer_state(engine, state: dict, step: int) -> None:
     _init_adam_states(engine, step)
     params = dict(model.named_parameters())
     for key in STATE_KEYS:
-        sd = canonical(model, {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(key + "/")},
-                       "from_canonical")
+        sd = model.from_canonical({k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(key + "/")})
         missing = [n for n, p in params.items() if p.requires_grad and n not in sd]
         if missing:
             raise ConfigError(f"the saved optimizer state has no {key} for {missing[:3]}: not this model's")

@@ -58,17 +58,19 @@ class Trainer:
         self.micro = cfg.data.micro_batch_size
         self.global_batch = self.micro * cfg.train.grad_accum_steps * world
         self.moe_layer_ids = [i for i, b in enumerate(model.blocks) if b.is_moe]
-        self.health = CollapseMonitor.from_config(cfg)
+        self.health = CollapseMonitor.for_model(model, cfg.train)
 
     # ---- one optimizer step -------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
+        """One optimizer step over grad_accum_steps micro-batches, then the routers' post_step."""
         cfg = self.cfg
-        self.model.set_step(step)
         x, y = self.data.batch("train", step, self.global_batch, cfg.model.seq_len, cfg.train.seed)
         x, y = x.to(self.engine.device), y.to(self.engine.device)
         totals, metrics = torch.zeros(3), []
         for m in range(cfg.train.grad_accum_steps):
-            rows = slice((m * self.world + self.rank) * self.micro, (m * self.world + self.rank + 1) * self.micro)
+            micro = m * self.world + self.rank  # this micro-batch's index in the global batch
+            self.model.set_step(step, micro)
+            rows = slice(micro * self.micro, (micro + 1) * self.micro)
             out = self.engine(x[rows], y[rows])
             stats = torch.stack([out.lm_loss.detach().float(), out.aux_loss.detach().float(),
                                  (~torch.isfinite(out.loss.detach())).float()])
@@ -81,6 +83,7 @@ class Trainer:
             self.engine.step()
             totals += stats.cpu()
             metrics.append(flatten_router_metrics(out.router_metrics, self.moe_layer_ids))
+        self.model.post_step()  # router state (vq's codebook) changes after the optimizer step, on every rank
         n = cfg.train.grad_accum_steps * self.world
         record = {"train/lm_loss": totals[0].item() / n, "train/aux_loss": totals[1].item() / n}
         record["train/loss"] = record["train/lm_loss"] + record["train/aux_loss"]
@@ -214,8 +217,6 @@ class Trainer:
 
 
 def build_model(cfg: Config, init_from: str | None = None) -> Transformer:
-    from megavq.moe.layer import check_causal
-    check_causal(cfg)
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg)
     if init_from:

@@ -1,21 +1,44 @@
-"""The router contract and the registry of routers by name.
+"""The router contract, what every router declares about itself, and the registry of routers by name.
 
 Legend: T tokens, D hidden size, E experts, K slots per token.
 A router maps x_TD to a RouterOutput. Slots a router does not use carry index -1 and weight 0.
 All routing math runs in fp32 whatever the model dtype.
+
+Declarations (class attributes and methods of `Router`; the MoE layer, the start-up validation, evaluation,
+health checks and export read them, and nothing outside this package tests a router's name):
+  layer_kind            "token": the MoE layer routes tokens to experts; "slots": experts run on Soft MoE slots
+  causal, is_causal()   a token's routing depends on no later token (is_causal(options) where an option decides)
+  needs_seq_len         forward takes `seq_len=` (it routes within sequences)
+  needs_expert_outputs  forward takes `expert_fn=`, which returns every expert on every token, (E, T, D)
+  state                 the buffers post_step() updates: router state kept across optimizer steps
+  eval_variants         {name: attribute overrides} that evaluation runs apart (vq's discrete_only)
+  hf_routing()          how Hugging Face's softmax top-k MoE (Mixtral, Qwen2-MoE) reproduces the evaluation-time
+                        routing, or None; hf_import: the router Hugging Face MoE models are imported with
+  health(), view(), experts_per_token: diagnostics; init_from_data() (init_from_data_needed): upcycling
+
+Router state changes after the optimizer step, never inside forward: a router that keeps state records what
+forward observed (only in training mode, and not while a forward is recomputed for activation checkpointing:
+`observing`), and `post_step()` applies it once per optimizer step on every rank. A one-time lazy
+initialisation before first use (vq's k-means start) is allowed. Random draws in forward come from
+`generator()`, keyed by (seed, step, layer, micro-batch): a recomputed forward draws the same numbers.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import inspect
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from megavq.errors import ConfigError
 
 _REGISTRY: dict[str, type["Router"]] = {}
+_RECOMPUTING = contextvars.ContextVar("megavq_recomputing", default=False)
+_MASK64 = (1 << 64) - 1
 
 
 class RouterOutput(NamedTuple):
@@ -28,22 +51,157 @@ class RouterOutput(NamedTuple):
     metrics: dict  # detached tensors for logging
 
 
+class HealthLimits(NamedTuple):
+    """Thresholds of the training-time collapse checks (train.collapse_share, dead_code_frac, code_usage_min)."""
+    share: float = 0.9
+    dead_code_frac: float = 0.5
+    code_usage_min: float = 0.5
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Forwards run inside this context are recomputations (activation checkpointing): routers observe nothing."""
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
+def mix64(*values: int) -> int:
+    """A 64-bit hash of integers (splitmix64 chained): the same on every rank and in every process."""
+    h = 0
+    for v in values:
+        h = ((h ^ (v & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """In a distributed run, the sum over all ranks (routers are replicated on every rank), in place."""
+    if distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """In a distributed run, rank 0's value on every rank, in place."""
+    if distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
 class Router(nn.Module):
-    """Base class. Subclasses set `causal` and implement `forward(x_TD) -> RouterOutput`.
+    """Base class. Subclasses implement `forward(x_TD, [seq_len=], [expert_fn=]) -> RouterOutput` and declare
+    what differs from the defaults below (see the module docstring)."""
 
-    A router whose decision needs every expert's output on a token (competition routing) sets
-    `needs_expert_outputs = True`; the MoE layer then calls `forward(x_TD, expert_fn=f)` where
-    `f()` returns the outputs of all experts on all tokens, shape (E, T, D), when the router asks.
-    """
-
-    causal: bool = True
-    needs_expert_outputs: bool = False
+    name: ClassVar[str]
+    layer_kind: ClassVar[str] = "token"
+    causal: ClassVar[bool] = True
+    needs_seq_len: ClassVar[bool] = False
+    needs_expert_outputs: ClassVar[bool] = False
+    state: ClassVar[tuple[str, ...]] = ()
+    eval_variants: ClassVar[dict[str, dict]] = {}
+    hf_import: ClassVar[bool] = False
+    init_from_data_needed: ClassVar[bool] = False  # upcycling must give calibration data (init_from_data)
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ConfigError(f"top_k must be in [1, {num_experts}], got {top_k}")
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.layer_index, self.num_moe_layers, self.seed = 0, 1, 0
+        self.step, self.micro_batch = 0, 0
+
+    @classmethod
+    def is_causal(cls, options: dict) -> bool:
+        """Whether a router built with these options is causal (checked before any router is built)."""
+        return cls.causal
+
+    # ---- what the MoE layer and the trainer call --------------------------------------------------------
+    def route(self, x_TD: torch.Tensor, seq_len: int | None = None, expert_fn=None) -> RouterOutput:
+        """forward with the inputs this router declares it needs."""
+        kwargs = {}
+        if self.needs_seq_len:
+            kwargs["seq_len"] = seq_len
+        if self.needs_expert_outputs:
+            kwargs["expert_fn"] = expert_fn
+        return self(x_TD, **kwargs)
+
+    def place(self, layer_index: int, num_moe_layers: int, seed: int) -> None:
+        """Its index among the model's MoE layers, their number, and the seed of its random draws."""
+        assert 0 <= layer_index < num_moe_layers, (layer_index, num_moe_layers)
+        self.layer_index, self.num_moe_layers, self.seed = layer_index, num_moe_layers, seed
+
+    def set_step(self, step: int, micro_batch: int = 0) -> None:
+        """The optimizer step about to run and the global index of this rank's micro-batch within it."""
+        self.step, self.micro_batch = step, micro_batch
+
+    def post_step(self) -> None:
+        """Apply what forward observed since the last call (once per optimizer step, on every rank)."""
+
+    @property
+    def observing(self) -> bool:
+        """Whether forward records observations: training mode, and not a recomputed forward."""
+        return self.training and not _RECOMPUTING.get()
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """A generator keyed by (seed, step, layer, micro-batch) for random draws in forward."""
+        key = mix64(self.seed, self.step, self.layer_index, self.micro_batch) & ((1 << 63) - 1)
+        return torch.Generator(device=device).manual_seed(key)
+
+    # ---- evaluation, health checks, export, calibration -------------------------------------------------
+    @property
+    def experts_per_token(self) -> float:
+        """Experts that compute on a token (mean for routers that give tokens 0..E experts: see metrics)."""
+        return float(self.top_k)
+
+    @property
+    def sweeps_top_k(self) -> bool:
+        """Whether evaluation may change top_k: causal token choice with top_k experts per token."""
+        return self.layer_kind == "token" and self.causal
+
+    def view(self, x_TD: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+        """(what it is, (T, R) scores the router ranks its choices by) for diagnostics; None: its output scores."""
+        gate = self._modules.get("gate")
+        if isinstance(gate, nn.Linear):
+            return "logits x W_g^T, (T, E)", gate(x_TD)
+        return None
+
+    def health(self, metrics: dict, limits: HealthLimits) -> dict[str, str | None]:
+        """{check: problem or None} from one layer's logged metrics (keys without the moe/L{i}/ prefix)."""
+        return {"load": load_problem(metrics.get("load"), metrics.get("experts_per_token", self.experts_per_token),
+                                     limits.share)}
+
+    def hf_routing(self) -> dict | None:
+        """{"normalize": bool, "jitter": float} when Hugging Face's softmax top-k MoE routes as this router does at
+        evaluation (same logits, same top-k, same weights); None otherwise."""
+        return None
+
+    def init_from_data(self, x_ND: torch.Tensor, seed: int = 0) -> float | None:
+        """Initialise from hidden states entering the layer (upcycling); the fraction of codes used, or None
+        when the router does not initialise from data."""
+        return None
+
+
+def load_problem(load: list | None, slots_per_token: float, share: float) -> str | None:
+    """One expert receives more than `share` of the tokens: its fraction of routed slots times slots per token.
+
+    For top-k the largest share an expert can reach is 1 (every token); layers where every token uses every
+    expert (k >= E) are skipped."""
+    if load is None or slots_per_token >= len(load):
+        return None
+    top = max(range(len(load)), key=lambda e: load[e])
+    token_share = min(1.0, load[top] * slots_per_token)
+    if token_share <= share:
+        return None
+    return f"expert {top} gets {token_share:.0%} of the tokens (train.collapse_share={share})"
 
 
 class FP32Linear(nn.Linear):
@@ -57,9 +215,30 @@ class FP32Linear(nn.Linear):
         return F.linear(x.float(), self.weight.float(), bias)
 
 
+def linear_gate(hidden_size: int, num_experts: int) -> FP32Linear:
+    """The router's gate W_g (E, D): no bias, normal std 0.02."""
+    gate = FP32Linear(hidden_size, num_experts, bias=False)
+    nn.init.normal_(gate.weight, std=0.02)
+    return gate
+
+
+def top_k_weights(probs_TE: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights (T, k), indices (T, k)): the top-k probabilities, divided by their sum when `normalize`."""
+    weights_TK, indices_TK = probs_TE.topk(k, dim=-1)
+    if normalize:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+    return weights_TK, indices_TK
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean over tokens of logsumexp(logits)^2."""
+    return logits_TE.logsumexp(-1).pow(2).mean()
+
+
 def register(name: str):
     def wrap(cls):
-        assert name not in _REGISTRY, f"router {name} registered twice"
+        if name in _REGISTRY:
+            raise ConfigError(f"router '{name}' is registered twice")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -76,14 +255,23 @@ def router_class(name: str) -> type[Router]:
     return _REGISTRY[name]
 
 
+def option_names(name: str) -> list[str]:
+    """The options a router takes (its constructor's parameters beyond the shape)."""
+    params = inspect.signature(router_class(name).__init__).parameters
+    return [p for p in params if p not in ("self", "hidden_size", "num_experts", "top_k")]
+
+
 def build_router(name: str, hidden_size: int, num_experts: int, top_k: int, **options) -> Router:
     cls = router_class(name)
-    params = inspect.signature(cls.__init__).parameters
-    unknown = [k for k in options if k not in params]
+    unknown = [k for k in options if k not in option_names(name)]
     if unknown:
-        valid = [p for p in params if p not in ("self", "hidden_size", "num_experts", "top_k")]
-        raise ConfigError(f"router '{name}' has no option {unknown[0]!r} (valid: {valid})")
+        raise ConfigError(f"router '{name}' has no option {unknown[0]!r} (valid: {option_names(name)})")
     return cls(hidden_size=hidden_size, num_experts=num_experts, top_k=top_k, **options)
+
+
+def hf_router_name() -> str:
+    """The router that Hugging Face's softmax top-k MoE models (Mixtral, Qwen2-MoE) are imported with."""
+    return next(name for name, cls in sorted(_REGISTRY.items()) if cls.hf_import)
 
 
 def load_balance_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:

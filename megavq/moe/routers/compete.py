@@ -9,37 +9,24 @@ from the routing), and the router is distilled towards softmax(a) over all E exp
 Schedule: after `warmup_steps`, each MoE layer competes with probability `rate` per optimizer step, at
 most `max_competing` layers in one step. The draw is a pure function of (schedule_seed, step, layer):
 every rank (and every expert-parallel group) takes the same decision without communicating, so all
-ranks run the dense step together. The model tells the router its step (`set_step`, called by the
-trainer before each optimizer step) and its place among the MoE layers (`set_layer`, done by
-`megavq.moe.layer.assign_moe_layers`). In eval mode the router never competes.
+ranks run the dense step together, and a recomputed forward competes again. The trainer tells the router
+its step (`set_step`) and the MoE layer its place among the MoE layers (`place`). In eval mode the router
+never competes. The `competitions` buffer counts the optimizer steps in which the layer competed
+(updated by `post_step`).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from megavq.errors import ConfigError
-from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, load_balance_loss, register, routing_metrics
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+from megavq.moe.routers.base import (Router, RouterOutput, linear_gate, load_balance_loss, mix64, register,
+                                     routing_metrics, top_k_weights)
 
 
 def schedule_uniform(seed: int, step: int, layer: int) -> float:
     """A number in [0, 1) that depends only on (seed, step, layer): the same on every rank."""
-    h = _splitmix64(seed & _MASK64)
-    h = _splitmix64(h ^ (step & _MASK64))
-    h = _splitmix64(h ^ (layer & _MASK64))
-    return (h >> 11) / float(1 << 53)
+    return (mix64(seed, step, layer) >> 11) / float(1 << 53)
 
 
 def competing_layers(seed: int, step: int, num_layers: int, rate: float, warmup_steps: int,
@@ -76,6 +63,7 @@ def distillation_loss(probs_TE: torch.Tensor, a_TE: torch.Tensor, winners_TK: to
 @register("compete")
 class CompeteRouter(Router):
     needs_expert_outputs = True
+    state = ("competitions",)
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, affinity: str = "softplus",
                  rate: float = 0.07, warmup_steps: int = 100, max_competing: int = 3, distill_coef: float = 1e-3,
@@ -89,42 +77,29 @@ class CompeteRouter(Router):
         if warmup_steps < 0 or max_competing < 0:
             raise ConfigError(f"compete: warmup_steps and max_competing must be >= 0, "
                               f"got {warmup_steps}, {max_competing}")
-        self.gate = FP32Linear(hidden_size, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=0.02)
+        self.gate = linear_gate(hidden_size, num_experts)
         self.affinity, self.rate, self.warmup_steps, self.max_competing = affinity, rate, warmup_steps, max_competing
         self.distill_coef, self.winner_coef, self.balance_coef = distill_coef, winner_coef, balance_coef
         self.normalize = top_k > 1 if normalize is None else normalize
         self.schedule_seed = schedule_seed
-        self.step, self.layer_id, self.num_layers = 0, None, None
-        self.register_buffer("competitions", torch.zeros((), dtype=torch.long))  # training forwards that competed
-
-    def set_step(self, step: int) -> None:
-        self.step = step
-
-    def set_layer(self, layer_id: int, num_layers: int) -> None:
-        assert 0 <= layer_id < num_layers, (layer_id, num_layers)
-        self.layer_id, self.num_layers = layer_id, num_layers
+        self.register_buffer("competitions", torch.zeros((), dtype=torch.long))  # optimizer steps that competed
+        self.competed = False  # observed since the last post_step
 
     def competes_now(self) -> bool:
         if not self.training or self.step < self.warmup_steps or self.rate == 0:
             return False
-        if self.layer_id is None:
-            warnings.warn("compete router has no layer index: call megavq.moe.layer.assign_moe_layers(model); "
-                          "treating it as the only MoE layer", stacklevel=3)
-            self.set_layer(0, 1)
-        return self.layer_id in competing_layers(self.schedule_seed, self.step, self.num_layers, self.rate,
-                                                 self.warmup_steps, self.max_competing)
+        return self.layer_index in competing_layers(self.schedule_seed, self.step, self.num_moe_layers, self.rate,
+                                                    self.warmup_steps, self.max_competing)
 
-    def _router_topk(self, probs_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weights_TK, indices_TK = probs_TE.topk(self.top_k, dim=-1)
-        if self.normalize:  # = softmax over the top-k logits
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
-        return weights_TK, indices_TK
+    def post_step(self) -> None:
+        if self.competed:
+            self.competitions += 1
+        self.competed = False
 
     def forward(self, x_TD: torch.Tensor, expert_fn=None) -> RouterOutput:
         logits_TE = self.gate(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, indices_TK = self._router_topk(probs_TE)
+        weights_TK, indices_TK = top_k_weights(probs_TE, self.top_k, self.normalize)  # normalised = softmax over top-k
         balance = load_balance_loss(probs_TE, indices_TK)  # on the router path, every step
         aux = self.balance_coef * balance
         if not self.competes_now():
@@ -134,7 +109,7 @@ class CompeteRouter(Router):
         a_TE = expert_affinity(expert_fn(), self.affinity)
         a_win_TK, winners_TK = a_TE.topk(self.top_k, dim=-1)
         distill = distillation_loss(probs_TE, a_TE, winners_TK, self.winner_coef)
-        self.competitions += 1
+        self.competed = self.competed or self.observing
         metrics = self._metrics(winners_TK, probs_TE, balance, competed=True)
         metrics.update(distill_loss=distill.detach(), agreement=topk_agreement(indices_TK, winners_TK))
         return RouterOutput(a_win_TK.softmax(dim=-1), winners_TK, probs_TE, aux + self.distill_coef * distill,

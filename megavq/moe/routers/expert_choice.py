@@ -11,10 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from megavq.errors import ConfigError
-from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, register, routing_metrics
+from megavq.moe.routers.base import Router, RouterOutput, linear_gate, register, routing_metrics
 
 
 def group_size(num_tokens: int, seq_len: int | None, group: str) -> int:
@@ -55,8 +54,7 @@ class ExpertChoiceRouter(Router):
         if capacity_factor <= 0:
             raise ConfigError(f"expert_choice: capacity_factor must be > 0, got {capacity_factor}")
         check_group("expert_choice", group)
-        self.gate = FP32Linear(hidden_size, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=0.02)
+        self.gate = linear_gate(hidden_size, num_experts)
         self.capacity_factor, self.group = capacity_factor, group
 
     def capacity(self, group_tokens: int) -> int:

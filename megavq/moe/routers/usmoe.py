@@ -10,10 +10,10 @@ token-choice special case: top-k per token on w, same weights.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from megavq.errors import ConfigError
-from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, load_balance_loss, register, routing_metrics
+from megavq.moe.routers.base import (Router, RouterOutput, linear_gate, load_balance_loss, register,
+                                     routing_metrics)
 from megavq.moe.routers.expert_choice import check_group, coverage_metrics, group_size, slots_from_mask
 
 
@@ -30,14 +30,12 @@ class USMoERouter(Router):
         if selection not in ("global", "token"):
             raise ConfigError(f"usmoe: selection must be 'global' or 'token', got {selection!r}")
         check_group("usmoe", group)
-        self.gate = FP32Linear(hidden_size, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=0.02)
+        self.gate = linear_gate(hidden_size, num_experts)
         self.mix, self.selection, self.group, self.balance_coef = mix, selection, group, balance_coef
         self.causal = selection == "token"
 
     @classmethod
-    def causal_for(cls, options: dict) -> bool:
-        """Whether a router built with these options is causal (used by the build-time check)."""
+    def is_causal(cls, options: dict) -> bool:
         return options.get("selection", "global") == "token"
 
     def unified_scores(self, x_TD: torch.Tensor) -> torch.Tensor:

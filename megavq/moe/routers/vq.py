@@ -18,41 +18,26 @@ Defaults beyond the paper (see docs/routers.md for the measurements): EMA codebo
 on the first training batch, beta = 0, slot weights summing to 1, and restarts of codes unused for 10
 training steps. The experts read x itself, so the commitment term's only effect is to pull the MoE input
 toward its code, which the model satisfies by shrinking its pre-MoE norm gain.
-Codebook upkeep (EMA, usage counters, dead-code restarts, k-means init on the first batch) runs in training
-only; in a distributed run its statistics are summed over ranks and new codes come from rank 0, so the
-replicas of the router stay identical.
+Codebook upkeep runs in training only, after the optimizer step: forward quantizes against the codebook as
+it stood when the step began and records the code counts, the code sums and a few random inputs (`observing`);
+`post_step()` then updates the EMA codebook and the usage counters once per optimizer step (so dead-code
+restarts count optimizer steps, whatever the gradient accumulation) and restarts dead codes from the recorded
+inputs. Only the k-means start runs inside forward, once, before the first use. In a distributed run the
+statistics are summed over ranks and new codes come from rank 0, so the replicas of the router stay identical.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from megavq.errors import ConfigError
-from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, register, routing_metrics
+from megavq.moe.routers.base import (FP32Linear, HealthLimits, Router, RouterOutput, from_rank0, register,
+                                     routing_metrics, sum_over_ranks)
 from megavq.moe.routers.topk import TopKRouter
 from megavq.moe.routers.xmoe import XMoERouter
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """In a distributed run, the sum over all ranks (the router is replicated on every rank), in place."""
-    if _distributed():
-        dist.all_reduce(t)
-    return t
-
-
-def from_rank0(t: torch.Tensor) -> torch.Tensor:
-    """In a distributed run, rank 0's value on every rank, in place."""
-    if _distributed():
-        dist.broadcast(t, src=0)
-    return t
 
 
 def nearest_code(z_NC: torch.Tensor, codebook_QC: torch.Tensor) -> torch.Tensor:
@@ -84,6 +69,10 @@ def kmeans(z_NC: torch.Tensor, num_codes: int, iters: int = 10, seed: int = 0) -
 
 @register("vq")
 class VQRouter(Router):
+    state = ("codebook", "ema_count", "ema_sum", "unused_steps", "initialized")
+    eval_variants = {"discrete_only": {"discrete_only": True}}  # one expert per token, by code
+    init_from_data_needed = True  # k-means codebook from the dense model's hidden states when upcycling
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, num_codes: int = 0, code_dim: int = 0,
                  discrete_only: bool = False, vq_coef: float = 0.08, beta: float = 0.0, ema: bool = True,
                  ema_decay: float = 0.99, dead_code_steps: int = 10, restart_dead_codes: bool = True,
@@ -106,8 +95,9 @@ class VQRouter(Router):
         else:
             self.codebook = nn.Parameter(codebook_QC)
         self.register_buffer("code_map", torch.arange(Q) % num_experts)
-        self.register_buffer("unused_steps", torch.zeros(Q, dtype=torch.long))  # training forwards since last use
+        self.register_buffer("unused_steps", torch.zeros(Q, dtype=torch.long))  # optimizer steps since last use
         self.register_buffer("initialized", torch.tensor(codebook_init == "random"))
+        self.observed = None  # (code counts (Q,), code sums (Q, C), Q random inputs (Q, C)) since the last post_step
         self.num_continuous, self.normalize = top_k - 1, normalize
         if self.num_continuous > 0:  # kept under discrete_only too, so checkpoints load either way
             k_c = self.num_continuous
@@ -151,11 +141,11 @@ class VQRouter(Router):
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         x_TD = x_TD.float()
         z_TC = self.project(x_TD)
-        if self.training:
-            self._prepare_codebook(z_TC.detach())
+        if self.training and not self.initialized:
+            self._init_codebook(z_TC.detach())
         codes_T, z_q, vq_loss = self.quantize(z_TC)
-        if self.training:
-            self._update_codebook(z_TC.detach(), codes_T)
+        if self.observing:
+            self._observe(z_TC.detach(), codes_T)
         expert_T = self.code_map[codes_T]
         if self.discrete_only or self.num_continuous == 0:
             r = self._discrete_routing(expert_T)
@@ -185,12 +175,15 @@ class VQRouter(Router):
                        gate_discrete=g_T2[:, 1].mean().detach())
         return RouterOutput(weights_TK, indices_TK, cont.scores, cont.aux_loss, metrics)
 
-    # ---- codebook health ----------------------------------------------------------------------------
+    # ---- codebook upkeep -----------------------------------------------------------------------------
     @torch.no_grad()
-    def init_codebook_kmeans(self, x_ND: torch.Tensor, iters: int = 10, seed: int = 0) -> None:
-        """Set the codebook to k-means centres of hidden states x_ND (e.g. a dense model's, when upcycling)."""
-        self._set_codes(torch.arange(self.num_codes), kmeans(self.project(x_ND), self.num_codes, iters, seed))
+    def init_from_data(self, x_ND: torch.Tensor, seed: int = 0, iters: int = 10) -> float:
+        """Set the codebook to k-means centres of hidden states x_ND (e.g. a dense model's, when upcycling);
+        returns the fraction of codes that are the nearest code of at least one row."""
+        z_NC = self.project(x_ND)
+        self._set_codes(torch.arange(self.num_codes), kmeans(z_NC, self.num_codes, iters, seed))
         self.initialized.fill_(True)
+        return nearest_code(z_NC, self.codebook).unique().numel() / self.num_codes
 
     @torch.no_grad()
     def _set_codes(self, codes: torch.Tensor, values_NC: torch.Tensor) -> None:
@@ -202,31 +195,47 @@ class VQRouter(Router):
         self.unused_steps[codes] = 0
 
     @torch.no_grad()
-    def _prepare_codebook(self, z_TC: torch.Tensor) -> None:
-        """Training only: k-means init on the first batch if asked; restart codes dead for dead_code_steps."""
-        if not self.initialized:
-            self._set_codes(torch.arange(self.num_codes), from_rank0(kmeans(z_TC, self.num_codes)))
-            self.initialized.fill_(True)
+    def _init_codebook(self, z_TC: torch.Tensor) -> None:
+        """k-means centres of the first training batch (rank 0's), before the codebook is first used."""
+        self._set_codes(torch.arange(self.num_codes), from_rank0(kmeans(z_TC, self.num_codes)))
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _observe(self, z_TC: torch.Tensor, codes_T: torch.Tensor) -> None:
+        """Add this forward's code counts and sums to the step's; the step's first forward also keeps Q of its
+        inputs for restarts (rank 0's first micro-batch whatever the layout: the same rows at any rank count)."""
+        count_Q = torch.bincount(codes_T, minlength=self.num_codes).float()
+        sum_QC = count_Q.new_zeros(())  # the codebook learns from its loss: no sums needed
+        if self.ema:
+            sum_QC = torch.zeros(self.num_codes, z_TC.shape[1], device=z_TC.device).index_add_(0, codes_T, z_TC)
+        if self.observed is None:
+            rows_Q = torch.randint(z_TC.shape[0], (self.num_codes,), device=z_TC.device,
+                                   generator=self.generator(z_TC.device))
+            self.observed = (count_Q, sum_QC, z_TC[rows_Q])
+        else:
+            self.observed = (count_Q + self.observed[0], sum_QC + self.observed[1], self.observed[2])
+
+    @torch.no_grad()
+    def post_step(self) -> None:
+        """Usage counters, EMA statistics over the tokens of all ranks, then restarts of codes dead for
+        dead_code_steps optimizer steps from recorded inputs (rank 0's), so that replicas stay identical."""
+        if self.observed is None:
+            return
+        count_Q, sum_QC, recent_QC = self.observed
+        self.observed = None
+        count_Q = sum_over_ranks(count_Q)
+        self.unused_steps.copy_(torch.where(count_Q > 0, 0, self.unused_steps + 1))
+        if self.ema:
+            d = self.ema_decay
+            self.ema_count.mul_(d).add_((1 - d) * count_Q.to(self.ema_count.dtype))
+            self.ema_sum.mul_(d).add_((1 - d) * sum_over_ranks(sum_QC).to(self.ema_sum.dtype))
+            n = self.ema_count.sum()
+            smoothed_Q = (self.ema_count + 1e-5) / (n + self.num_codes * 1e-5) * n  # Laplace smoothing
+            self.codebook.copy_(self.ema_sum / smoothed_Q[:, None])
         if self.restart_dead_codes and self.dead_code_steps:
             dead = (self.unused_steps >= self.dead_code_steps).nonzero().squeeze(-1)  # the same on every rank
             if dead.numel():
-                rows = torch.randint(z_TC.shape[0], (dead.numel(),), device=z_TC.device)
-                self._set_codes(dead, from_rank0(z_TC[rows].contiguous()))
-
-    @torch.no_grad()
-    def _update_codebook(self, z_TC: torch.Tensor, codes_T: torch.Tensor) -> None:
-        """Usage counters and EMA statistics over the tokens of all ranks, so replicas stay identical."""
-        count_Q = sum_over_ranks(torch.bincount(codes_T, minlength=self.num_codes).float())
-        self.unused_steps.copy_(torch.where(count_Q > 0, 0, self.unused_steps + 1))
-        if not self.ema:
-            return
-        sum_QC = sum_over_ranks(torch.zeros_like(self.ema_sum, dtype=torch.float32).index_add_(0, codes_T, z_TC))
-        d = self.ema_decay
-        self.ema_count.mul_(d).add_((1 - d) * count_Q.to(self.ema_count.dtype))
-        self.ema_sum.mul_(d).add_((1 - d) * sum_QC.to(self.ema_sum.dtype))
-        n = self.ema_count.sum()
-        count_Q = (self.ema_count + 1e-5) / (n + self.num_codes * 1e-5) * n  # Laplace smoothing
-        self.codebook.copy_(self.ema_sum / count_Q[:, None])
+                self._set_codes(dead, from_rank0(recent_QC.contiguous())[:dead.numel()])
 
     def _code_metrics(self, codes_T: torch.Tensor) -> dict:
         with torch.no_grad():
@@ -236,3 +245,40 @@ class VQRouter(Router):
             unused = (hist_Q == 0).sum().float()
             dead = (self.unused_steps >= self.dead_code_steps).sum().float() if self.dead_code_steps else unused
             return {"code_perplexity": perplexity, "dead_codes": dead, "unused_codes": unused}
+
+    # ---- declarations: evaluation and health ------------------------------------------------------------
+    @property
+    def experts_per_token(self) -> float:
+        return 1.0 if self.discrete_only or self.num_continuous == 0 else float(self.top_k)
+
+    @property
+    def sweeps_top_k(self) -> bool:
+        return False  # its slots are fixed when built (k_c + 1); evaluated with discrete_only instead
+
+    def view(self, x_TD: torch.Tensor) -> tuple[str, torch.Tensor]:
+        z_TC, c_QC = self.project(x_TD), self.codebook.float()
+        neg_dist_TQ = -(z_TC.pow(2).sum(-1, keepdim=True) - 2 * z_TC @ c_QC.t() + c_QC.pow(2).sum(-1))
+        return "negative squared distances to the codes -|z - c_j|^2, (T, codes)", neg_dist_TQ
+
+    def health(self, metrics: dict, limits: HealthLimits) -> dict[str, str | None]:
+        return {**super().health(metrics, limits), "codes": self._code_problem(metrics, limits),
+                "gate": gate_problem(metrics.get("gate_discrete"), limits.share)}
+
+    def _code_problem(self, metrics: dict, limits: HealthLimits) -> str | None:
+        """Too many dead codes, or a codebook collapsed onto few codes while the others are used just often
+        enough never to count as dead (code perplexity below code_usage_min of the codes)."""
+        Q, dead, perplexity = self.num_codes, metrics.get("dead_codes"), metrics.get("code_perplexity")
+        if dead is not None and dead / Q > limits.dead_code_frac:
+            return f"{dead:.0f} of {Q} vq codes are dead (train.dead_code_frac={limits.dead_code_frac})"
+        if perplexity is not None and perplexity < limits.code_usage_min * Q:
+            return f"vq code perplexity {perplexity:.2f} of {Q} codes (train.code_usage_min={limits.code_usage_min})"
+        return None
+
+
+def gate_problem(g: float | None, share: float) -> str | None:
+    """The mixing gate gives one path (discrete or continuous) more than `share` of its weight on average: the
+    layer then runs top_k experts and uses one path's."""
+    if g is None or max(g, 1 - g) <= share:
+        return None
+    path = "discrete" if g > 0.5 else "continuous"
+    return f"the vq mixing gate gives the {path} path {max(g, 1 - g):.0%} of its weight (train.collapse_share={share})"

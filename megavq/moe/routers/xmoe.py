@@ -62,3 +62,6 @@ class XMoERouter(Router):
         metrics = routing_metrics(indices_TK, probs_TE)
         metrics.update(balance_loss=balance.detach(), temperature=tau.detach())
         return RouterOutput(weights_TK, indices_TK, probs_TE, self.balance_coef * balance, metrics)
+
+    def view(self, x_TD: torch.Tensor) -> tuple[str, torch.Tensor]:
+        return "cosine scores cos(W_r x, e_i), (T, E)", self.cosine_scores(x_TD)

@@ -1,4 +1,4 @@
-"""Native expert parallelism: the experts of a layer sharded over an expert-parallel (EP) group, dropless.
+"""Expert-parallel communication: the experts of a layer sharded over an expert-parallel (EP) group, dropless.
 
 Legend: T tokens, D hidden, E experts (global), L = E / ep local experts, N routed rows, R ranks of the EP
 group (R = ep_size).
@@ -17,13 +17,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from megavq.errors import ConfigError
-from megavq.config import MoEConfig
-from megavq.moe.backends import native_moe
-from megavq.moe.experts import Experts, every_expert
-from megavq.moe.layer import layer_router, router_kwargs
 
 
 def ep_rank_of(ep_size: int) -> int:
@@ -113,8 +108,8 @@ def gather_experts(local_L: torch.Tensor, group) -> torch.Tensor:
 
 
 class ShardedExperts:
-    """The global bank of E experts as seen from one rank: Experts' interface (`__call__(x_ND, counts_E)`,
-    `all_experts`, `num_experts` = E) with the rows exchanged over the EP group. Not a module: the layer owns
+    """The global bank of E experts as seen from one rank: Experts' call interface (`__call__(x_ND, counts_E)`
+    on rows sorted by global expert) with the rows exchanged over the EP group. Not a module: the layer owns
     the local experts; `local_fn(x, counts_L)` runs them on rows sorted by local expert."""
 
     def __init__(self, local_fn, num_experts: int, ep_size: int, group):
@@ -124,64 +119,3 @@ class ShardedExperts:
         if self.ep_size == 1:
             return self.local_fn(x_ND, counts_E)
         return run_sharded(x_ND, counts_E, self.local_fn, self.ep_size, self.group)
-
-    def all_experts(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Every expert (of every rank) on every token of this rank, (E, T, D)."""
-        return every_expert(self, self.num_experts, x_TD)
-
-
-class ExpertParallelMoELayer(nn.Module):
-    """MoELayer with its experts sharded over an EP group (moe.backend=native, moe.ep_size > 1).
-
-    The EP group is set by `set_ep_group` (the engine does it; `new_ep_group` outside it). State dict: the
-    router as in MoELayer and the local experts as `experts.*` of shape (L, ...); `to_canonical` gathers
-    them to (E, ...), `from_canonical` takes this rank's rows.
-    """
-
-    def __init__(self, cfg: MoEConfig, d_model: int, d_hidden: int, mlp: str = "swiglu", bias: bool = False,
-                 init_std: float = 0.02, out_std: float | None = None, seed: int = 0):
-        super().__init__()
-        self.ep_size, self.num_experts = cfg.ep_size, cfg.num_experts
-        self.ep_rank = ep_rank_of(cfg.ep_size)
-        L = cfg.num_experts // cfg.ep_size
-        self.first_expert = self.ep_rank * L
-        self.router = layer_router(cfg, d_model)
-        self.experts = Experts(L, d_model, d_hidden, mlp, bias, init_std, out_std, seed, self.first_expert)
-        self.ep_group = None
-
-    def set_ep_group(self, group) -> None:
-        assert dist.get_world_size(group) == self.ep_size, (dist.get_world_size(group), self.ep_size)
-        self.ep_group = group
-
-    def expert_parameters(self) -> list[nn.Parameter]:
-        return list(self.experts.parameters())
-
-    def sharded(self) -> ShardedExperts:
-        if self.ep_group is None:
-            raise RuntimeError("ExpertParallelMoELayer has no EP group: build the DeepSpeed engine "
-                               "(megavq.train.engine.build_engine) or call set_ep_group(new_ep_group(ep_size))")
-        return ShardedExperts(self.experts, self.num_experts, self.ep_size, self.ep_group)
-
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        bank = self.sharded()
-        r = self.router(x_TD, **router_kwargs(self.router, x_BSD, lambda: bank.all_experts(x_TD)))
-        y_TD = native_moe(x_TD, r, bank)
-        return y_TD.view_as(x_BSD), r.aux_loss, r.metrics
-
-    # ---- canonical (ep_size 1) layout -----------------------------------------------------------------
-    def to_canonical(self, prefix: str, sd: dict) -> dict:
-        """Gather every rank's experts (collective over the EP group: call it on every rank)."""
-        for name, _ in self.experts.named_parameters():
-            key = f"{prefix}experts.{name}"
-            if key in sd:
-                sd[key] = gather_experts(sd[key], self.ep_group)
-        return sd
-
-    def from_canonical(self, prefix: str, sd: dict) -> dict:
-        L = self.experts.num_experts
-        for name, _ in self.experts.named_parameters():
-            key = f"{prefix}experts.{name}"
-            if key in sd and sd[key].shape[0] == self.num_experts:
-                sd[key] = sd[key][self.first_expert:self.first_expert + L]
-        return sd

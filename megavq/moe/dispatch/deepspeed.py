@@ -3,8 +3,9 @@
 Legend: B batch, S sequence, T = B*S tokens, D hidden, H expert hidden, E experts, L local experts,
 K slots per token, C capacity (rows per expert in the dispatch buffer).
 
-The layer keeps DeepSpeed's `MoE` class (the engine finds MoE layers by isinstance) and replaces its gate by
-`RouterGate`, which runs the megavq router and turns its RouterOutput into DeepSpeed's gate contract:
+The layer's experts are DeepSpeed's `MoE` module itself (the engine finds MoE layers by isinstance), with its
+gate replaced by `RouterGate`, which runs the megavq router and turns its RouterOutput into DeepSpeed's gate
+contract:
   - 0.19.4 and later (sparse routes): `gate(x, used_token, True, use_tutel)` ->
     (l_aux, C, E, indices[K,T] int32 (-1 = dropped), locations[K,T] int32 < C, gates[K,T] fp32, exp_counts[E]);
   - older releases (dense): `gate(x, used_token)` -> (l_aux, combine[T,E,C], dispatch_mask[T,E,C], exp_counts).
@@ -14,11 +15,12 @@ Routes beyond C are dropped (weight 0, the others keep their router weights) in 
 moe.drop_policy: `position` (first slots first, then token order: DeepSpeed's top-2 gate) or `probs`
 (highest router score of the pair first: DeepSpeed's top-k gate). The fraction dropped is the metric `dropped_frac`.
 
-The router is a child of this layer, not of the gate: DeepSpeed's MoE checkpointing treats every state-dict
-key containing "expert" under the MoE module as an expert weight (router keys are kept free of it, a
-contract test checks that, but the router's state stays out of DeepSpeed's expert bookkeeping either way). Experts are `ExpertMLP`s in `Experts`' per-expert layout,
-re-initialised by global expert id, so they equal the native backend's for the same seed.
-Canonical layout (`to_canonical` / `from_canonical`): `router.*` and `experts.*` stacked as (E, ...).
+The router is the MoE layer's child, not the gate's: DeepSpeed's MoE checkpointing treats every state-dict key
+containing "expert" under the MoE module as an expert weight, and the router's state stays out of that
+bookkeeping. Experts are `ExpertMLP`s in `Experts`' per-expert layout, re-initialised by global expert id, so
+they equal the native dispatcher's for the same seed. Canonical layout (`to_canonical` / `from_canonical`):
+the local experts stacked as (E, ...), gathered over the EP group. DeepSpeed internals are reached through
+megavq.train.ds_compat.
 """
 from __future__ import annotations
 
@@ -29,21 +31,10 @@ import torch.distributed as dist
 from torch import nn
 
 from megavq.errors import ConfigError
-from megavq.config import MoEConfig
-from megavq.moe.backends.expert_parallel import ShardedExperts, ep_rank_of, gather_experts
-from megavq.moe.experts import Experts, expert_mlp
-from megavq.moe.layer import layer_router, router_kwargs
-from megavq.moe.routers import RouterOutput
-
-DS_EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts"  # where DeepSpeed keeps the local experts
-
-
-def require_deepspeed():
-    try:
-        from deepspeed.moe.layer import MoE
-    except ImportError as e:
-        raise ConfigError(f"moe.backend=deepspeed needs DeepSpeed (pip install deepspeed): {e}") from None
-    return MoE
+from megavq.moe.dispatch.base import Dispatcher, register_dispatcher
+from megavq.moe.dispatch.expert_parallel import ShardedExperts, ep_rank_of, gather_experts
+from megavq.moe.experts import Experts, every_expert, expert_mlp
+from megavq.train import ds_compat
 
 
 class ExpertMLP(nn.Module):
@@ -97,18 +88,17 @@ def dense_combine(indices_TK, locations_TK, gates_TK, num_experts: int, C: int) 
 class RouterGate(nn.Module):
     """A DeepSpeed MoE gate that runs a megavq router; no parameters or buffers of its own.
 
-    The layer sets `context` (router keyword arguments) before each forward; after it, `last` holds the
+    The dispatcher sets `route` (x_TD -> RouterOutput) before each forward; after it, `last` holds the
     RouterOutput and `dropped_frac` the fraction of routes beyond capacity.
     """
 
-    def __init__(self, router: nn.Module, cfg: MoEConfig):
+    def __init__(self, moe):
         super().__init__()
-        self._router = (router,)  # a tuple: not registered here (see the module docstring)
-        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
-        self.capacity_factor, self.eval_capacity_factor = cfg.capacity_factor, cfg.eval_capacity_factor
-        self.min_capacity, self.drop_tokens = cfg.min_capacity, cfg.drop_tokens
-        self.drop_policy = cfg.drop_policy
-        self.ep_group, self.context, self.last, self.dropped_frac = None, {}, None, None
+        self.num_experts, self.top_k = moe.num_experts, moe.top_k
+        self.capacity_factor, self.eval_capacity_factor = moe.capacity_factor, moe.eval_capacity_factor
+        self.min_capacity, self.drop_tokens = moe.min_capacity, moe.drop_tokens
+        self.drop_policy = moe.drop_policy
+        self.ep_group, self.route, self.last, self.dropped_frac = None, None, None, None
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
@@ -135,7 +125,7 @@ class RouterGate(nn.Module):
                 use_tutel: bool = False):
         if use_tutel:
             raise ConfigError("moe.backend=deepspeed: the megavq gate does not run with Tutel (use_tutel=False)")
-        r = self._router[0](x_TD, **self.context)
+        r = self.route(x_TD)
         indices_TK = r.indices if used_token is None else torch.where(used_token[:, None] > 0, r.indices, -1)
         counts_E = torch.bincount(indices_TK[indices_TK >= 0], minlength=self.num_experts)
         C = self.capacity(x_TD.shape[0], counts_E)
@@ -149,83 +139,79 @@ class RouterGate(nn.Module):
         return r.aux_loss, combine, combine.bool(), counts_E
 
 
-class DeepSpeedMoELayer(nn.Module):
-    """MoE layer on DeepSpeed-MoE (moe.backend=deepspeed): `forward(x_BSD) -> (y_BSD, aux_loss, metrics)`."""
+@register_dispatcher("deepspeed")
+class DeepSpeedDispatcher(Dispatcher):
+    """moe.backend=deepspeed: capacity-bounded experts of DeepSpeed-MoE, expert parallel over its own groups."""
 
-    def __init__(self, cfg: MoEConfig, d_model: int, d_hidden: int, mlp: str = "swiglu", bias: bool = False,
-                 init_std: float = 0.02, out_std: float | None = None, seed: int = 0):
-        super().__init__()
-        MoE = require_deepspeed()  # the class itself: the engine finds MoE layers by isinstance
-        self.num_experts, self.ep_size = cfg.num_experts, cfg.ep_size
-        self.ep_rank = ep_rank_of(cfg.ep_size)
-        self.router = layer_router(cfg, d_model)
+    expert_parallel = True
+    zero3 = False  # DeepSpeed refuses its MoE layer under ZeRO-3
+    layer_kinds = ("token",)
+    deepspeed_moe = True
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.ep_size = spec.moe.ep_size
+        self.first_expert = ep_rank_of(self.ep_size) * (self.num_experts // self.ep_size)
+
+    def build_experts(self) -> nn.Module:
+        s, moe = self.spec, self.spec.moe
+        MoE = ds_compat.moe_class()
         with torch.random.fork_rng(devices=[]):  # its TopKGate draws weights: keep the native RNG stream
-            self.moe = MoE(hidden_size=d_model, expert=ExpertMLP(d_model, d_hidden, mlp, bias),
-                           num_experts=cfg.num_experts, ep_size=cfg.ep_size, k=cfg.top_k,
-                           capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
-                           min_capacity=cfg.min_capacity, drop_tokens=cfg.drop_tokens, use_rts=False)
-        self.moe.deepspeed_moe.gate = RouterGate(self.router, cfg)
-        self.first_expert = self.ep_rank * self.moe.num_local_experts
-        self.reset_experts(d_model, d_hidden, mlp, bias, init_std, out_std, seed)
-
-    @property
-    def local_experts(self) -> nn.ModuleList:
-        return self.moe.deepspeed_moe.experts.deepspeed_experts
-
-    @property
-    def experts(self) -> nn.ModuleList:  # an MoE layer has `router` and `experts` (see assign_moe_layers)
-        return self.local_experts
+            experts = MoE(hidden_size=s.d_model, expert=ExpertMLP(s.d_model, s.d_hidden, s.mlp, s.bias),
+                          num_experts=moe.num_experts, ep_size=moe.ep_size, k=moe.top_k,
+                          capacity_factor=moe.capacity_factor, eval_capacity_factor=moe.eval_capacity_factor,
+                          min_capacity=moe.min_capacity, drop_tokens=moe.drop_tokens, use_rts=False)
+        ds_compat.set_moe_gate(experts, RouterGate(moe))
+        self.reset_experts(experts)
+        return experts
 
     @torch.no_grad()
-    def reset_experts(self, d_model, d_hidden, mlp, bias, init_std, out_std, seed) -> None:
-        """Each local expert as the native backend's expert of the same global id (DeepSpeed deep-copies one)."""
-        ref = Experts(len(self.local_experts), d_model, d_hidden, mlp, bias, init_std, out_std, seed,
-                      self.first_expert)
-        for i, expert in enumerate(self.local_experts):
+    def reset_experts(self, experts: nn.Module) -> None:
+        """Each local expert as the native dispatcher's expert of the same global id (DeepSpeed deep-copies one)."""
+        local = ds_compat.moe_local_experts(experts)
+        ref = Experts.for_spec(self.spec, len(local), self.first_expert)
+        for i, expert in enumerate(local):
             for name, p in expert.named_parameters():
                 p.copy_(getattr(ref, name)[i])
 
-    def run_local(self, x_ND: torch.Tensor, counts_L: list[int]) -> torch.Tensor:
-        """This rank's experts on rows sorted by local expert."""
-        outs = [expert(x) for expert, x in zip(self.local_experts, torch.split(x_ND, counts_L)) if x.shape[0]]
-        return torch.cat(outs) if outs else x_ND[:0]
+    def forward(self, x_BSD, route, experts):
+        gate = ds_compat.moe_gate(experts)
+        gate.route = route
+        y_BSD, _, _ = experts(x_BSD)
+        r, dropped = gate.last, gate.dropped_frac
+        gate.route, gate.last = None, None
+        return y_BSD, r, {"dropped_frac": dropped}
 
-    def all_experts(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def all_experts(self, x_TD, experts):
         """Every expert of every EP rank on every token of this rank, (E, T, D): the competition step."""
-        bank = ShardedExperts(self.run_local, self.num_experts, self.ep_size, self.moe.deepspeed_moe.ep_group)
-        return bank.all_experts(x_TD)
+        local = ds_compat.moe_local_experts(experts)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        gate = self.moe.deepspeed_moe.gate
-        gate.context = router_kwargs(self.router, x_BSD, lambda: self.all_experts(x_TD))
-        y_BSD, _, _ = self.moe(x_BSD)
-        r: RouterOutput = gate.last
-        gate.context, gate.last = {}, None
-        return y_BSD, r.aux_loss, {**r.metrics, "dropped_frac": gate.dropped_frac}
+        def run_local(x_ND, counts_L):
+            outs = [expert(x) for expert, x in zip(local, torch.split(x_ND, counts_L)) if x.shape[0]]
+            return torch.cat(outs) if outs else x_ND[:0]
+        bank = ShardedExperts(run_local, self.num_experts, self.ep_size, ds_compat.moe_ep_group(experts))
+        return every_expert(bank, self.num_experts, x_TD)
 
     # ---- canonical (native, ep_size 1) layout ---------------------------------------------------------
-    def _local_names(self) -> list[str]:
-        return [name for name, _ in self.local_experts[0].named_parameters()]
-
-    def to_canonical(self, prefix: str, sd: dict) -> dict:
+    def to_canonical(self, experts, prefix, sd):
         """Stack the local experts and gather them over the EP group (collective: call on every rank)."""
-        for name in self._local_names():
-            keys = [f"{prefix}{DS_EXPERTS}.{i}.{name}" for i in range(len(self.local_experts))]
+        local = ds_compat.moe_local_experts(experts)
+        for name, _ in local[0].named_parameters():
+            keys = [f"{prefix}{ds_compat.MOE_LOCAL_EXPERTS}.{i}.{name}" for i in range(len(local))]
             if keys[0] not in sd:
                 continue
             stacked = torch.stack([sd.pop(k) for k in keys])
             if self.ep_size > 1:
-                stacked = gather_experts(stacked, self.moe.deepspeed_moe.ep_group)
-            sd[f"{prefix}experts.{name}"] = stacked
+                stacked = gather_experts(stacked, ds_compat.moe_ep_group(experts))
+            sd[prefix + name] = stacked
         return sd
 
-    def from_canonical(self, prefix: str, sd: dict) -> dict:
-        for name in self._local_names():
-            key = f"{prefix}experts.{name}"
-            if key not in sd:
+    def from_canonical(self, experts, prefix, sd):
+        local = ds_compat.moe_local_experts(experts)
+        for name, _ in local[0].named_parameters():
+            if prefix + name not in sd:
                 continue
-            full = sd.pop(key)
-            for i in range(len(self.local_experts)):
-                sd[f"{prefix}{DS_EXPERTS}.{i}.{name}"] = full[self.first_expert + i]
+            full = sd.pop(prefix + name)
+            for i in range(len(local)):
+                sd[f"{prefix}{ds_compat.MOE_LOCAL_EXPERTS}.{i}.{name}"] = full[self.first_expert + i]
         return sd

@@ -1,0 +1,106 @@
+"""The dispatcher protocol and the registry of dispatchers by name (see megavq.moe.dispatch)."""
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from megavq.errors import ConfigError
+from megavq.moe.routers.base import RouterOutput
+
+Route = Callable[[torch.Tensor], RouterOutput]  # x_TD -> the router's output for those tokens
+_REGISTRY: dict[str, type["Dispatcher"]] = {}
+
+
+class Dispatcher:
+    """Base class. Declarations (class attributes) are read by the start-up validation:
+
+    expert_parallel   shards the experts over an expert-parallel group (moe.ep_size > 1)
+    zero3             runs under ZeRO-3 (parameters partitioned by DeepSpeed)
+    layer_kinds       the router layer kinds it serves ("token"; "slots": Soft MoE)
+    biases            supports per-expert biases (model.mlp_bias)
+    deepspeed_moe     its experts are a DeepSpeed `MoE` module, which sets up its own expert-parallel groups
+    """
+
+    name: ClassVar[str]
+    expert_parallel: ClassVar[bool] = False
+    zero3: ClassVar[bool] = True
+    layer_kinds: ClassVar[tuple[str, ...]] = ("token", "slots")
+    biases: ClassVar[bool] = True
+    deepspeed_moe: ClassVar[bool] = False
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.num_experts = spec.moe.num_experts
+        self.ep_group = None
+
+    def build_experts(self) -> nn.Module:
+        """The expert weights in this dispatcher's layout (this rank's share under expert parallelism)."""
+        raise NotImplementedError
+
+    def forward(self, x_BSD: torch.Tensor, route: Route,
+                experts: nn.Module) -> tuple[torch.Tensor, RouterOutput, dict]:
+        """(y_BSD = sum_k w_tk * expert_{i_tk}(x_t), the router's output, extra metrics) for tokens x_BSD."""
+        raise NotImplementedError
+
+    def all_experts(self, x_TD: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+        """Every expert of the layer (on every EP rank) on every token of this rank, (E, T, D)."""
+        raise NotImplementedError
+
+    def set_ep_group(self, group) -> None:
+        """The expert-parallel process group (the engine sets it; new_ep_group outside the engine)."""
+        self.ep_group = group
+
+    def expert_parameters(self, experts: nn.Module) -> list[nn.Parameter]:
+        """Parameters sharded over the EP group, whose gradients DeepSpeed must reduce over the
+        expert-data-parallel group only (empty at ep_size 1, and where DeepSpeed's own MoE marks them)."""
+        return []
+
+    def to_canonical(self, experts: nn.Module, prefix: str, sd: dict) -> dict:
+        return sd
+
+    def from_canonical(self, experts: nn.Module, prefix: str, sd: dict) -> dict:
+        return sd
+
+
+class BankDispatcher(Dispatcher):
+    """A dispatcher whose experts are an `Experts` bank: route the tokens, then `run` the routed rows."""
+
+    def forward(self, x_BSD, route, experts):
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        r = route(x_TD)
+        return self.run(x_TD, r, experts).view_as(x_BSD), r, {}
+
+    def run(self, x_TD: torch.Tensor, r: RouterOutput, experts: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def register_dispatcher(name: str):
+    def wrap(cls):
+        if name in _REGISTRY:
+            raise ConfigError(f"dispatcher '{name}' is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def available_dispatchers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def dispatchers_where(declared) -> list[str]:
+    """The dispatchers whose class satisfies `declared(cls)`, in registration order (the preferred first)."""
+    return [name for name, cls in _REGISTRY.items() if declared(cls)]
+
+
+def dispatcher_class(name: str) -> type[Dispatcher]:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown moe.backend '{name}' (valid: {available_dispatchers()})")
+    return _REGISTRY[name]
+
+
+def build_dispatcher(spec) -> Dispatcher:
+    return dispatcher_class(spec.moe.backend)(spec)
+

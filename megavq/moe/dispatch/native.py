@@ -1,0 +1,90 @@
+"""The native dispatcher: dropless, pure PyTorch. Routed (token, slot) rows are sorted by expert and each
+expert runs one matrix product on its contiguous rows; with moe.ep_size > 1 the experts are sharded over an
+expert-parallel group and the rows move by all-to-all (expert_parallel.py).
+
+Legend: T tokens, D hidden, E experts, L = E / ep_size local experts, K slots per token, N routed rows.
+State dict: this rank's experts as `experts.*` of shape (L, ...): the canonical layout at ep_size 1;
+`to_canonical` gathers them to (E, ...) over the EP group, `from_canonical` takes this rank's rows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megavq.errors import ConfigError
+from megavq.moe.dispatch.base import BankDispatcher, register_dispatcher
+from megavq.moe.dispatch.expert_parallel import ShardedExperts, ep_rank_of, gather_experts
+from megavq.moe.experts import Experts, every_expert
+from megavq.moe.routers.base import RouterOutput
+
+
+def sort_by_expert(indices_TK: torch.Tensor, num_experts: int):
+    """Flatten the routed (token, slot) pairs and sort them by expert; unused slots (-1) are dropped.
+
+    Returns (token_N, flat_slot_N, counts_E) with N routed pairs in expert order.
+    """
+    flat_e = indices_TK.reshape(-1)
+    flat_slot = (flat_e >= 0).nonzero().squeeze(-1)
+    order = torch.argsort(flat_e[flat_slot], stable=True)
+    flat_slot = flat_slot[order]
+    counts_E = torch.bincount(flat_e[flat_slot], minlength=num_experts)
+    return flat_slot // indices_TK.shape[1], flat_slot, counts_E
+
+
+def native_moe(x_TD: torch.Tensor, r: RouterOutput, bank) -> torch.Tensor:
+    """y_TD = sum_k w_tk * expert_{i_tk}(x_t); `bank(x_ND, counts_E)` runs its `num_experts` experts on rows
+    sorted by expert (an Experts module, or ShardedExperts under expert parallelism)."""
+    token_N, slot_N, counts_E = sort_by_expert(r.indices, bank.num_experts)
+    y_ND = bank(x_TD[token_N], counts_E.tolist())
+    y_ND = y_ND * r.weights.reshape(-1)[slot_N, None].to(y_ND.dtype)
+    return torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
+
+
+@register_dispatcher("native")
+class NativeDispatcher(BankDispatcher):
+    expert_parallel = True
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.ep_size = spec.moe.ep_size
+        self.local = self.num_experts // self.ep_size
+        self.first_expert = ep_rank_of(self.ep_size) * self.local
+
+    def build_experts(self) -> Experts:
+        return Experts.for_spec(self.spec, self.local, self.first_expert)
+
+    def bank(self, experts: Experts):
+        """The experts of every rank as one callable on rows sorted by global expert."""
+        if self.ep_size == 1:
+            return experts
+        if self.ep_group is None:
+            raise ConfigError("an expert-parallel layer has no EP group: build the DeepSpeed engine "
+                              "(megavq.train.engine.build_engine) or call model.set_ep_group(new_ep_group(ep_size))")
+        return ShardedExperts(experts, self.num_experts, self.ep_size, self.ep_group)
+
+    def run(self, x_TD, r, experts):
+        return native_moe(x_TD, r, self.bank(experts))
+
+    def all_experts(self, x_TD, experts):
+        return every_expert(self.bank(experts), self.num_experts, x_TD)
+
+    def set_ep_group(self, group) -> None:
+        assert dist.get_world_size(group) == self.ep_size, (dist.get_world_size(group), self.ep_size)
+        self.ep_group = group
+
+    def expert_parameters(self, experts):
+        return list(experts.parameters()) if self.ep_size > 1 else []
+
+    def to_canonical(self, experts, prefix, sd):
+        """Gather every rank's experts (collective over the EP group)."""
+        for name, _ in experts.named_parameters():
+            if self.ep_size > 1 and prefix + name in sd:
+                sd[prefix + name] = gather_experts(sd[prefix + name], self.ep_group)
+        return sd
+
+    def from_canonical(self, experts, prefix, sd):
+        for name, _ in experts.named_parameters():
+            key = prefix + name
+            if key in sd and sd[key].shape[0] == self.num_experts and self.ep_size > 1:
+                sd[key] = sd[key][self.first_expert:self.first_expert + self.local]
+        return sd
