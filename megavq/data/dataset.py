@@ -37,7 +37,7 @@ META = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
 FORMAT_VERSION = 1  # part of the builtin cache key: bump when the encoding changes
 ENCODE_BATCH_CHARS = 1 << 20  # characters per encode call: bounds memory on any corpus
-BUILTIN_TOKENIZER = Path(__file__).resolve().parents[2] / "tokenizers" / "builtin-bpe4k.model"
+BUILTIN_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "builtin-bpe4k.model"  # package data
 META_KEYS = ("vocab_size", "dtype", "tokenizer", "tokenizer_sha256", "source", "splits")
 
 
