@@ -14,7 +14,7 @@ from megavq.errors import MegavqError
 from megavq.data import DataError, TokenData, Tokenizer, encode_corpus, prepare_data, read_corpus
 from megavq.data.corpus import SPLITS, block_split, blocks, builtin_text, lines_of
 from megavq.data.dataset import BUILTIN_TOKENIZER
-from megavq.data.tokenizer import file_sha256
+from megavq.data.tokenizer import file_sha256, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 16
@@ -142,6 +142,18 @@ def test_shipped_tokenizer_round_trips_any_text():
     assert len(ids) < len(sample.encode("utf-8")) / 2
 
 
+def test_encoding_and_training_give_the_same_result_on_any_thread_count(text_file, tmp_path):
+    tok = Tokenizer(BUILTIN_TOKENIZER)
+    lines = builtin_text()[:200_000].splitlines(keepends=True)
+    one = tok.encode_batch(lines, threads=1)
+    assert one == tok.encode_batch(lines, threads=3) == tok.encode_batch(lines) == [tok.encode(x) for x in lines]
+    models = [train_tokenizer([text_file.read_text()], 400, tmp_path / f"t{n}", threads=n) for n in (1, 2)]
+    pieces = [[Tokenizer(m).sp.id_to_piece(i) for i in range(400)] for m in models]
+    assert pieces[0] == pieces[1]
+    with pytest.raises(DataError, match="threads must be .* got 0"):
+        tok.encode_batch(lines, threads=0)
+
+
 def test_tokenizer_rejects_missing_or_invalid_model(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         Tokenizer(tmp_path / "missing.model")
@@ -163,6 +175,12 @@ def test_meta_matches_files_and_tokens_decode_to_the_text(data_dir, text_file):
         assert info["bytes"] == len(text.encode("utf-8"))
         assert data.tokenizer().decode(data.split(s)) == text
         assert data.bytes_per_token(s) == info["bytes"] / info["tokens"]
+
+
+def test_encoding_gives_the_same_tokens_on_any_thread_count(data_dir, text_file, tmp_path):
+    one = encode_corpus(str(text_file), tmp_path / "one", tokenizer_path=data_dir / "tokenizer.model", threads=1)
+    for s in SPLITS:
+        assert (one / f"{s}.bin").read_bytes() == (data_dir / f"{s}.bin").read_bytes()
 
 
 def test_batch_is_a_pure_function_of_seed_and_step(data_dir):
@@ -252,7 +270,8 @@ def run_script(*args):
 
 
 def test_tokenize_script_end_to_end(text_file, tmp_path):
-    result = run_script("--source", str(text_file), "--out", str(tmp_path / "out"), "--vocab_size", "400")
+    result = run_script("--source", str(text_file), "--out", str(tmp_path / "out"), "--vocab_size", "400",
+                        "--threads", "1")
     assert result.returncode == 0, result.stderr
     data = TokenData(tmp_path / "out")
     assert data.vocab_size == 400

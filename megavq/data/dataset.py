@@ -48,15 +48,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # ---- encoding -------------------------------------------------------------------------------------------
 
 def encode_corpus(source: str, out_dir: str | Path, tokenizer_path: str | Path | None = None,
-                  vocab_size: int = 4096, text_column: str = "text") -> Path:
-    """Encode the three splits of `source` into `out_dir`; trains a tokenizer on train when none is given."""
+                  vocab_size: int = 4096, text_column: str = "text", threads: int | None = None) -> Path:
+    """Encode the three splits of `source` into `out_dir`; trains a tokenizer on train when none is given.
+    Training and encoding use `threads` threads (default os.cpu_count())."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)
     documents = {s: read_corpus(source, s, text_column) for s in SPLITS}  # fails early on a bad source
-    tokenizer = install_tokenizer(source, out, tokenizer_path, vocab_size, text_column)
+    tokenizer = install_tokenizer(source, out, tokenizer_path, vocab_size, text_column, threads)
     dtype = token_dtype(tokenizer.vocab_size)
-    splits = {s: encode_split(documents[s], tokenizer, out / f"{s}.bin", dtype) for s in SPLITS}
+    splits = {s: encode_split(documents[s], tokenizer, out / f"{s}.bin", dtype, threads) for s in SPLITS}
     meta = {"vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "tokenizer": TOKENIZER_FILE,
             "tokenizer_sha256": tokenizer.sha256, "source": source, "splits": splits,
             "format_version": FORMAT_VERSION}
@@ -64,11 +65,12 @@ def encode_corpus(source: str, out_dir: str | Path, tokenizer_path: str | Path |
     return out
 
 
-def install_tokenizer(source: str, out: Path, tokenizer_path, vocab_size: int, text_column: str) -> Tokenizer:
+def install_tokenizer(source: str, out: Path, tokenizer_path, vocab_size: int, text_column: str,
+                      threads: int | None = None) -> Tokenizer:
     """Copy the given model, or train one on the train split, to out/tokenizer.model."""
     model = out / TOKENIZER_FILE
     if tokenizer_path is None:
-        train_tokenizer(read_corpus(source, "train", text_column), vocab_size, model.with_suffix(""))
+        train_tokenizer(read_corpus(source, "train", text_column), vocab_size, model.with_suffix(""), threads)
     elif Path(tokenizer_path).resolve() != model.resolve():
         Tokenizer(tokenizer_path)  # raises when it is missing or not a model
         shutil.copyfile(tokenizer_path, model)
@@ -76,12 +78,13 @@ def install_tokenizer(source: str, out: Path, tokenizer_path, vocab_size: int, t
     return Tokenizer(model)
 
 
-def encode_split(documents: Iterable[str], tokenizer: Tokenizer, path: Path, dtype: np.dtype) -> dict:
+def encode_split(documents: Iterable[str], tokenizer: Tokenizer, path: Path, dtype: np.dtype,
+                 threads: int | None = None) -> dict:
     """Stream `documents` into `path` batch by batch; returns the split's meta entry."""
     tokens = n_bytes = 0
     with open(path, "wb") as f, tqdm(desc=path.stem, unit="B", unit_scale=True, disable=None) as bar:
         for batch in char_groups(documents, ENCODE_BATCH_CHARS):
-            ids_list = tokenizer.encode_batch(batch)
+            ids_list = tokenizer.encode_batch(batch, threads)
             ids = np.fromiter(itertools.chain.from_iterable(ids_list), dtype=dtype, count=sum(map(len, ids_list)))
             ids.tofile(f)
             size = sum(len(doc.encode("utf-8")) for doc in batch)
