@@ -4,6 +4,8 @@ The text is kept exactly (identity normalisation, no whitespace folding, no dumm
 characters fall back to their UTF-8 bytes, so decode(encode(text)) == text for any text and documents
 encoded one by one concatenate into the tokens of their concatenation (up to merges across documents).
 SentencePiece trains on lines, so no piece contains a newline; '\\n' is the byte piece <0x0A>.
+Ids 0, 1, 2 are <unk>, <s>, </s>: text never encodes to them (the literal text "</s>" is bytes and pieces);
+</s> (`eos_id`) is the end-of-document id that the encoder writes after each document, and decodes to "".
 
 Encoding and training use `threads` threads, by default `os.cpu_count()`; the ids do not depend on it.
 """
@@ -71,7 +73,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 class Tokenizer:
-    """A SentencePiece model file: encode/decode, vocab_size and the sha256 of the file."""
+    """A SentencePiece model file: encode/decode, vocab_size, eos_id and the sha256 of the file."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -86,6 +88,14 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.sp.vocab_size()
+
+    @property
+    def eos_id(self) -> int:
+        """The end-of-document id; raises for a model without one."""
+        eos_id = self.sp.eos_id()
+        if eos_id < 0:
+            raise DataError(f"tokenizer model '{self.path}' has no end-of-document piece (eos_id -1)")
+        return eos_id
 
     def encode(self, text: str) -> list:
         return self.sp.encode(text, out_type=int)
