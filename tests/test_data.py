@@ -15,7 +15,7 @@ import torch
 from megavq.errors import MegavqError
 from megavq.data import DataError, TokenData, Tokenizer, encode_corpus, prepare_data, read_corpus
 from megavq.data.corpus import (SPLITS, Piece, block_split, blocks, builtin_documents, builtin_text,
-                                 builtin_topics, hf_rows, joined)
+                                 builtin_topics, hf_rows, interleaved, joined, load_hf)
 from megavq.data.dataset import BUILTIN_TOKENIZER, FORMAT_VERSION
 from megavq.data.tokenizer import file_sha256, train_tokenizer
 
@@ -170,6 +170,34 @@ def test_hf_data_file_with_other_column(tmp_path, monkeypatch):
     all_blocks = list(blocks(documents(train)))
     assert docs["test"] == held_out_pieces(all_blocks, 19) and docs["val"] == held_out_pieces(all_blocks, 18)
     assert sum(len(d) for d in docs.values()) == len(train)
+
+
+def arrow_files(folder: Path) -> list:
+    return sorted(folder.rglob("*.arrow"))
+
+
+def test_hf_sources_stream_and_equal_the_loaded_dataset(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    train, test = rows(600, "train"), rows(5, "test")
+    files = tmp_path / "files"
+    files.mkdir()
+    for name, split_rows in [("train", train), ("test", test)]:
+        (files / f"{name}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in split_rows))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train})}).save_to_disk(str(tmp_path / "saved"))
+    for path in (files / "train.jsonl", files, tmp_path / "saved"):
+        assert all(isinstance(d, datasets.IterableDataset) for d in load_hf(str(path), None).values())
+    source = f"hf:{files}"
+    assert next(read_corpus(source, "train")) == Piece(train[0] + "\n", True)
+    assert arrow_files(tmp_path / "cache") == []  # streamed: nothing converted or cached
+    loaded = datasets.load_dataset(str(files))  # the non-streaming way, for comparison
+    assert arrow_files(tmp_path / "cache")  # ... which converts the whole dataset first
+    for s in ("train", "val"):
+        assert list(read_corpus(source, s)) == list(interleaved(hf_rows(loaded["train"], "text"), s, ("val",)))
+    assert list(read_corpus(source, "test")) == list(hf_rows(loaded["test"], "text")) == documents(test)
+    assert list(read_corpus(f"hf:{tmp_path / 'saved'}", "val")) == list(read_corpus(source, "val"))
+    with pytest.raises(DataError, match="no column 'body' .columns: text"):
+        read_corpus(source, "train", text_column="body")
 
 
 def test_hf_empty_rows_are_skipped_and_non_text_is_an_error(tmp_path):

@@ -9,9 +9,11 @@ Sources (`read_corpus(source, split)`):
                      train = training-monolingual.tokenized.shuffled/news.en-*-of-00100,
                      test = heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050 (the standard
                      test set), val = news.en.heldout-00001-of-00050 (the next held-out shard; not in train)
-  hf:NAME[:CONFIG]   a Hugging Face dataset, one document per row: a hub name (`datasets.load_dataset(NAME,
-                     CONFIG)`, e.g. `hf:wikitext:wikitext-103-raw-v1`), or a local path to a dataset saved with
-                     `save_to_disk`, to a data file (.json, .jsonl, .csv, .parquet, .txt) or to a folder of them.
+  hf:NAME[:CONFIG]   a Hugging Face dataset, one document per row, streamed (`datasets.load_dataset(...,
+                     streaming=True)`, nothing is downloaded or converted up front): a hub name (e.g.
+                     `hf:wikitext:wikitext-103-raw-v1`), a local data file (.json, .jsonl, .csv, .parquet, .txt)
+                     or a folder of them, or a dataset saved with `save_to_disk` (its Arrow files are
+                     memory-mapped and read row by row through `to_iterable_dataset`).
                      Its train/validation/test splits are used when present; a missing val or test split is
                      carved out of train with the interleaved split below. Text comes from `text_column`.
                      lm1b by hub name (`hf:billion-word-benchmark/lm1b`, train and test only, so val is carved
@@ -212,7 +214,7 @@ def lm1b_documents(files: list) -> Iterator[Piece]:
 
 def read_hf(name: str, config: str | None, split: str, text_column: str) -> Iterator[Piece]:
     own = hf_splits(load_hf(name, config), name)
-    columns = own["train"].column_names
+    columns = hf_columns(own["train"])
     if text_column not in columns:
         raise DataError(f"dataset {name!r} has no column {text_column!r} (columns: {', '.join(columns)})")
     missing = tuple(s for s in ("val", "test") if own[s] is None)
@@ -222,7 +224,7 @@ def read_hf(name: str, config: str | None, split: str, text_column: str) -> Iter
 
 
 def load_hf(name: str, config: str | None) -> dict:
-    """{split name: datasets.Dataset} of a hub name, a saved dataset, a data file or a folder of them."""
+    """{split name: datasets.IterableDataset} of a hub name, a saved dataset, a data file or a folder of them."""
     import datasets  # slow to import; only this source needs it
 
     path = Path(name).expanduser()
@@ -230,17 +232,24 @@ def load_hf(name: str, config: str | None) -> dict:
         raise DataError(f"local dataset path '{name}' does not exist")
     try:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            data = datasets.load_from_disk(str(path))
+            data = streamed(datasets.load_from_disk(str(path)))  # memory-mapped Arrow files, read row by row
         elif path.is_file() and path.suffix in HF_FILE_BUILDERS:
-            data = datasets.load_dataset(HF_FILE_BUILDERS[path.suffix], data_files=str(path))
+            data = datasets.load_dataset(HF_FILE_BUILDERS[path.suffix], data_files=str(path), streaming=True)
         elif path.is_dir():
-            data = datasets.load_dataset(str(path), config)  # a folder of data files
+            data = datasets.load_dataset(str(path), config, streaming=True)  # a folder of data files
         else:
-            data = datasets.load_dataset(name, config)
+            data = datasets.load_dataset(name, config, streaming=True)
     except Exception as e:  # hub, network and format errors of user input: one line for the user
         first_line = (str(e).strip().splitlines() or [""])[0]
         raise DataError(f"cannot load Hugging Face dataset {name!r}: {type(e).__name__}: {first_line}") from e
-    return dict(data) if isinstance(data, datasets.DatasetDict) else {"train": data}
+    return dict(data) if isinstance(data, dict) else {"train": data}
+
+
+def streamed(data):
+    """A saved Dataset or DatasetDict as IterableDataset(s) over the same memory-mapped files."""
+    if isinstance(data, dict):
+        return {split: dataset.to_iterable_dataset() for split, dataset in data.items()}
+    return data.to_iterable_dataset()
 
 
 def hf_splits(data: dict, name: str) -> dict:
@@ -249,6 +258,13 @@ def hf_splits(data: dict, name: str) -> dict:
     if own["train"] is None:
         raise DataError(f"dataset {name!r} has no train split (splits: {', '.join(sorted(data))})")
     return own
+
+
+def hf_columns(dataset) -> list:
+    """Column names of a dataset; a streamed one of unknown features shows them in its first row."""
+    if dataset.column_names is not None:
+        return dataset.column_names
+    return list(next(iter(dataset), {}))
 
 
 def hf_rows(dataset, text_column: str, batch_size: int = 1000) -> Iterator[Piece]:
