@@ -1,9 +1,10 @@
 """Tokenize a text corpus into a data directory (train.bin, val.bin, test.bin, meta.json).
 
     python scripts/tokenize.py --source builtin|PATH|lm1b:PATH|hf:NAME[:CONFIG] --out DIR
-                               [--tokenizer MODEL | --vocab_size N] [--text_column text]
+                               [--tokenizer MODEL | --vocab_size N] [--text_column text] [--threads N]
 
 Without --tokenizer a BPE tokenizer of --vocab_size pieces is trained on the train split and saved in DIR.
+Training and encoding use --threads threads (default: all the machine's CPUs, os.cpu_count()).
 """
 import os
 import sys
@@ -26,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--tokenizer", help="an existing SentencePiece .model to encode with")
     group.add_argument("--vocab_size", type=int, default=4096, help="size of the tokenizer to train")
     p.add_argument("--text_column", default="text", help="text column of a Hugging Face dataset")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for tokenizer training and encoding (default: os.cpu_count())")
     return p.parse_args(argv)
 
 
@@ -38,7 +41,8 @@ def summary(data: TokenData) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        out = encode_corpus(args.source, args.out, args.tokenizer, args.vocab_size, args.text_column)
+        out = encode_corpus(args.source, args.out, args.tokenizer, args.vocab_size, args.text_column,
+                            args.threads)
         print(summary(TokenData(out)))
     except MegavqError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,9 +1,11 @@
 """Data layer: corpus splits, tokenizer round trip, data directories, batches, validation, scripts."""
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +14,15 @@ import torch
 
 from megavq.errors import MegavqError
 from megavq.data import DataError, TokenData, Tokenizer, encode_corpus, prepare_data, read_corpus
-from megavq.data.corpus import SPLITS, block_split, blocks, builtin_text, lines_of
-from megavq.data.dataset import BUILTIN_TOKENIZER
-from megavq.data.tokenizer import file_sha256
+from megavq.data.corpus import (SPLITS, Piece, block_split, blocks, builtin_documents, builtin_text,
+                                 builtin_topics, hf_rows, interleaved, joined, load_hf)
+from megavq.data.dataset import BUILTIN_TOKENIZER, FORMAT_VERSION
+from megavq.data.tokenizer import file_sha256, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "ec4c2b2" / "data"  # format 1, written before EOS ids
 SEQ = 16
+EOS = 2
 
 
 @pytest.fixture(scope="module")
@@ -35,24 +40,57 @@ def data_dir(text_file, tmp_path_factory):
 
 # ---- corpus ---------------------------------------------------------------------------------------------
 
+def texts(pieces) -> str:
+    return "".join(piece.text for piece in pieces)
+
+
 def test_builtin_split_is_interleaved_deterministic_disjoint_and_covering():
     text = builtin_text()
-    all_blocks = list(blocks(lines_of(text)))
-    assert "".join(all_blocks) == text
+    all_blocks = list(blocks(builtin_documents()))
+    assert texts(line for block in all_blocks for line in block) == text == "".join(builtin_topics())
     docs = {s: list(read_corpus("builtin", s)) for s in SPLITS}
     for s in SPLITS:
-        assert docs[s] == [b for i, b in enumerate(all_blocks) if block_split(i) == s]
+        assert docs[s] == [p for i, b in enumerate(all_blocks) if block_split(i) == s for p in joined(b)]
         assert docs[s] == list(read_corpus("builtin", s))
-    assert sum(len(docs[s]) for s in SPLITS) == len(all_blocks)
+    assert sum(len(texts(docs[s])) for s in SPLITS) == len(text)
     assert [block_split(i) for i in range(18, 21)] == ["val", "test", "train"]
-    assert all(len(b) >= 2000 for b in docs["val"] + docs["test"])
-    assert 0.03 < sum(map(len, docs["val"])) / len(text) < 0.07
+    assert all(len(texts(b)) >= 2000 for i, b in enumerate(all_blocks[:-1]) if block_split(i) != "train")
+    assert 0.03 < len(texts(docs["val"])) / len(text) < 0.07
+
+
+def test_builtin_documents_are_topics_with_one_eos_at_their_real_end():
+    pieces = [p for block in blocks(builtin_documents()) for p in joined(block)]  # all splits, in order
+    documents, current = [], ""
+    for piece in pieces:
+        current += piece.text
+        if piece.eos:
+            documents.append(current)
+            current = ""
+    assert documents == builtin_topics() and current == ""
+    assert any(not p.eos for p in pieces)  # topics longer than a block: no EOS where a block cuts them
+    assert sum(p.eos for s in SPLITS for p in read_corpus("builtin", s)) == len(builtin_topics())
+
+
+def test_document_spanning_blocks_has_its_eos_in_the_split_of_its_end(tmp_path):
+    line = "x" * 99 + "\n"  # 20 lines fill a block of 2000 characters
+    (tmp_path / "a.txt").write_text(line * 20 * 19)  # blocks 0-18: train (0-17), then val (18)
+    (tmp_path / "b.txt").write_text("short one\n")  # block 19: test
+    (tmp_path / "c.txt").write_text("no newline")  # block 19 too
+    docs = {s: list(read_corpus(str(tmp_path), s)) for s in SPLITS}
+    assert docs["train"] == [Piece(line * 20, False)] * 18
+    assert docs["val"] == [Piece(line * 20, True)]
+    assert docs["test"] == [Piece("short one\n", True), Piece("no newline\n", True)]
+    data = TokenData(encode_corpus(str(tmp_path), tmp_path / "data", tokenizer_path=BUILTIN_TOKENIZER))
+    assert EOS not in data.split("train")
+    assert np.flatnonzero(np.asarray(data.split("val")) == EOS).tolist() == [data.tokens("val") - 1]
+    assert (np.asarray(data.split("test")) == EOS).sum() == 2 and data.split("test")[-1] == EOS
 
 
 def test_text_folder_reads_txt_files_in_path_order(tmp_path):
     (tmp_path / "b.txt").write_text("second\nfile")
     (tmp_path / "a.txt").write_text("first\n")
-    assert list(read_corpus(str(tmp_path), "train")) == ["first\nsecond\nfile\n"]
+    (tmp_path / "c.txt").write_text("")  # an empty file is no document
+    assert list(read_corpus(str(tmp_path), "train")) == [Piece("first\n", True), Piece("second\nfile\n", True)]
     assert list(read_corpus(str(tmp_path), "val")) == []
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no .txt files"):
@@ -71,12 +109,13 @@ def write_lm1b(root: Path) -> dict:
     train, heldout = root / "training-monolingual.tokenized.shuffled", root / "heldout-monolingual.tokenized.shuffled"
     train.mkdir(parents=True)
     heldout.mkdir()
-    lines = {name: [f"{name} sentence {i} .\n" for i in range(3)] for name in ("t1", "t2", "h0", "h1", "h2")}
+    lines = {name: [Piece(f"{name} sentence {i} .\n", True) for i in range(3)]
+             for name in ("t1", "t2", "h0", "h1", "h2")}
     for name, path in [("t2", train / "news.en-00002-of-00100"), ("t1", train / "news.en-00001-of-00100"),
                        ("h0", heldout / "news.en.heldout-00000-of-00050"),
                        ("h1", heldout / "news.en.heldout-00001-of-00050"),
                        ("h2", heldout / "news.en.heldout-00002-of-00050")]:
-        path.write_text("".join(lines[name]))
+        path.write_text(texts(lines[name]))
     return {"train": lines["t1"] + lines["t2"], "val": lines["h1"], "test": lines["h0"]}
 
 
@@ -87,6 +126,7 @@ def test_lm1b_layout(tmp_path):
     out = encode_corpus(f"lm1b:{tmp_path}", tmp_path / "data", tokenizer_path=BUILTIN_TOKENIZER)
     test_file = tmp_path / "heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050"
     assert TokenData(out).meta["splits"]["test"]["bytes"] == test_file.stat().st_size
+    assert (np.asarray(TokenData(out).split("test")) == EOS).sum() == 3  # one per sentence
     test_file.unlink()
     with pytest.raises(DataError, match="heldout-00000"):
         read_corpus(f"lm1b:{tmp_path}", "test")
@@ -96,6 +136,14 @@ def rows(n: int, tag: str) -> list:
     return [f"{tag} row {i}: " + "lorem ipsum " * 8 for i in range(n)]
 
 
+def documents(rows: list) -> list:
+    return [Piece(r + "\n", True) for r in rows]
+
+
+def held_out_pieces(all_blocks: list, slot: int) -> list:
+    return [p for b in all_blocks[slot::20] for p in joined(b)]
+
+
 def test_hf_saved_dataset_uses_own_splits_and_carves_missing_ones(tmp_path):
     datasets = pytest.importorskip("datasets")
     train, test = rows(600, "train"), rows(5, "test")
@@ -103,10 +151,11 @@ def test_hf_saved_dataset_uses_own_splits_and_carves_missing_ones(tmp_path):
                           "test": datasets.Dataset.from_dict({"text": test})}).save_to_disk(str(tmp_path / "dd"))
     source = f"hf:{tmp_path / 'dd'}"
     docs = {s: list(read_corpus(source, s)) for s in SPLITS}
-    assert docs["test"] == [r + "\n" for r in test]
-    all_blocks = list(blocks(r + "\n" for r in train))
-    assert docs["val"] == all_blocks[18::20] and docs["val"]
-    assert docs["train"] == [b for i, b in enumerate(all_blocks) if i % 20 != 18]
+    assert docs["test"] == documents(test)
+    all_blocks = list(blocks(documents(train)))
+    assert docs["val"] == held_out_pieces(all_blocks, 18) and docs["val"]
+    assert docs["train"] == [p for i, b in enumerate(all_blocks) if i % 20 != 18 for p in joined(b)]
+    assert sorted(docs["val"] + docs["train"]) == sorted(documents(train))  # every row once, as a document
     with pytest.raises(DataError, match="no column 'body'"):
         read_corpus(source, "train", text_column="body")
 
@@ -118,9 +167,45 @@ def test_hf_data_file_with_other_column(tmp_path, monkeypatch):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"content": r}) + "\n" for r in train))
     docs = {s: list(read_corpus(f"hf:{path}", s, text_column="content")) for s in SPLITS}
-    all_blocks = list(blocks(r + "\n" for r in train))
-    assert docs["test"] == all_blocks[19::20] and docs["val"] == all_blocks[18::20]
-    assert sum(len(d) for d in docs.values()) == len(all_blocks)
+    all_blocks = list(blocks(documents(train)))
+    assert docs["test"] == held_out_pieces(all_blocks, 19) and docs["val"] == held_out_pieces(all_blocks, 18)
+    assert sum(len(d) for d in docs.values()) == len(train)
+
+
+def arrow_files(folder: Path) -> list:
+    return sorted(folder.rglob("*.arrow"))
+
+
+def test_hf_sources_stream_and_equal_the_loaded_dataset(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    train, test = rows(600, "train"), rows(5, "test")
+    files = tmp_path / "files"
+    files.mkdir()
+    for name, split_rows in [("train", train), ("test", test)]:
+        (files / f"{name}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in split_rows))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train})}).save_to_disk(str(tmp_path / "saved"))
+    for path in (files / "train.jsonl", files, tmp_path / "saved"):
+        assert all(isinstance(d, datasets.IterableDataset) for d in load_hf(str(path), None).values())
+    source = f"hf:{files}"
+    assert next(read_corpus(source, "train")) == Piece(train[0] + "\n", True)
+    assert arrow_files(tmp_path / "cache") == []  # streamed: nothing converted or cached
+    loaded = datasets.load_dataset(str(files))  # the non-streaming way, for comparison
+    assert arrow_files(tmp_path / "cache")  # ... which converts the whole dataset first
+    for s in ("train", "val"):
+        assert list(read_corpus(source, s)) == list(interleaved(hf_rows(loaded["train"], "text"), s, ("val",)))
+    assert list(read_corpus(source, "test")) == list(hf_rows(loaded["test"], "text")) == documents(test)
+    assert list(read_corpus(f"hf:{tmp_path / 'saved'}", "val")) == list(read_corpus(source, "val"))
+    with pytest.raises(DataError, match="no column 'body' .columns: text"):
+        read_corpus(source, "train", text_column="body")
+
+
+def test_hf_empty_rows_are_skipped_and_non_text_is_an_error(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    data = datasets.Dataset.from_dict({"text": ["a", "", None, "b\n"], "n": [1, 2, 3, 4]})
+    assert list(hf_rows(data, "text")) == [Piece("a\n", True), Piece("b\n", True)]
+    with pytest.raises(DataError, match="column 'n' holds int values, not text"):
+        list(hf_rows(data, "n"))
 
 
 def test_hf_unloadable_name_is_one_line_error(tmp_path):
@@ -140,6 +225,28 @@ def test_shipped_tokenizer_round_trips_any_text():
     assert all(0 <= i < 4096 for i in ids)
     assert tok.decode(ids) == sample
     assert len(ids) < len(sample.encode("utf-8")) / 2
+    assert tok.eos_id == EOS and tok.sp.id_to_piece(EOS) == "</s>" and tok.decode([EOS]) == ""
+    assert not {0, 1, EOS} & set(tok.encode("<unk> <s> </s>" + sample))  # text never encodes to a special id
+
+
+def test_encoding_and_training_give_the_same_result_on_any_thread_count(text_file, tmp_path):
+    tok = Tokenizer(BUILTIN_TOKENIZER)
+    lines = builtin_text()[:200_000].splitlines(keepends=True)
+    one = tok.encode_batch(lines, threads=1)
+    assert one == tok.encode_batch(lines, threads=3) == tok.encode_batch(lines) == [tok.encode(x) for x in lines]
+    models = [train_tokenizer([text_file.read_text()], 400, tmp_path / f"t{n}", threads=n) for n in (1, 2)]
+    pieces = [[Tokenizer(m).sp.id_to_piece(i) for i in range(400)] for m in models]
+    assert pieces[0] == pieces[1]
+    with pytest.raises(DataError, match="threads must be .* got 0"):
+        tok.encode_batch(lines, threads=0)
+
+
+def test_tokenizer_without_eos_is_refused_for_encoding(text_file, tmp_path):
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text_file.read_text().splitlines()), vocab_size=400,
+                                   model_prefix=str(tmp_path / "noeos"), eos_id=-1, minloglevel=2)
+    with pytest.raises(DataError, match="noeos.model' has no end-of-document piece"):
+        encode_corpus(str(text_file), tmp_path / "data", tokenizer_path=tmp_path / "noeos.model")
 
 
 def test_tokenizer_rejects_missing_or_invalid_model(tmp_path):
@@ -153,16 +260,78 @@ def test_tokenizer_rejects_missing_or_invalid_model(tmp_path):
 # ---- data directories -----------------------------------------------------------------------------------
 
 def test_meta_matches_files_and_tokens_decode_to_the_text(data_dir, text_file):
-    data = TokenData(data_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the current format loads without a warning
+        data = TokenData(data_dir)
     assert data.vocab_size == 400 and data.meta["dtype"] == "uint16"
-    assert data.tokenizer().sha256 == data.meta["tokenizer_sha256"]
+    assert data.meta["format_version"] == FORMAT_VERSION == 2 and data.meta["eos_id"] == data.eos_id == EOS
+    tok = data.tokenizer()
+    assert tok.sha256 == data.meta["tokenizer_sha256"]
     for s in SPLITS:
         info = data.meta["splits"][s]
         assert (data_dir / info["file"]).stat().st_size == info["tokens"] * 2 == data.tokens(s) * 2
-        text = "".join(read_corpus(str(text_file), s))
+        pieces = list(read_corpus(str(text_file), s))
+        text = texts(pieces)
         assert info["bytes"] == len(text.encode("utf-8"))
-        assert data.tokenizer().decode(data.split(s)) == text
+        assert tok.decode(data.split(s)) == text  # EOS decodes to ""
         assert data.bytes_per_token(s) == info["bytes"] / info["tokens"]
+        expected = [i for p in pieces for i in tok.encode(p.text) + [EOS] * p.eos]
+        assert np.asarray(data.split(s)).tolist() == expected
+    assert [(np.asarray(data.split(s)) == EOS).sum() for s in SPLITS] == [1, 0, 0]  # one file: one document
+    assert data.split("train")[-1] == EOS  # its end falls in the last block, a train block
+
+
+def test_encoding_gives_the_same_tokens_on_any_thread_count(data_dir, text_file, tmp_path):
+    one = encode_corpus(str(text_file), tmp_path / "one", tokenizer_path=data_dir / "tokenizer.model", threads=1)
+    for s in SPLITS:
+        assert (one / f"{s}.bin").read_bytes() == (data_dir / f"{s}.bin").read_bytes()
+
+
+def test_format_1_fixture_loads_with_a_one_line_warning():
+    with pytest.warns(UserWarning, match=r"format 1, with no end-of-document ids .* max_new_tokens; rebuild it "
+                                         r"with: python scripts/tokenize.py --source /tmp/fx/text.txt") as record:
+        data = TokenData(FIXTURE_DATA)
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    assert data.eos_id is None and data.vocab_size == 384 and data.tokens("val") == 1454
+    assert EOS not in data.split("train")
+    assert data.tokenizer().decode(data.split("val")).endswith("\n")
+    x, y = data.batch("train", step=0, batch_size=2, seq_len=SEQ)
+    assert x.shape == (2, SEQ) and torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.warns(UserWarning, match="format 1"):
+        assert prepare_data(str(FIXTURE_DATA)) == FIXTURE_DATA
+
+
+def test_the_warning_command_rebuilds_a_format_1_directory_with_its_tokenizer(tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(FIXTURE_DATA, old)
+    (tmp_path / "text.txt").write_text(builtin_text()[:60_000])
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps(dict(meta, source=str(tmp_path / "text.txt"))))
+    with pytest.warns(UserWarning, match="rebuild it with: ") as record:
+        TokenData(old)
+    command = shlex.split(str(record[0].message).split("rebuild it with: ")[1])
+    assert command[:2] == ["python", "scripts/tokenize.py"]
+    result = run_script(*command[2:])
+    assert result.returncode == 0, result.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = TokenData(old)
+    assert data.eos_id == EOS and data.meta["tokenizer_sha256"] == meta["tokenizer_sha256"]
+
+
+def test_unknown_format_version_is_refused(data_dir, tmp_path):
+    newer = tmp_path / "newer"
+    shutil.copytree(data_dir, newer)
+    meta = json.loads((newer / "meta.json").read_text())
+    for version in (3, "2"):
+        (newer / "meta.json").write_text(json.dumps(dict(meta, format_version=version)))
+        with pytest.raises(DataError, match=f"has format_version {version!r}, which this megavq cannot read") as e:
+            TokenData(newer)
+        assert "\n" not in str(e.value)
+    del meta["eos_id"]
+    (newer / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="lacks eos_id"):
+        TokenData(newer)
 
 
 def test_batch_is_a_pure_function_of_seed_and_step(data_dir):
@@ -252,7 +421,8 @@ def run_script(*args):
 
 
 def test_tokenize_script_end_to_end(text_file, tmp_path):
-    result = run_script("--source", str(text_file), "--out", str(tmp_path / "out"), "--vocab_size", "400")
+    result = run_script("--source", str(text_file), "--out", str(tmp_path / "out"), "--vocab_size", "400",
+                        "--threads", "1")
     assert result.returncode == 0, result.stderr
     data = TokenData(tmp_path / "out")
     assert data.vocab_size == 400

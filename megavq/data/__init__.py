@@ -1,12 +1,19 @@
 """Data layer: corpus readers, SentencePiece tokenizers, tokenized data directories.
 
-text source -> `read_corpus(source, split)` (documents) -> `encode_corpus` -> data dir
+text source -> `read_corpus(source, split)` (pieces of documents) -> `encode_corpus` -> data dir
 (`train.bin`, `val.bin`, `test.bin`, `meta.json`) -> `TokenData` (memory-mapped batches).
+
+Documents are real ones (a text file, a builtin topic, an lm1b sentence, a dataset row) and each is followed
+in the token stream by the end-of-document id (EOS, `meta.json` "eos_id", `TokenData.eos_id`; 2 = `</s>`).
+Bits per byte (loss x tokens / (bytes x ln 2)) count the loss on EOS tokens over the bytes of the text:
+EOS tokens add loss but no bytes. Format-1 directories (no EOS) still load, with a warning.
+
+Tokenizer training and encoding use `threads` threads, by default `os.cpu_count()`.
 """
-from megavq.data.corpus import SPLITS, read_corpus
+from megavq.data.corpus import SPLITS, Piece, read_corpus
 from megavq.data.dataset import TokenData, encode_corpus, prepare_data
 from megavq.data.tokenizer import Tokenizer, train_tokenizer
 from megavq.errors import DataError
 
-__all__ = ["DataError", "SPLITS", "read_corpus", "Tokenizer", "train_tokenizer", "TokenData", "encode_corpus",
-           "prepare_data"]
+__all__ = ["DataError", "SPLITS", "Piece", "read_corpus", "Tokenizer", "train_tokenizer", "TokenData",
+           "encode_corpus", "prepare_data"]

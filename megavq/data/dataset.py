@@ -1,13 +1,20 @@
 """Tokenized data directories: encoding a corpus into one, and memory-mapped batches out of one.
 
 A data directory holds
-  train.bin, val.bin, test.bin   the token ids of each split, documents one after another (each ends with
-                                 its newline), np.uint16 when vocab_size < 65,536 else np.uint32
+  train.bin, val.bin, test.bin   the token ids of each split, documents one after another, each followed by
+                                 the end-of-document id (EOS, `eos_id`) where it ends; np.uint16 when
+                                 vocab_size < 65,536 else np.uint32
   tokenizer.model                the SentencePiece model that encoded them
-  meta.json                      {"vocab_size", "dtype", "tokenizer" (model path, relative to the directory),
-                                 "tokenizer_sha256", "source", "splits": {split: {"file", "tokens", "bytes"}}}
-                                 where bytes is the UTF-8 size of the split's raw text (for bits per byte).
+  meta.json                      {"format_version", "vocab_size", "dtype", "eos_id", "tokenizer" (model path,
+                                 relative to the directory), "tokenizer_sha256", "source",
+                                 "splits": {split: {"file", "tokens", "bytes"}}}
+                                 where tokens counts the EOS ids too and bytes is the UTF-8 size of the split's
+                                 raw text, so bits per byte (loss x tokens / (bytes x ln 2)) counts the loss on
+                                 EOS ids over the bytes of the text: EOS adds loss but no bytes.
 meta.json is written last: a directory without it is incomplete.
+
+Format versions: 2 (FORMAT_VERSION) has EOS ids. 1 had none (documents were only separated by newlines);
+it still loads, with a warning, and `eos_id` is None. A newer version is refused.
 
 Batches are a pure function of (seed, step): a resumed run sees the same data order, and every rank can
 draw the same global batch and take its own slice, x_BS[rank * b:(rank + 1) * b].
@@ -20,8 +27,10 @@ import hashlib
 import itertools
 import json
 import os
+import shlex
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -30,14 +39,15 @@ import torch
 from tqdm import tqdm
 
 from megavq.errors import DataError
-from megavq.data.corpus import SPLITS, builtin_sha256, char_groups, read_corpus
+from megavq.data.corpus import SPLITS, Piece, builtin_sha256, char_groups, read_corpus
 from megavq.data.tokenizer import Tokenizer, train_tokenizer
 
 META = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
-FORMAT_VERSION = 1  # part of the builtin cache key: bump when the encoding changes
+FORMAT_VERSION = 2  # part of the builtin cache key: bump when the encoding changes
+READABLE_VERSIONS = (1, 2)  # 1: no EOS ids
 ENCODE_BATCH_CHARS = 1 << 20  # characters per encode call: bounds memory on any corpus
-BUILTIN_TOKENIZER = Path(__file__).resolve().parents[2] / "tokenizers" / "builtin-bpe4k.model"
+BUILTIN_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "builtin-bpe4k.model"  # package data
 META_KEYS = ("vocab_size", "dtype", "tokenizer", "tokenizer_sha256", "source", "splits")
 
 
@@ -48,43 +58,55 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # ---- encoding -------------------------------------------------------------------------------------------
 
 def encode_corpus(source: str, out_dir: str | Path, tokenizer_path: str | Path | None = None,
-                  vocab_size: int = 4096, text_column: str = "text") -> Path:
-    """Encode the three splits of `source` into `out_dir`; trains a tokenizer on train when none is given."""
+                  vocab_size: int = 4096, text_column: str = "text", threads: int | None = None) -> Path:
+    """Encode the three splits of `source` into `out_dir`; trains a tokenizer on train when none is given.
+    Training and encoding use `threads` threads (default os.cpu_count())."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / META).unlink(missing_ok=True)
-    documents = {s: read_corpus(source, s, text_column) for s in SPLITS}  # fails early on a bad source
-    tokenizer = install_tokenizer(source, out, tokenizer_path, vocab_size, text_column)
+    pieces = {s: read_corpus(source, s, text_column) for s in SPLITS}  # fails early on a bad source
+    tokenizer = install_tokenizer(source, out, tokenizer_path, vocab_size, text_column, threads)
     dtype = token_dtype(tokenizer.vocab_size)
-    splits = {s: encode_split(documents[s], tokenizer, out / f"{s}.bin", dtype) for s in SPLITS}
-    meta = {"vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "tokenizer": TOKENIZER_FILE,
-            "tokenizer_sha256": tokenizer.sha256, "source": source, "splits": splits,
-            "format_version": FORMAT_VERSION}
+    splits = {s: encode_split(pieces[s], tokenizer, out / f"{s}.bin", dtype, threads) for s in SPLITS}
+    meta = {"format_version": FORMAT_VERSION, "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
+            "eos_id": tokenizer.eos_id, "tokenizer": TOKENIZER_FILE, "tokenizer_sha256": tokenizer.sha256,
+            "source": source, "splits": splits}
     write_json(out / META, meta)
     return out
 
 
-def install_tokenizer(source: str, out: Path, tokenizer_path, vocab_size: int, text_column: str) -> Tokenizer:
+def install_tokenizer(source: str, out: Path, tokenizer_path, vocab_size: int, text_column: str,
+                      threads: int | None = None) -> Tokenizer:
     """Copy the given model, or train one on the train split, to out/tokenizer.model."""
     model = out / TOKENIZER_FILE
     if tokenizer_path is None:
-        train_tokenizer(read_corpus(source, "train", text_column), vocab_size, model.with_suffix(""))
+        texts = (piece.text for piece in read_corpus(source, "train", text_column))
+        train_tokenizer(texts, vocab_size, model.with_suffix(""), threads)
     elif Path(tokenizer_path).resolve() != model.resolve():
-        Tokenizer(tokenizer_path)  # raises when it is missing or not a model
+        Tokenizer(tokenizer_path).eos_id  # raises when it is missing, not a model or has no EOS piece
         shutil.copyfile(tokenizer_path, model)
         model.with_suffix(".vocab").unlink(missing_ok=True)  # left by an earlier training in out
     return Tokenizer(model)
 
 
-def encode_split(documents: Iterable[str], tokenizer: Tokenizer, path: Path, dtype: np.dtype) -> dict:
-    """Stream `documents` into `path` batch by batch; returns the split's meta entry."""
+def encode_pieces(pieces: list, tokenizer: Tokenizer, dtype: np.dtype, threads: int | None = None) -> np.ndarray:
+    """The ids of consecutive pieces, each followed by the EOS id where it ends its document."""
+    ids_list = tokenizer.encode_batch([piece.text for piece in pieces], threads)
+    eos = [tokenizer.eos_id]
+    ids = itertools.chain.from_iterable(ids + eos if piece.eos else ids for piece, ids in zip(pieces, ids_list))
+    count = sum(map(len, ids_list)) + sum(piece.eos for piece in pieces)
+    return np.fromiter(ids, dtype=dtype, count=count)
+
+
+def encode_split(pieces: Iterable[Piece], tokenizer: Tokenizer, path: Path, dtype: np.dtype,
+                 threads: int | None = None) -> dict:
+    """Stream `pieces` into `path` batch by batch; returns the split's meta entry."""
     tokens = n_bytes = 0
     with open(path, "wb") as f, tqdm(desc=path.stem, unit="B", unit_scale=True, disable=None) as bar:
-        for batch in char_groups(documents, ENCODE_BATCH_CHARS):
-            ids_list = tokenizer.encode_batch(batch)
-            ids = np.fromiter(itertools.chain.from_iterable(ids_list), dtype=dtype, count=sum(map(len, ids_list)))
+        for batch in char_groups(pieces, ENCODE_BATCH_CHARS):
+            ids = encode_pieces(batch, tokenizer, dtype, threads)
             ids.tofile(f)
-            size = sum(len(doc.encode("utf-8")) for doc in batch)
+            size = sum(len(piece.text.encode("utf-8")) for piece in batch)
             tokens, n_bytes = tokens + len(ids), n_bytes + size
             bar.update(size)
     if tokens == 0:
@@ -111,10 +133,33 @@ def read_meta(data_dir: Path) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"'{path}' is not valid JSON: {e}") from None
-    missing = [k for k in META_KEYS if k not in meta] + [s for s in SPLITS if s not in meta.get("splits", {})]
+    version = check_version(meta, data_dir)
+    keys = META_KEYS + (("eos_id",) if version >= 2 else ())
+    missing = [k for k in keys if k not in meta] + [s for s in SPLITS if s not in meta.get("splits", {})]
     if missing:
         raise DataError(f"'{path}' lacks {', '.join(missing)}")
     return meta
+
+
+def check_version(meta: dict, data_dir: Path) -> int:
+    """The format version; raises for an unknown one, warns (one line) for format 1, which has no EOS ids."""
+    version = meta.get("format_version", 1)  # the first directories had no version
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise DataError(f"data directory '{data_dir}' has format_version {version!r}, which this megavq cannot "
+                        f"read (it reads {', '.join(map(str, READABLE_VERSIONS))}): update megavq or re-run "
+                        "scripts/tokenize.py")
+    if version == 1:
+        warnings.warn(f"data directory '{data_dir}' has format 1, with no end-of-document ids (EOS), so "
+                      f"generation stops only at max_new_tokens; rebuild it with: {rebuild_command(meta, data_dir)}",
+                      stacklevel=4)
+    return version
+
+
+def rebuild_command(meta: dict, data_dir: Path) -> str:
+    """The command that re-encodes a data directory from its source with its own tokenizer."""
+    args = ["python", "scripts/tokenize.py", "--source", str(meta.get("source", "SOURCE")), "--out", str(data_dir),
+            "--tokenizer", str(data_dir / meta.get("tokenizer", TOKENIZER_FILE))]
+    return shlex.join(args)
 
 
 def map_split(data_dir: Path, info: dict, dtype: np.dtype) -> np.memmap:
@@ -138,6 +183,7 @@ class TokenData:
         self.dir = Path(data_dir)
         self.meta = read_meta(self.dir)
         self.vocab_size = int(self.meta["vocab_size"])
+        self.eos_id = self.meta.get("eos_id")  # None in format 1
         self.dtype = np.dtype(self.meta["dtype"])
         self.splits = {s: map_split(self.dir, self.meta["splits"][s], self.dtype) for s in SPLITS}
 
