@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,26 @@ def test_checkpoint_tokenizer_is_the_datas(tmp_path):
     cfg.data.source = str(tmp_path)
     with pytest.raises(MegavqError, match="--tokenizer"):
         checkpoint_tokenizer(cfg)
+
+
+def test_script_prints_the_same_text_for_the_same_seed(tmp_path):
+    from megavq.io import save_model
+    cfg = load_config("tiny", [*SMALL[1:], "model.vocab_size=4096"])
+    torch.manual_seed(0)
+    save_model(Transformer(cfg).state_dict(), cfg, tmp_path / "model")
+    (tmp_path / "prompts.txt").write_text("The module\n\nimport os\n")
+    script = [sys.executable, str(ROOT / "scripts/generate.py"), "--checkpoint", str(tmp_path / "model"),
+              "--max_new_tokens", "8", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.run(script + args, capture_output=True, text=True, env=env, timeout=120)
+            for args in (["--prompt", "The module", "--prompt", "import os"],
+                         ["--prompts_file", str(tmp_path / "prompts.txt")])]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert runs[0].stdout == runs[1].stdout  # same seed, same text (and the same prompts from either option)
+    blocks = runs[0].stdout.split("--- ")[1:]  # "i: n new tokens ---\n" + prompt + continuation + "\n\n"
+    for i, (block, prompt) in enumerate(zip(blocks, ["The module", "import os"])):
+        header, text = block.split("\n", 1)
+        assert header == f"{i + 1}: 8 new tokens ---"
+        assert text.startswith(prompt) and len(text[:-2]) > len(prompt)  # the prompt and a continuation
+    assert len(blocks) == 2

@@ -73,6 +73,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.vocab_size()
 
+    @property
+    def eos_id(self) -> int | None:
+        """The end-of-document id (2 in the models megavq trains), or None when the model has none."""
+        i = self.sp.eos_id()
+        return None if i < 0 else i
+
     def encode(self, text: str) -> list:
         return self.sp.encode(text, out_type=int)
 
