@@ -1,6 +1,7 @@
 """Building blocks: norms, rotary positions, causal self-attention, the dense MLP.
 
-Legend: B batch, S sequence, D hidden, nh heads, nkv key/value heads, hs head size, H MLP hidden.
+Legend: B batch, S sequence, D hidden, nh heads, nkv key/value heads, hs head size, H MLP hidden,
+L slots of a KV cache (generation).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavq.config import ModelConfig
+from megavq.model.kv_cache import LayerKV
 
 
 class RMSNorm(nn.Module):
@@ -55,16 +57,25 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.use_rope = cfg.pos == "rope"
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Without kv: causal attention over x (training, scoring), rope the full (S_max, hs/2) tables.
+        With kv (generation): x holds only the new tokens, rope their per-row tables (B, 1, S, hs/2), and
+        the attention reads the cached keys and values under mask (B, 1, S, L) (see megavq.model.kv_cache)."""
         B, S, D = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, S, hs)
         k = self.k_proj(x).view(B, S, self.n_kv, self.head_size).transpose(1, 2)  # (B, nkv, S, hs)
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_size).transpose(1, 2)
         if self.use_rope:
-            cos, sin = (t[:S].to(x.device) for t in rope)
+            cos, sin = rope if kv is not None else (t[:S].to(x.device) for t in rope)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        gqa = self.n_kv != self.n_heads
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            k, v = kv.update(k, v)  # (B, nkv, L, hs): the cached slots and the new ones
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, D))
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavq.config import Config, ModelConfig
+from megavq.model.kv_cache import KVCache, LayerKV
 from megavq.model.layers import MLP, CausalSelfAttention, make_norm, rope_tables
 from megavq.moe.experts import expert_out_std
 from megavq.moe.layer import MoELayer, build_moe_layer
@@ -36,8 +37,9 @@ class Block(nn.Module):
         self.is_moe = is_moe_layer(i, cfg.moe.every)
         self.mlp = build_moe_layer(MoESpec.for_block(cfg, i)) if self.is_moe else MLP(m)
 
-    def forward(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope, kv: LayerKV | None = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
+        x = x + self.attn(self.attn_norm(x), rope, kv, mask)
         if not self.is_moe:
             return x + self.mlp(self.mlp_norm(x)), None, None
         y, aux, metrics = self.mlp(self.mlp_norm(x))
@@ -75,8 +77,11 @@ class Transformer(nn.Module):
                 is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight"))
                 nn.init.normal_(p, std=out_std if is_residual_out else m.init_std)
 
-    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None):
-        """Logits (B, S, V) for token ids; with targets, an LMOutput with the losses."""
+    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, cache: KVCache | None = None):
+        """Logits (B, S, V) for token ids; with targets, an LMOutput with the losses. With a cache
+        (generation), idx_BS holds the next tokens of each row and the cache is read and extended."""
+        if cache is not None:
+            return self._forward_cached(idx_BS, cache)
         B, S = idx_BS.shape
         x = self.embed(idx_BS)
         if self.pos_embed is not None:
@@ -94,6 +99,23 @@ class Transformer(nn.Module):
         lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1))
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else lm_loss.new_zeros(())
         return LMOutput(logits, lm_loss + aux_loss, lm_loss, aux_loss, metrics)
+
+    def _forward_cached(self, idx_BS: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, S, V) of the next S tokens of every row; positions and padding come from the cache."""
+        S = idx_BS.shape[1]
+        pos_BS, mask = cache.positions(S), cache.mask(S)  # (B, S), (B, 1, S, L)
+        x = self.embed(idx_BS)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(pos_BS)
+        rope = None if self.rope is None else tuple(t.to(x.device)[pos_BS][:, None] for t in self.rope)
+        for block, kv in zip(self.blocks, cache.layers):  # rope: (B, 1, S, hs/2) each
+            x, _, _ = block(x, rope, kv, mask)
+        return self.lm_head(self.norm(x))
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, **options) -> list[list[int]]:
+        """The new token ids after each prompt (lists of token ids); options and rules: megavq.generate."""
+        from megavq.generate import generate  # late: megavq.generate imports megavq.model
+        return generate(self, prompts, max_new_tokens, **options)
 
     # ---- the MoE layers ---------------------------------------------------------------------------------
     def moe_layers(self) -> list[tuple[str, MoELayer]]:
