@@ -1,8 +1,9 @@
 """Portable model files: one consolidated safetensors file plus the resolved config, loadable anywhere.
 
-Layout of a model directory: `config.json` (the megavq Config) and `model.safetensors` (the
-Transformer state dict in the native layout: experts stacked as (E, ...) tensors). A run directory or a
-DeepSpeed checkpoint directory written by the trainer contains such a directory for every checkpoint.
+Layout of a model directory: `config.json` (the megavq Config), `model.safetensors` (the Transformer state
+dict in the canonical layout: experts stacked as (E, ...) tensors), `manifest.json` (format version, the
+writer's library versions, the tokenizer's sha256; megavq/manifest.py) and `tokenizer.model` (the
+SentencePiece model of the data, when known). Every checkpoint of a run directory is such a directory.
 `load_model` also reads Hugging Face model directories (converted by megavq.hf).
 """
 from __future__ import annotations
@@ -14,11 +15,16 @@ import torch
 
 from megavq.errors import MegavqError
 from megavq.config import Config, config_from_dict
+from megavq.manifest import read_manifest, write_manifest
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+MODEL_KINDS = ("model", "checkpoint")
 
 
-def save_model(state_dict: dict, cfg: Config, out_dir: str | Path) -> Path:
+def save_model(state_dict: dict, cfg: Config, out_dir: str | Path, tokenizer: str | Path | None = None,
+               kind: str = "model", **extra) -> Path:
+    """model.safetensors (canonical layout), config.json and the manifest (with a copy of the tokenizer, when
+    given) of a model directory, or of a checkpoint directory (kind="checkpoint", extra: its step)."""
     from safetensors.torch import save_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -27,6 +33,7 @@ def save_model(state_dict: dict, cfg: Config, out_dir: str | Path) -> Path:
         sd.pop("lm_head.weight", None)  # shares storage with embed.weight
     save_file(sd, str(out_dir / MODEL_FILE), metadata={"format": "megavq"})
     (out_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_manifest(out_dir, kind, cfg.to_dict(), tokenizer, **extra)
     return out_dir
 
 
@@ -53,10 +60,25 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_config_file(model_dir: Path) -> Config:
+    read_manifest(model_dir, MODEL_KINDS)  # refuses a format this megavq does not read
     try:
         return config_from_dict(json.loads((model_dir / CONFIG_FILE).read_text()))
     except FileNotFoundError:
         raise MegavqError(f"{model_dir / CONFIG_FILE} is missing") from None
+
+
+def model_tokenizer(model_dir: str | Path) -> Path | None:
+    """The tokenizer a model or checkpoint directory records (a copy inside it), checked against its sha256;
+    None when the directory records none (format 0, or a model imported from Hugging Face)."""
+    from megavq.data.tokenizer import file_sha256
+    model_dir = resolve_model_dir(model_dir)
+    entry = read_manifest(model_dir, MODEL_KINDS).get("tokenizer")
+    if not entry or not entry.get("file"):
+        return None
+    path = model_dir / entry["file"]
+    if not path.is_file() or file_sha256(path) != entry["sha256"]:
+        raise MegavqError(f"{path} is missing or is not the tokenizer the manifest of {model_dir} records")
+    return path
 
 
 def load_state_dict(model_dir: Path) -> dict:

@@ -31,15 +31,16 @@ def main():
     args = parse_args()
     with user_errors():
         from megavq.hf import is_hf_dir, save_hf
-        from megavq.io import load_config_file, load_model, resolve_model_dir, save_model
+        from megavq.io import load_config_file, load_model, model_tokenizer, resolve_model_dir, save_model
         from megavq.plugins import load_plugins
         load_plugins(args.plugin)
         model = load_model(args.checkpoint)
         if args.format == "hf":
             save_hf(model, args.out)
         else:  # keep the checkpoint's own config (backend, ep_size), not the single-process one used to load it
-            cfg = model.cfg if is_hf_dir(args.checkpoint) else load_config_file(resolve_model_dir(args.checkpoint))
-            save_model(model.state_dict(), cfg, args.out)
+            hf = is_hf_dir(args.checkpoint)
+            cfg = model.cfg if hf else load_config_file(resolve_model_dir(args.checkpoint))
+            save_model(model.state_dict(), cfg, args.out, None if hf else model_tokenizer(args.checkpoint))
     kind = f"{model.cfg.moe.num_experts}-expert MoE" if model.cfg.moe.every else "dense"
     print(f"exported {args.checkpoint} ({kind}, {model.num_params():,} parameters) -> {args.out} ({args.format})")
 

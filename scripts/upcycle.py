@@ -33,7 +33,8 @@ def parse_args():
 def main():
     args = parse_args()
     with user_errors():
-        from megavq.io import load_model, save_model
+        from megavq.hf import is_hf_dir
+        from megavq.io import load_model, model_tokenizer, save_model
         from megavq.upcycle import (calibration_batches, needs_calibration, preserves_function, upcycle,
                                     upcycle_config)
         dense = load_model(args.dense)
@@ -43,7 +44,7 @@ def main():
             m = dense.cfg.model
             batches = calibration_batches(args.calib_data, m.vocab_size, m.seq_len, args.calib_tokens)
         model, report = upcycle(dense, cfg, batches, args.calib_tokens)
-        save_model(model.state_dict(), cfg, args.out)
+        save_model(model.state_dict(), cfg, args.out, None if is_hf_dir(args.dense) else model_tokenizer(args.dense))
     print(f"upcycled {args.dense} -> {args.out}: MoE blocks {report['moe_layers']}, {cfg.moe.num_experts} experts, "
           f"top-{cfg.moe.top_k} {cfg.moe.router}; {model.num_params():,} parameters "
           f"({model.num_params(active=True):,} active, dense {dense.num_params():,})")

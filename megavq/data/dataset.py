@@ -5,7 +5,8 @@ A data directory holds
                                  the end-of-document id (EOS, `eos_id`) where it ends; np.uint16 when
                                  vocab_size < 65,536 else np.uint32
   tokenizer.model                the SentencePiece model that encoded them
-  meta.json                      {"format_version", "vocab_size", "dtype", "eos_id", "tokenizer" (model path,
+  meta.json                      {"format": "megavq-data", "format_version", "versions" (of the writer's
+                                 libraries), "vocab_size", "dtype", "eos_id", "tokenizer" (model path,
                                  relative to the directory), "tokenizer_sha256", "source",
                                  "splits": {split: {"file", "tokens", "bytes"}}}
                                  where tokens counts the EOS ids too and bytes is the UTF-8 size of the split's
@@ -38,9 +39,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megavq.errors import DataError
 from megavq.data.corpus import SPLITS, Piece, builtin_sha256, char_groups, read_corpus
 from megavq.data.tokenizer import Tokenizer, train_tokenizer
+from megavq.errors import DataError
+from megavq.manifest import library_versions, write_json
 
 META = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -68,9 +70,9 @@ def encode_corpus(source: str, out_dir: str | Path, tokenizer_path: str | Path |
     tokenizer = install_tokenizer(source, out, tokenizer_path, vocab_size, text_column, threads)
     dtype = token_dtype(tokenizer.vocab_size)
     splits = {s: encode_split(pieces[s], tokenizer, out / f"{s}.bin", dtype, threads) for s in SPLITS}
-    meta = {"format_version": FORMAT_VERSION, "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
-            "eos_id": tokenizer.eos_id, "tokenizer": TOKENIZER_FILE, "tokenizer_sha256": tokenizer.sha256,
-            "source": source, "splits": splits}
+    meta = {"format": "megavq-data", "format_version": FORMAT_VERSION, "versions": library_versions(),
+            "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "eos_id": tokenizer.eos_id,
+            "tokenizer": TOKENIZER_FILE, "tokenizer_sha256": tokenizer.sha256, "source": source, "splits": splits}
     write_json(out / META, meta)
     return out
 
@@ -112,12 +114,6 @@ def encode_split(pieces: Iterable[Piece], tokenizer: Tokenizer, path: Path, dtyp
     if tokens == 0:
         raise DataError(f"split '{path.stem}' has no text (writing '{path}')")
     return {"file": path.name, "tokens": tokens, "bytes": n_bytes}
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ---- reading --------------------------------------------------------------------------------------------

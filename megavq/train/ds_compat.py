@@ -32,14 +32,18 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("+")[0].split(".")[:3] if part.isdigit())
 
 
+def is_tested(version: str) -> bool:
+    low, high = (_release(v) for v in TESTED)
+    return low <= _release(version) <= high
+
+
 def check_version() -> str | None:
     """Warn once when the installed DeepSpeed is outside the tested range; returns its version (None: absent)."""
     try:
         version = importlib.metadata.version("deepspeed")
     except importlib.metadata.PackageNotFoundError:
         return None
-    low, high = (_release(v) for v in TESTED)
-    if not low <= _release(version) <= high:
+    if not is_tested(version):
         warnings.warn(f"DeepSpeed {version} is untested with megavq (tested: {TESTED[0]} to {TESTED[1]}); "
                       f"install one of those if something fails", stacklevel=2)
     return version

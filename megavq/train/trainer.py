@@ -21,6 +21,7 @@ from megavq.errors import ConfigError, MegavqError, TrainingError
 from megavq.config import Config, save_config
 from megavq.eval.health import CollapseMonitor
 from megavq.io import load_weights, save_model
+from megavq.manifest import TOKENIZER_FILE, write_manifest
 from megavq.model import Transformer
 from megavq.train.engine import (build_engine, full_optimizer_state, full_state_dict, load_full_optimizer_state,
                                  read_ds_config, reconcile_ds_config, set_schedule_position)
@@ -110,7 +111,8 @@ class Trainer:
         state = full_state_dict(self.engine)
         optim, adam = full_optimizer_state(self.engine)
         if self.rank == 0:
-            save_model(state, self.cfg, self.ckpt_dir / tag)
+            save_model(state, self.cfg, self.ckpt_dir / tag, self.out_dir / TOKENIZER_FILE, kind="checkpoint",
+                       step=step)
             self._save_portable(self.ckpt_dir / tag, step, optim, adam)
             self._prune()
         dist.barrier()
@@ -236,6 +238,7 @@ def run(cfg: Config, ds_config: str | Path, out_dir: str | Path, resume: bool = 
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.json")
+        write_manifest(out_dir, "run", cfg.to_dict(), data.tokenizer().path, data=str(data.dir))
     engine = build_engine(model, cfg, ds)
     trainer = Trainer(engine, model, cfg, data, out_dir, rank, world)
     start = trainer.resume() if resume else 0

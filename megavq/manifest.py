@@ -1,0 +1,124 @@
+"""Versioned formats: every directory megavq writes says what it is and what wrote it.
+
+`manifest.json` in run, checkpoint and model directories (data directories carry the same fields in their
+meta.json, megavq.data.dataset):
+  format          "megavq-run" | "megavq-checkpoint" | "megavq-model"
+  format_version  FORMATS[kind]
+  versions        megavq, torch, deepspeed and python versions of the writer
+  config          the resolved run configuration
+  tokenizer       {"file": name in the directory (or null), "sha256": ...} of the SentencePiece model of the
+                  data, or null when unknown (models imported from Hugging Face)
+  and what the writer adds (a checkpoint's step).
+
+Policy: a reader accepts the current version and the previous one, and refuses any other with the command
+that converts it. Version 0 is a directory written before manifests existed (megavq 0.1.0 up to commit
+ec4c2b2): it is read as before.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+from megavq.errors import MegavqError
+
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.model"
+FORMATS = {"run": 1, "checkpoint": 1, "model": 1}
+CONVERT = "python scripts/upgrade.py {path}"  # rewrites a directory of an older version in the current one
+
+
+def library_versions() -> dict:
+    """The versions of megavq and the libraries whose formats it writes."""
+    out = {"python": platform.python_version()}
+    for name in ("megavq", "torch", "deepspeed"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write JSON through a temporary file and a rename: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def tokenizer_entry(path: str | Path | None) -> dict | None:
+    """{"file", "sha256"} of a SentencePiece model, or None."""
+    if path is None:
+        return None
+    from megavq.data.tokenizer import file_sha256
+    return {"file": TOKENIZER_FILE, "sha256": file_sha256(path)}
+
+
+def write_manifest(directory: str | Path, kind: str, config: dict, tokenizer: str | Path | None = None,
+                   **extra) -> dict:
+    """manifest.json of a directory of `kind`; the tokenizer file (if any) is copied in beside it."""
+    directory = Path(directory)
+    if tokenizer is not None and Path(tokenizer).resolve() != (directory / TOKENIZER_FILE).resolve():
+        shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
+    manifest = {"format": f"megavq-{kind}", "format_version": FORMATS[kind], "versions": library_versions(),
+                "config": config, "tokenizer": tokenizer_entry(tokenizer), **extra}
+    write_json(directory / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(directory: str | Path, kinds: tuple[str, ...]) -> dict:
+    """The manifest of a directory of one of `kinds` ({"format_version": 0} for one written before manifests);
+    refuses another kind, and a version this megavq does not read, with the command that converts it."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        return {"format_version": 0}
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MegavqError(f"{path} is not valid JSON: {e}") from None
+    kind = str(manifest.get("format", "")).removeprefix("megavq-")
+    if kind not in kinds:
+        raise MegavqError(f"{directory} holds a {manifest.get('format')!r} directory, not a megavq "
+                          f"{' or '.join(kinds)} directory")
+    check_version(manifest.get("format_version"), kind, directory)
+    return manifest
+
+
+def check_version(version, kind: str, directory: Path) -> None:
+    """Accept the current version of `kind` and the previous one; refuse others, naming the converter."""
+    current = FORMATS[kind]
+    if version in (current, current - 1):
+        return
+    if isinstance(version, int) and version > current:
+        raise MegavqError(f"{directory} is a {kind} directory of format {version}, newer than this megavq reads "
+                          f"({current - 1}-{current}): update megavq")
+    raise MegavqError(f"{directory} is a {kind} directory of format {version!r}, which this megavq no longer reads "
+                      f"({current - 1}-{current}); convert it with: {CONVERT.format(path=directory)}")
+
+
+# ---- the converter -----------------------------------------------------------------------------------------
+def upgrade(directory: str | Path) -> list[Path]:
+    """Rewrite a run, checkpoint or model directory of an older format in the current one; returns the
+    directories rewritten. Format 0 -> 1: a manifest from the directory's own config.json (the tokenizer is
+    unknown to format 0, so it is recorded as null)."""
+    directory = Path(directory)
+    if (directory / "checkpoints").is_dir():  # a run and each of its checkpoints
+        done = [d for d in sorted((directory / "checkpoints").glob("step_*")) if (d / "config.json").is_file()]
+        for d in done:
+            _upgrade_one(d, "checkpoint")
+        return [*done, _upgrade_one(directory, "run")]
+    if not (directory / "config.json").is_file():
+        raise MegavqError(f"{directory} is not a megavq run, checkpoint or model directory (no config.json)")
+    return [_upgrade_one(directory, "checkpoint" if directory.parent.name == "checkpoints" else "model")]
+
+
+def _upgrade_one(directory: Path, kind: str) -> Path:
+    version = read_manifest(directory, (kind,)).get("format_version", 0) if (directory / MANIFEST).is_file() else 0
+    if version < FORMATS[kind]:
+        config = json.loads((directory / "config.json").read_text())
+        write_manifest(directory, kind, config, upgraded_from=version)
+    return directory

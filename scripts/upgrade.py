@@ -1,0 +1,29 @@
+"""Rewrite a megavq run, checkpoint or model directory of an older format in the current one (in place).
+
+    python scripts/upgrade.py DIR [DIR ...]
+
+megavq reads the current format and the previous one; older directories are refused with this command.
+See megavq/manifest.py for the formats.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not scripts/
+
+from megavq.train.launch import user_errors  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dirs", nargs="+", help="run, checkpoint or model directories")
+    args = p.parse_args()
+    with user_errors():
+        from megavq.manifest import upgrade
+        for d in args.dirs:
+            for done in upgrade(d):
+                print(f"upgraded {done}")
+
+
+if __name__ == "__main__":
+    main()
