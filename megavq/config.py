@@ -98,6 +98,7 @@ class TrainConfig:
     code_usage_min: float = 0.5  # vq: ... or when the code perplexity is below this fraction of the codes
     wandb: bool = False
     wandb_project: str = "megavq"
+    dist_timeout_s: float = 1800.0  # a collective waiting longer for a lost or stuck rank fails (retryable exit)
 
 
 @dataclass
@@ -252,6 +253,7 @@ def _check_train(t: TrainConfig, data: DataConfig) -> None:
                      ("train.collapse_patience", t.collapse_patience)])
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _check(t.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {t.dist_timeout_s}")
     for key in ("warmup_steps", "weight_decay", "grad_clip", "max_time_s", "stop_at_step"):
         _check(getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}")
     _check(0 < t.collapse_share <= 1, f"train.collapse_share must be in (0, 1], got {t.collapse_share}")

@@ -18,3 +18,22 @@ class DataError(MegavqError):
 
 class TrainingError(MegavqError):
     """Training cannot go on (a non-finite loss, a checkpoint that cannot be resumed)."""
+
+
+# ---- how a script ends: the exit codes a requeue loop reads (megavq.train.launch.user_errors) -------------------
+EXIT_USAGE = 2  # bad input (config, data, command line) and a first non-finite loss: fix something, do not retry
+EXIT_FATAL = 3  # cannot go on and retrying will not help (a checkpoint that cannot be written or read, NaN again)
+EXIT_RETRY = 75  # stopped in a state that a requeue continues with `--resume auto` (EX_TEMPFAIL)
+
+
+class FatalError(TrainingError):
+    """Training cannot go on, and a retry would end the same way (exit EXIT_FATAL)."""
+
+
+class CheckpointError(FatalError):
+    """A checkpoint that cannot be written (no space) or read (missing, truncated or altered file)."""
+
+
+class RetryableError(MegavqError):
+    """The run stopped in a state a requeue continues with `--resume auto` (exit EXIT_RETRY): pre-empted after
+    saving, a lost rank, a collective that timed out."""

@@ -3,8 +3,12 @@
 Layout of a model directory: `config.json` (the megavq Config), `model.safetensors` (the Transformer state
 dict in the canonical layout: experts stacked as (E, ...) tensors), `manifest.json` (format version, the
 writer's library versions, the tokenizer's sha256; megavq/manifest.py) and `tokenizer.model` (the
-SentencePiece model of the data, when known). Every checkpoint of a run directory is such a directory.
-`load_model` also reads Hugging Face model directories (converted by megavq.hf).
+SentencePiece model of the data, when known). The checkpoints of a run directory (format 2,
+megavq.train.checkpoint) hold the same config.json, manifest and tokenizer, and the weights as fragments of the
+canonical tensors (megavq.shards): `load_model` reads those on one CPU process, tensor by tensor, the fp32
+master weights and buffers only (never the optimizer state), after checking every file's sha256. Format-0/1
+checkpoints (a model.safetensors inside) read as model directories. `load_model` also reads Hugging Face model
+directories (converted by megavq.hf). Nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch
 from megavq.errors import MegavqError
 from megavq.config import Config, config_from_dict
 from megavq.manifest import read_manifest, write_manifest
+from megavq.shards import MODEL_KINDS as SHARD_KINDS, is_sharded, open_checkpoint, published
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 MODEL_KINDS = ("model", "checkpoint")
@@ -37,10 +42,20 @@ def save_model(state_dict: dict, cfg: Config, out_dir: str | Path, tokenizer: st
     return out_dir
 
 
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The published checkpoints of a run directory, oldest first (ones being written or deleted are not)."""
+    return published(Path(run_dir) / "checkpoints")
+
+
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint under run_dir/checkpoints (by step), or None."""
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*/" + MODEL_FILE))
-    return ckpts[-1].parent if ckpts else None
+    """The newest published checkpoint under run_dir/checkpoints (by step), or None."""
+    ckpts = run_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def is_model_dir(path: Path) -> bool:
+    """A model directory, or a checkpoint directory of any format."""
+    return (Path(path) / MODEL_FILE).is_file() or is_sharded(path)
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -50,7 +65,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     if is_hf_dir(path):
         raise MegavqError(f"{path} is a Hugging Face model, not a megavq one: convert it with "
                           f"`python scripts/export.py --checkpoint {path} --out DIR` (or scripts/upcycle.py)")
-    if (path / MODEL_FILE).is_file():
+    if is_model_dir(path):
         return path
     for run_dir in (path, path.parent):  # a run directory, or its checkpoints/ folder
         if (run_dir / "checkpoints").is_dir() and newest_checkpoint(run_dir) is not None:
@@ -82,8 +97,15 @@ def model_tokenizer(model_dir: str | Path) -> Path | None:
 
 
 def load_state_dict(model_dir: Path) -> dict:
+    """The canonical state dict of a model directory or of a checkpoint of any format."""
     from safetensors.torch import load_file
-    return load_file(str(model_dir / MODEL_FILE))
+    if (Path(model_dir) / MODEL_FILE).is_file():
+        return load_file(str(Path(model_dir) / MODEL_FILE))
+    ck = open_checkpoint(model_dir)  # format 2: the fp32 master weights and the buffers, tensor by tensor
+    try:
+        return {name: ck.tensor(kind, name) for kind, name in ck.index if kind in SHARD_KINDS}
+    finally:
+        ck.close()
 
 
 def fit_weights(model: torch.nn.Module, sd: dict, source: str | Path) -> None:

@@ -8,7 +8,12 @@ meta.json, megavq.data.dataset):
   config          the resolved run configuration
   tokenizer       {"file": name in the directory (or null), "sha256": ...} of the SentencePiece model of the
                   data, or null when unknown (models imported from Hugging Face)
-  and what the writer adds (a checkpoint's step).
+  and what the writer adds (a checkpoint's step, data position, RNG states, tensors and files with their
+  sha256: megavq.train.checkpoint).
+
+Checkpoint versions: 1 = model.safetensors + train_state.safetensors + train_state.json (whole canonical
+tensors, rank 0 wrote them) beside DeepSpeed's own files; 2 = sharded (megavq.shards: each rank's fragments of
+the canonical tensors, checksummed). `scripts/upgrade.py` converts 0 and 1 into 2.
 
 Policy: a reader accepts the current version and the previous one, and refuses any other with the command
 that converts it. Version 0 is a directory written before manifests existed (megavq 0.1.0 up to commit
@@ -23,11 +28,11 @@ import platform
 import shutil
 from pathlib import Path
 
-from megavq.errors import MegavqError
+from megavq.errors import CheckpointError, MegavqError
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
-FORMATS = {"run": 1, "checkpoint": 1, "model": 1}
+FORMATS = {"run": 1, "checkpoint": 2, "model": 1}
 CONVERT = "python scripts/upgrade.py {path}"  # rewrites a directory of an older version in the current one
 
 
@@ -79,7 +84,7 @@ def read_manifest(directory: str | Path, kinds: tuple[str, ...]) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise MegavqError(f"{path} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{path} is not valid JSON (damaged): {e}") from None
     kind = str(manifest.get("format", "")).removeprefix("megavq-")
     if kind not in kinds:
         raise MegavqError(f"{directory} holds a {manifest.get('format')!r} directory, not a megavq "

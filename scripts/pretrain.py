@@ -1,7 +1,11 @@
 """Pre-train a megavq MoE language model with DeepSpeed.
 
     deepspeed scripts/pretrain.py --ds_config ds_configs/zero2.json [--config tiny] [--data builtin]
-        [--out_dir runs/tiny] [--resume] [--init_from DIR] [key=value ...]
+        [--out_dir runs/tiny] [--resume | --resume auto | --overwrite] [--init_from DIR] [key=value ...]
+
+Exit codes: 0 finished; 2 bad input (or a first non-finite loss); 3 fatal (a checkpoint that cannot be written
+or read, a non-finite loss again after a resume); 75 retryable: stopped by SIGTERM/SIGUSR1 after saving, a lost
+rank, a collective timeout (continue with --resume auto).
 """
 import sys
 from pathlib import Path
@@ -24,13 +28,31 @@ def parse_args():
                    help="preset name or YAML/JSON path (default: tiny, or the config.json of --init_from)")
     p.add_argument("--data", default=None, help="'builtin' or a directory made by scripts/tokenize.py")
     p.add_argument("--out_dir", default=None, help="run directory (default runs/<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--resume", choices=("strict", "auto"), default=None,
+                   help="`--resume`: continue from the newest checkpoint in out_dir (it must exist and be intact); "
+                        "`--resume auto`: from the newest intact one, or start fresh when there is none")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in out_dir and start a fresh one")
     p.add_argument("--init_from", default=None, help="start from the weights of a model/checkpoint directory")
     p.add_argument("--plugin", action="append", default=[],
                    help="a .py file or module that registers routers or dispatchers (repeatable)")
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. moe.router=vq train.lr=1e-3")
-    return p.parse_intermixed_args()
+    return p.parse_intermixed_args(resume_argv(sys.argv[1:]))
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """`--resume auto` -> `--resume=auto`, a bare `--resume` -> `--resume=strict` (so that a key=value after a bare
+    --resume stays an override)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--resume":
+            auto = i + 1 < len(argv) and argv[i + 1] in ("auto", "strict")
+            out.append(f"--resume={argv[i + 1] if auto else 'strict'}")
+            i += 2 if auto else 1
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def main():
@@ -44,8 +66,9 @@ def main():
         single_process_env()
         from megavq.train.engine import init_distributed
         from megavq.train.trainer import run
-        rank, _ = init_distributed()
-        summary = run(cfg, args.ds_config, out_dir, resume=args.resume, init_from=args.init_from)
+        rank, _ = init_distributed(cfg.train.dist_timeout_s)
+        summary = run(cfg, args.ds_config, out_dir, resume=args.resume, init_from=args.init_from,
+                      overwrite=args.overwrite)
         if rank == 0:
             print(json.dumps(summary, indent=2))
 

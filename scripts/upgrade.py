@@ -3,7 +3,8 @@
     python scripts/upgrade.py DIR [DIR ...]
 
 megavq reads the current format and the previous one; older directories are refused with this command.
-See megavq/manifest.py for the formats.
+Checkpoints of format 0 and 1 (model.safetensors + train_state.*, beside DeepSpeed's pickled files) become
+sharded format-2 checkpoints (the DeepSpeed files are deleted), so that the run resumes. See megavq/manifest.py.
 """
 import argparse
 import sys
@@ -19,7 +20,7 @@ def main():
     p.add_argument("dirs", nargs="+", help="run, checkpoint or model directories")
     args = p.parse_args()
     with user_errors():
-        from megavq.manifest import upgrade
+        from megavq.train.checkpoint import upgrade
         for d in args.dirs:
             for done in upgrade(d):
                 print(f"upgraded {done}")

@@ -15,7 +15,7 @@ from conftest import ROOT
 from megavq.errors import MegavqError
 from megavq.io import model_tokenizer, save_model
 from megavq.manifest import FORMATS, read_manifest
-from test_train import SMALL, losses, pretrain
+from test_train import last_line, losses, pretrain
 
 FIXTURES = ROOT / "tests" / "fixtures" / "ec4c2b2"
 
@@ -31,15 +31,24 @@ def test_run_of_format_0_loads_with_its_logits():
     assert fixture_logits(FIXTURES / "run") == 0.0
 
 
-def test_upgrade_writes_manifests_and_keeps_the_model(tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(FIXTURES / "run", run)
+def upgrade(run):
     proc = subprocess.run([sys.executable, "scripts/upgrade.py", str(run)], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_upgrade_writes_manifests_and_keeps_the_model(tmp_path):
+    """Format 0 -> the current formats: manifests, and the checkpoint rewritten sharded (format 2) without
+    DeepSpeed's pickled files; the model is the same to the bit."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "run", run)
+    upgrade(run)
     assert read_manifest(run, ("run",))["format_version"] == FORMATS["run"]
     ckpt = read_manifest(run / "checkpoints" / "step_0000004", ("checkpoint",))
     assert ckpt["upgraded_from"] == 0 and ckpt["config"]["moe"]["router"] == "vq" and ckpt["tokenizer"] is None
+    assert ckpt["format_version"] == FORMATS["checkpoint"] == 2 and ckpt["step"] == 4
+    assert sorted(p.name for p in (run / "checkpoints" / "step_0000004").iterdir()) == [
+        "config.json", "manifest.json", "rank_00000.safetensors"]
     assert fixture_logits(run) == 0.0
 
 
@@ -69,7 +78,8 @@ def test_manifest_records_versions_config_and_tokenizer(tmp_path):
 
 @pytest.mark.slow
 def test_format_0_run_resumes_and_new_runs_write_manifests(tmp_path):
-    """Today's trainer continues a run written by ec4c2b2 (its data directory is format 1) and writes the
+    """Today's trainer continues a run written by ec4c2b2 (its data directory is format 1) once
+    scripts/upgrade.py has converted its checkpoint (refused before, with that command), and writes the
     current formats into it."""
     run = tmp_path / "run"
     shutil.copytree(FIXTURES / "run", run)
@@ -77,8 +87,12 @@ def test_format_0_run_resumes_and_new_runs_write_manifests(tmp_path):
     config = json.loads((run / "config.json").read_text())
     config["data"]["source"] = str(tmp_path / "data")
     (run / "config.json").write_text(json.dumps(config))
-    pretrain(["--config", str(run / "config.json"), "--out_dir", str(run), "--resume", "train.max_steps=6",
-              "train.save_every=2"], launcher=("deepspeed",))
+    args = ["--config", str(run / "config.json"), "--out_dir", str(run), "--resume", "train.max_steps=6",
+            "train.save_every=2"]
+    refused = pretrain(args, check=False)
+    assert refused.returncode == 2 and "python scripts/upgrade.py" in last_line(refused), refused.stderr[-2000:]
+    upgrade(run)
+    pretrain(args, launcher=("deepspeed",))
     assert len(losses(run)) == 6 and all(v == v for v in losses(run))
     assert read_manifest(run, ("run",))["format_version"] == FORMATS["run"]
     ckpt = run / "checkpoints" / "step_0000006"

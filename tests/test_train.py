@@ -136,25 +136,33 @@ def test_truncated_token_file_is_reported(builtin_data, tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(builtin_data, tmp_path):
-    """A diverging run (infinite learning rate) stops at the first non-finite loss; earlier checkpoints stay."""
+    """A diverging run (infinite learning rate) stops at the first non-finite loss; earlier checkpoints stay.
+    Resumed, it fails at the same step again: that is fatal (exit 3), so a requeue loop stops retrying."""
+    from megavq import load_model
+    from megavq.manifest import read_manifest
     out = tmp_path / "run"
-    proc = pretrain(["--data", str(builtin_data), "--out_dir", str(out), *SMALL, "train.lr=inf",
-                     "train.warmup_steps=1", "train.max_steps=4", "train.save_every=1"], check=False)
+    args = ["--data", str(builtin_data), "--out_dir", str(out), *SMALL, "train.lr=inf", "train.warmup_steps=1",
+            "train.max_steps=4", "train.save_every=1"]
+    proc = pretrain(args, check=False)
     assert proc.returncode == 2
     assert last_line(proc).startswith("error: non-finite loss at step 2"), last_line(proc)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000001"
-    assert (out / "checkpoints" / "step_0000001" / "model.safetensors").is_file()
+    assert read_manifest(out / "checkpoints" / "step_0000001", ("checkpoint",))["step"] == 1
+    assert load_model(out / "checkpoints" / "step_0000001").embed.weight.shape == (4096, 32)  # the model is there
+    again = pretrain([*args, "--resume", "auto"], check=False)
+    assert again.returncode == 3, again.stderr[-2000:]
+    assert last_line(again).startswith("error: non-finite loss at step 2 again after resuming from step 1")
 
 
 @pytest.mark.slow
 def test_vq_dead_code_counters_count_optimizer_steps(builtin_data, tmp_path):
     """With 4 accumulation steps a code unused for the whole run has been unused for 3 optimizer steps, not 12
     forwards: router state changes once per optimizer step (post_step)."""
-    from safetensors.torch import load_file
+    from megavq.io import read_model
     out = tmp_path / "run"
     pretrain(["--data", str(builtin_data), "--out_dir", str(out), *SMALL, "train.max_steps=3", "train.save_every=3",
               "train.grad_accum_steps=4", "moe.router=vq", "moe.router_options.codebook_init=random",
               "moe.router_options.num_codes=32", "moe.router_options.restart_dead_codes=false"])
-    sd = load_file(out / "checkpoints" / "step_0000003" / "model.safetensors")
+    sd = read_model(out / "checkpoints" / "step_0000003")[1]
     unused = [v for k, v in sd.items() if k.endswith("router.unused_steps")]
     assert len(unused) == 2 and max(int(u.max()) for u in unused) == 3, unused

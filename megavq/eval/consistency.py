@@ -11,7 +11,7 @@ from pathlib import Path
 from megavq.errors import MegavqError
 from megavq.eval.routing import top1_routes
 from megavq.eval.stats import agreement
-from megavq.io import MODEL_FILE, load_model
+from megavq.io import load_model, run_checkpoints as published_checkpoints
 
 
 def checkpoint_step(path: str | Path) -> int | None:
@@ -26,9 +26,9 @@ def is_run_dir(path: str | Path) -> bool:
 
 def run_checkpoints(run_dir: str | Path) -> list[Path]:
     """The model checkpoints of a run directory, oldest first."""
-    ckpts = sorted(p.parent for p in (Path(run_dir) / "checkpoints").glob(f"step_*/{MODEL_FILE}"))
+    ckpts = published_checkpoints(run_dir)
     if not ckpts:
-        raise MegavqError(f"run directory {run_dir} has no checkpoints with {MODEL_FILE}")
+        raise MegavqError(f"run directory {run_dir} has no published checkpoints")
     return ckpts
 
 

@@ -12,9 +12,15 @@ What is used and why:
 - ZeRO-3 consolidated weights: `engine._zero3_consolidated_16bit_state_dict`.
 - Benchmark timing of DeepSpeed-MoE's phases: `sharded_moe._sparse_encode`, `_sparse_decode`, `_AllToAll`.
 - ZeRO-1/2 and bf16 optimizers: the flat fp32 partitions (`single_partition_of_fp32_groups`,
-  `fp32_groups_flat_partition`), each parameter's fragment mapping (`_hp_mapping`), the lazy linking of the
-  Adam moments (`_hp_optimizer_states_linked`, `_lazy_init_hp_params_optimizer_state`); ZeRO-3 parameters
-  carry `ds_id`.
+  `fp32_groups_flat_partition`), each parameter's fragment mapping (`_hp_mapping`: `lp_fragment_address`,
+  `hp_fragment`, `get_optim_state_fragment`), the lazy linking of the Adam moments
+  (`_hp_optimizer_states_linked`, `_lazy_init_hp_params_optimizer_state`).
+- ZeRO-3: parameters carry `ds_id`, `ds_shape`, `ds_numel`, `ds_tensor` (this rank's partition of the 16-bit
+  weights, `ds_tensor.ds_numel` elements, the last rank's padded) and `ds_zero_partition_rank`; the fp32
+  partitions are `optimizer.fp32_partitioned_groups_flat`; `deepspeed.utils.safe_get_local_*` (public) give a
+  parameter's views of them.
+- Checkpoints (megavq.train.checkpoint) use the above: `owned_fragments`, `weight_targets`, `plain_state`,
+  `ensure_adam_states`; DeepSpeed's own save_checkpoint / load_checkpoint are not used (they pickle).
 """
 from __future__ import annotations
 
@@ -161,3 +167,121 @@ def link_zero_moments(engine) -> None:
     if flat_optimizer(engine) is not None:
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+# ---- optimizer state by fragment (megavq.train.checkpoint) -------------------------------------------------
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def is_zero3_param(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def param_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
+    """A parameter's full shape (ZeRO-3 parameters hold an empty placeholder between forwards)."""
+    return tuple(p.ds_shape) if is_zero3_param(p) else tuple(p.shape)
+
+
+def _zero3_range(p: torch.nn.Parameter) -> tuple[int, int]:
+    """(start, numel) of this rank's partition of p's flattened elements (ZeRO-3; the padding cut off)."""
+    size = p.ds_tensor.ds_numel
+    start = size * p.ds_zero_partition_rank
+    return start, max(0, min(size, p.ds_numel - start))
+
+
+def owned_fragments(engine, p: torch.nn.Parameter) -> list[tuple[int, int, dict]] | None:
+    """The parts of p's fp32 master weights and Adam moments this rank holds and no other rank of p's
+    data-parallel group does: [(start, numel, {"fp32", "exp_avg", "exp_avg_sq": 1-D view})] over p's flattened
+    elements (ZeRO-1/2 and bf16: its fragments of the flat partition, which cut across parameters; ZeRO-3: its
+    partition). None under a plain optimizer: every replica holds p whole (`plain_state`).
+    Call `ensure_adam_states` first."""
+    if is_zero3_param(p):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+        start, n = _zero3_range(p)
+        if n == 0:
+            return []
+        views = {"fp32": safe_get_local_fp32_param(p)[:n]}
+        views.update({k: safe_get_local_optimizer_state(p, k)[:n] for k in MOMENTS})
+        return [(start, n, views)]
+    if hasattr(p, "_hp_mapping"):
+        m = p._hp_mapping
+        if m is None:
+            return []
+        views = {"fp32": m.hp_fragment, **{k: m.get_optim_state_fragment(k) for k in MOMENTS}}
+        return [(m.lp_fragment_address.start, m.lp_fragment_address.numel, views)]
+    return None
+
+
+def plain_state(engine, p: torch.nn.Parameter) -> dict:
+    """{"fp32", "exp_avg", "exp_avg_sq": p's whole flattened tensors} under a plain (ZeRO-0 fp32) optimizer."""
+    state = engine.optimizer.state[p]
+    return {"fp32": p.data.view(-1), **{k: state[k].view(-1) for k in MOMENTS}}
+
+
+def weight_targets(p: torch.nn.Parameter) -> list[tuple[int, torch.Tensor]]:
+    """[(start, 1-D view)] of the module weights of p that this rank keeps: p whole, or under ZeRO-3 its
+    partition of the 16-bit weights (and p whole too when DeepSpeed keeps it gathered: persistent parameters)."""
+    if not is_zero3_param(p):
+        return [(0, p.data.view(-1))]
+    start, n = _zero3_range(p)
+    out = [(start, p.ds_tensor.data[:n])] if n else []
+    if p.data.numel() == p.ds_numel:
+        out.append((0, p.data.view(-1)))
+    return out
+
+
+def full_state(engine, p: torch.nn.Parameter, key: str) -> torch.Tensor:
+    """p's whole fp32 master weights or Adam moment `key` (an all-gather over p's data-parallel group under
+    ZeRO-1/2 and bf16: call on every rank). For layers whose experts are not row ranges of the canonical layout."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    if hasattr(p, "_hp_mapping"):
+        return safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
+    return plain_state(engine, p)[key].view(p.shape)
+
+
+def set_full_state(engine, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
+    """Set p's fp32 master weights or Adam moment `key` from its whole value (each rank keeps its fragment)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    value = value.to(p.device)
+    if hasattr(p, "_hp_mapping"):
+        if p._hp_mapping is not None:
+            (safe_set_full_fp32_param(p, value) if key == "fp32" else safe_set_full_optimizer_state(p, value, key))
+        return
+    plain_state(engine, p)[key].copy_(value.reshape(-1))
+
+
+def _adam_states(engine) -> list[tuple[dict, torch.Tensor]]:
+    """(Adam state dict, the tensor it belongs to) of every tensor the inner optimizer updates."""
+    if engine.zero_optimization_partition_weights():
+        inner = engine.optimizer.optimizer
+        return [(inner.state[t], t) for t in engine.optimizer.fp32_partitioned_groups_flat]
+    flat = flat_optimizer(engine)
+    if flat is not None:
+        return [(flat[0].state[t], t) for t in flat[1]]
+    opt = engine.optimizer
+    return [(opt.state[p], p) for g in opt.param_groups for p in g["params"]]
+
+
+def ensure_adam_states(engine) -> None:
+    """Create the Adam states that the optimizer makes lazily at its first step (zero moments, step 0) and
+    link ZeRO's per-parameter views of them, so that a fresh engine can be loaded into and saved."""
+    for state, t in _adam_states(engine):
+        if "exp_avg" not in state:
+            state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(t), exp_avg_sq=torch.zeros_like(t))
+    link_zero_moments(engine)
+
+
+def adam_step(engine) -> int:
+    return max((int(s["step"]) for s, _ in _adam_states(engine) if "step" in s), default=0)
+
+
+def set_adam_step(engine, step: int) -> None:
+    for state, _ in _adam_states(engine):
+        state["step"] = torch.tensor(float(step))
+
+
+def replica_position(sharded: bool, rank: int, world: int, ep_size: int) -> tuple[int, int]:
+    """(index, count) of this rank among the ranks holding the same copy of a tensor, in DeepSpeed's E + D
+    layout: expert-parallel groups are runs of ep_size consecutive ranks, so the copies of an expert-sharded
+    tensor are the ranks with the same rank % ep_size; other tensors are on every rank."""
+    return (rank // ep_size, world // ep_size) if sharded else (rank, world)

@@ -1,6 +1,6 @@
 """The only module that calls deepspeed.initialize: DeepSpeed config reconciliation, the checks that need the
-world size, optimizer, schedule, and the portable (layout-free) optimizer state. DeepSpeed internals are reached
-through megavq.train.ds_compat."""
+world size, optimizer and schedule. Checkpoints (the layout-free engine state) are megavq.train.checkpoint;
+DeepSpeed internals are reached through megavq.train.ds_compat."""
 from __future__ import annotations
 
 import json
@@ -23,11 +23,15 @@ _RECONCILED = {
 }
 
 
-def init_distributed() -> tuple[int, int]:
-    """Start torch.distributed through DeepSpeed (gloo on CPU); returns (rank, world_size)."""
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
+    """Start torch.distributed through DeepSpeed (gloo on CPU); returns (rank, world_size). `timeout_s`
+    (train.dist_timeout_s): how long a collective waits for a lost or stuck rank before it fails (retryable)."""
+    import datetime
+
     import deepspeed
     ds_compat.check_version()
-    deepspeed.init_distributed(verbose=False)
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    deepspeed.init_distributed(verbose=False, **kwargs)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
@@ -128,112 +132,6 @@ def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
     return engine
-
-
-def full_state_dict(engine) -> dict | None:
-    """The whole model's state dict in the canonical (native, ep_size 1) layout, on rank 0.
-
-    Gathered under ZeRO-3. Each MoE layer rewrites its own entries (`to_canonical`); it is called on every
-    rank, so it may communicate. Other ranks may get None.
-    """
-    model = engine.module
-    if engine.zero_optimization_partition_weights():
-        sd = ds_compat.zero3_full_state_dict(engine)
-    else:
-        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return model.to_canonical(sd)
-
-
-# ---- portable optimizer state: fp32 weights and Adam moments in the canonical layout ------------------
-# DeepSpeed's own checkpoint can only be loaded with the same ep_size, backend, ZeRO stage and world size.
-# `full_optimizer_state` writes what an exact resume needs in the canonical layout (every expert once,
-# stacked (E, ...)); `load_full_optimizer_state` puts it into an engine of any layout. Gathering is
-# collective: call both on every rank.
-STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
-
-
-def _get_state(engine, p: torch.nn.Parameter, key: str) -> torch.Tensor:
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-    if ds_compat.has_fragment_mapping(p):  # ZeRO, bf16: gathered over the data-parallel group
-        return safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)
-    if key == "fp32":
-        return p.detach().float()
-    state = engine.optimizer.state.get(p, {})
-    return state[key].detach().float() if key in state else torch.zeros_like(p, dtype=torch.float32)
-
-
-def full_optimizer_state(engine) -> tuple[dict, int]:
-    """({'fp32/<name>', 'exp_avg/<name>', 'exp_avg_sq/<name>': canonical tensor}, Adam step count)."""
-    model, out = engine.module, {}
-    if not engine.zero_optimization_partition_weights():
-        ds_compat.link_zero_moments(engine)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    for key in STATE_KEYS:
-        sd = model.to_canonical({n: _get_state(engine, p, key).cpu() for n, p in params})
-        out.update({f"{key}/{n}": t for n, t in sd.items()})
-    return out, adam_step(engine)
-
-
-def _adam_slots(engine) -> tuple[dict, list]:
-    """(the Adam state dict, the tensors it is keyed by) of a ZeRO-0/1/2 or bf16 optimizer."""
-    flat = ds_compat.flat_optimizer(engine)
-    if flat is not None:
-        return flat[0].state, flat[1]
-    return engine.optimizer.state, [p for g in engine.optimizer.param_groups for p in g["params"]]
-
-
-def _adam_states(engine) -> list[dict]:
-    if engine.zero_optimization_partition_weights():
-        return list(engine.optimizer.optimizer.state.values())
-    state, tensors = _adam_slots(engine)
-    return [state[t] for t in tensors]
-
-
-def adam_step(engine) -> int:
-    steps = [int(s["step"]) for s in _adam_states(engine) if "step" in s]
-    return max(steps, default=0)
-
-
-def _init_adam_states(engine, step: int) -> None:
-    """Create the Adam states (made lazily at the first step), set their step count, link ZeRO's views."""
-    state, tensors = _adam_slots(engine)
-    for t in tensors:
-        if not state[t]:
-            state[t].update(exp_avg=torch.zeros_like(t), exp_avg_sq=torch.zeros_like(t))
-        state[t]["step"] = torch.tensor(float(step))
-    ds_compat.link_zero_moments(engine)
-
-
-def _set_state(engine, p: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-    value = value.to(p.device)
-    if key == "fp32":
-        p.data.copy_(value.to(p.dtype))
-    if ds_compat.maps_fragments(p):
-        if key == "fp32":
-            safe_set_full_fp32_param(p, value)
-        else:
-            safe_set_full_optimizer_state(p, value, key)
-    elif key != "fp32" and p in engine.optimizer.state:
-        engine.optimizer.state[p][key].copy_(value)
-
-
-def load_full_optimizer_state(engine, state: dict, step: int) -> None:
-    """Put canonical fp32 weights and Adam moments (from full_optimizer_state) into this engine's layout."""
-    model = engine.module
-    if engine.zero_optimization_partition_weights():
-        raise ConfigError("resuming under ZeRO-3 needs a checkpoint of the same layout (backend, ep_size, ZeRO "
-                          "stage, ranks); resume this one with ZeRO-0/1/2 (ds_configs/zero2.json)")
-    _init_adam_states(engine, step)
-    params = dict(model.named_parameters())
-    for key in STATE_KEYS:
-        sd = model.from_canonical({k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(key + "/")})
-        missing = [n for n, p in params.items() if p.requires_grad and n not in sd]
-        if missing:
-            raise ConfigError(f"the saved optimizer state has no {key} for {missing[:3]}: not this model's")
-        for name, value in sd.items():
-            if name in params:
-                _set_state(engine, params[name], key, value)
 
 
 def set_schedule_position(engine, last_epoch: int) -> None:

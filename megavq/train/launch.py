@@ -1,12 +1,15 @@
-"""Process start-up shared by the scripts: distributed defaults for a plain `python` run, one-line errors."""
+"""Process start-up shared by the scripts: distributed defaults for a plain `python` run or `srun` tasks,
+one-line errors and the exit codes a requeue loop reads (megavq.errors: 0 done, 2 bad input or a first
+non-finite loss, 3 fatal, 75 retryable: pre-empted after saving, a lost rank, a collective timeout)."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from contextlib import contextmanager
 
-from megavq.errors import MegavqError
+from megavq.errors import EXIT_FATAL, EXIT_RETRY, EXIT_USAGE, FatalError, MegavqError, RetryableError
 
 
 def free_port() -> int:
@@ -15,25 +18,80 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[03-05,09],cpu1" -> "gpu03")."""
+    m = re.match(r"([^\[,]+)(?:\[([^\],-]+))?", nodelist)
+    return m.group(1) + (m.group(2) or "")
+
+
+def slurm_env(env=os.environ) -> dict:
+    """The torch.distributed variables of an `srun` task (one task per rank), or {} outside such a step."""
+    if "RANK" in env or int(env.get("SLURM_STEP_NUM_TASKS", "1")) < 2:
+        return {}
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0],
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
+            "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+
+
 def single_process_env() -> None:
-    """Let `python script.py` run as a world of one when no launcher (deepspeed, torchrun) set the env."""
+    """Let `python script.py` run as a world of one when no launcher (deepspeed, torchrun, srun) set the env."""
+    os.environ.update(slurm_env())
     if "RANK" in os.environ:
         return
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
+_LOST = ("Connection reset by peer", "Connection closed by peer", "Timed out", "timed out", "Broken pipe",
+         "NCCL communicator was aborted", "NCCL error")
+
+
+def lost_rank(e: BaseException) -> bool:
+    """A collective that failed because another rank died or hung (retryable), not a bug."""
+    import torch.distributed as dist
+    return isinstance(e, getattr(dist, "DistError", ())) or (isinstance(e, RuntimeError)
+                                                             and any(m in str(e) for m in _LOST))
+
+
+def _say(message: str, every_rank: bool = False) -> None:
+    rank = os.environ.get("RANK", "0")
+    if every_rank or rank == "0":
+        print(f"error: {message}" if not every_rank else f"error (rank {rank}): {message}", file=sys.stderr,
+              flush=True)
+
+
 @contextmanager
 def user_errors():
-    """Print a MegavqError as `error: <message>` (once, from rank 0) and exit with status 2; either way, shut
-    torch.distributed down cleanly (an exit with a live gloo group can abort the process)."""
+    """Print a MegavqError as `error: <message>` (once, from rank 0) and exit with its code (2, 3 or 75); a
+    collective broken by a lost rank or a timeout exits 75 too. Either way, shut torch.distributed down cleanly
+    (an exit with a live gloo group can abort the process)."""
     import torch.distributed as dist
+    code = None
     try:
         yield
+    except RetryableError as e:
+        _say(str(e))
+        code = EXIT_RETRY
+    except FatalError as e:
+        _say(str(e))
+        code = EXIT_FATAL
     except MegavqError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _say(str(e))
+        code = EXIT_USAGE
+    except Exception as e:  # noqa: BLE001  (re-raised unless another rank was lost)
+        if not lost_rank(e):
+            raise
+        _say(f"a collective failed (a rank was lost or timed out; retryable): {str(e).splitlines()[0][:300]}",
+             every_rank=True)
+        code = EXIT_RETRY
     finally:
         if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001  (a broken group)
+                pass
+    if code is not None:
+        sys.exit(code)

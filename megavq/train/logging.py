@@ -1,4 +1,11 @@
-"""Run logging on rank 0: metrics.jsonl (one JSON object per logged step), summary.json, optional wandb."""
+"""Run logging on rank 0: metrics.jsonl (one JSON object per logged step), summary.json, optional wandb.
+
+A resumed run continues the same files and the same wandb run: metrics.jsonl loses the lines after the
+checkpoint (they are logged again when the steps are re-done); wandb keeps everything it received, so its
+points are plotted against the `step` metric (wandb's own monotonic `_step` counts log calls): the re-done steps
+appear a second time at the same `step`, after a `resumed_from` record, instead of being dropped as wandb drops
+a step that goes backwards. The wandb run id lives in RUN/run.json (megavq.train.checkpoint.update_run_state).
+"""
 from __future__ import annotations
 
 import json
@@ -30,9 +37,17 @@ def average_metrics(dicts: list[dict]) -> dict:
     return out
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a blank or partial one (a process killed mid-write)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
+
+
 class RunLogger:
     def __init__(self, out_dir: Path, config: dict, enabled: bool, use_wandb: bool, project: str,
-                 resume_step: int = 0):
+                 resume_step: int = 0, wandb_id: str | None = None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled, self.wandb = enabled, None
         if not enabled:
@@ -42,15 +57,18 @@ class RunLogger:
             import wandb
             if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") is None:
                 os.environ["WANDB_MODE"] = "offline"  # no key configured: keep the run locally
-            self.wandb = wandb.init(project=project, dir=str(out_dir), config=config,
-                                    name=Path(out_dir).name, resume="allow")
+            self.wandb = wandb.init(project=project, dir=str(out_dir), config=config, name=Path(out_dir).name,
+                                    id=wandb_id, resume="allow")
+            self.wandb.define_metric("step")
+            self.wandb.define_metric("*", step_metric="step")
+            if resume_step:
+                self.wandb.log({"step": resume_step, "resumed_from": resume_step})
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines logged after the checkpoint (they are re-done); a fresh run starts empty."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step] if step else []
+        keep = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step] if step else []
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, record: dict) -> None:
@@ -59,8 +77,13 @@ class RunLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-            self.wandb.log(scalars, step=record["step"])
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))})
+
+    def finish_preempted(self) -> None:
+        """The run stops to be continued: wandb marks it preempting (its id is reused on resume)."""
+        if self.wandb is not None:
+            self.wandb.mark_preempting()
+            self.wandb.finish(exit_code=75)
 
     def finish(self, summary: dict) -> None:
         if not self.enabled:

@@ -6,9 +6,7 @@ see the same data in the same order.
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,15 +15,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megavq.errors import ConfigError, MegavqError, TrainingError
+from megavq.errors import EXIT_RETRY, ConfigError, FatalError, MegavqError, RetryableError, TrainingError
 from megavq.config import Config, save_config
 from megavq.eval.health import CollapseMonitor
-from megavq.io import load_weights, save_model
-from megavq.manifest import TOKENIZER_FILE, write_manifest
+from megavq.io import load_weights
+from megavq.manifest import write_manifest
 from megavq.model import Transformer
-from megavq.train.engine import (build_engine, full_optimizer_state, full_state_dict, load_full_optimizer_state,
-                                 read_ds_config, reconcile_ds_config, set_schedule_position)
+from megavq.train.checkpoint import Checkpointer, clear_run, holds_run, read_run_state, update_run_state
+from megavq.train.engine import build_engine, read_ds_config, reconcile_ds_config
+from megavq.train.faults import fault, wants
 from megavq.train.logging import RunLogger, average_metrics, flatten_router_metrics
+from megavq.train.preempt import StopSignals, stop_agreed
 
 
 def load_data(source: str, rank: int):
@@ -60,6 +60,10 @@ class Trainer:
         self.global_batch = self.micro * cfg.train.grad_accum_steps * world
         self.moe_layer_ids = [i for i, b in enumerate(model.blocks) if b.is_moe]
         self.health = CollapseMonitor.for_model(model, cfg.train)
+        self.checkpoints = Checkpointer(engine, model, cfg, out_dir, rank, world)
+        self.saved, self.current_step = None, 0
+        if wants("step"):  # MEGAVQ_FAULT=step...: fail in the middle of a step (megavq.train.faults)
+            model.register_forward_pre_hook(lambda *_: fault("step", self.current_step))
 
     # ---- one optimizer step -------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -103,90 +107,64 @@ class Trainer:
         self.engine.train()
         return total / max(count, 1)
 
-    # ---- checkpoints ----------------------------------------------------------------------------------
+    # ---- checkpoints (megavq.train.checkpoint) ----------------------------------------------------------
     def save(self, step: int) -> None:
-        tag = f"step_{step:07d}"
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag,
-                                    client_state={"step": step, "rng": torch.get_rng_state()})
-        state = full_state_dict(self.engine)
-        optim, adam = full_optimizer_state(self.engine)
-        if self.rank == 0:
-            save_model(state, self.cfg, self.ckpt_dir / tag, self.out_dir / TOKENIZER_FILE, kind="checkpoint",
-                       step=step)
-            self._save_portable(self.ckpt_dir / tag, step, optim, adam)
-            self._prune()
-        dist.barrier()
+        self.checkpoints.save(step, {"next_step": step, "global_batch": self.global_batch,
+                                     "samples": step * self.global_batch, "seed": self.cfg.train.seed})
+        self.saved = step
 
-    def layout(self) -> dict:
-        """What DeepSpeed's own checkpoint depends on; a different layout resumes from the portable state."""
-        moe = self.cfg.moe
-        return {"backend": moe.backend, "ep_size": moe.ep_size, "world_size": self.world,
-                "zero_stage": self.engine.zero_optimization_stage(), "dtype": str(self.engine.get_data_types()[0])}
-
-    def _save_portable(self, tag_dir: Path, step: int, optim: dict, adam: int) -> None:
-        """train_state.safetensors (canonical fp32 weights, Adam moments, RNG) + train_state.json (positions)."""
-        from safetensors.torch import save_file
-        save_file({**{k: v.contiguous() for k, v in optim.items()}, "rng": torch.get_rng_state()},
-                  str(tag_dir / "train_state.safetensors"))
-        meta = {"step": step, "adam_step": adam, "lr_last_epoch": self.engine.lr_scheduler.last_epoch,
-                "global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
-                "layout": self.layout()}
-        (tag_dir / "train_state.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-    def _prune(self) -> None:
-        tags = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
-        for old in tags[:-self.cfg.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    def resume(self) -> int:
-        if not (self.ckpt_dir / "latest").is_file():
-            raise MegavqError(f"--resume: no checkpoint in {self.ckpt_dir}")
-        tag_dir = self.ckpt_dir / (self.ckpt_dir / "latest").read_text().strip()
-        meta_file = tag_dir / "train_state.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
-        native_ep = self.cfg.moe.backend == "native" and self.cfg.moe.ep_size > 1  # DeepSpeed keeps rank 0's experts
-        if meta is not None and (native_ep or meta["layout"] != self.layout()):
-            return self._resume_portable(tag_dir, meta)
-        if native_ep:
-            raise MegavqError(f"--resume: {meta_file} is missing; it is needed to resume moe.ep_size > 1")
-        path, client = self.engine.load_checkpoint(str(self.ckpt_dir))
-        if path is None:
-            raise MegavqError(f"--resume: could not load the checkpoint in {self.ckpt_dir}")
-        torch.set_rng_state(client["rng"])
-        return int(client["step"])
-
-    def _resume_portable(self, tag_dir: Path, meta: dict) -> int:
-        """Resume from the canonical weights and optimizer state: any ep_size, backend, ZeRO-0/1/2 stage, rank count."""
-        from safetensors.torch import load_file
-        load_weights(self.model, tag_dir)  # parameters and buffers, canonical -> this layout
-        state = load_file(str(tag_dir / "train_state.safetensors"))
-        rng = state.pop("rng")
-        load_full_optimizer_state(self.engine, state, meta["adam_step"])
-        set_schedule_position(self.engine, meta["lr_last_epoch"])
-        self.engine.global_steps, self.engine.global_samples = meta["global_steps"], meta["global_samples"]
-        torch.set_rng_state(rng)
-        return int(meta["step"])
+    def resume(self, mode: str) -> int:
+        """Load the newest intact checkpoint; returns its step (0: none, and mode "auto")."""
+        state = self.checkpoints.resume(mode)
+        if state is None:
+            return 0
+        batch = state["data"].get("global_batch")
+        if batch not in (None, self.global_batch) and self.rank == 0:
+            tqdm.write(f"warning: {state['path']} was written with {batch} sequences per step, this run takes "
+                       f"{self.global_batch}: the batches after it differ from the first run's")
+        self.saved = state["step"]
+        return state["step"]
 
     # ---- the loop -------------------------------------------------------------------------------------
-    def fit(self, start: int, logger: RunLogger) -> dict:
+    def fit(self, start: int, logger: RunLogger, stop: StopSignals) -> dict:
+        """Steps start+1 .. end; saves every train.save_every steps; after a stop signal, every rank saves at the
+        same step and the result has "stopped" set."""
         t = self.cfg.train
         end = min(t.stop_at_step or t.max_steps, t.max_steps)
         bar = tqdm(range(start, end), initial=start, total=t.max_steps, disable=self.rank != 0,
                    desc="train", dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
-        t_start, t_window, window, last, done = time.time(), time.time(), [], {}, start
+        t_start, t_window, window, last, done, stopped = time.time(), time.time(), [], {}, start, False
         for step in bar:
-            window.append(self.train_step(step))
+            self.current_step = step + 1
+            window.append(self.train_step_checked(step, start))
             done = step + 1
             if done % t.log_every == 0 or done % t.eval_every == 0 or done == end:
                 last = self.log_window(done, window, time.time() - t_window, logger)
                 bar.set_postfix(loss=f"{last['train/lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
                 window, t_window = [], time.time()
-            if done % t.save_every == 0:
+            stopped = stop_agreed(stop.requested, self.engine.device)
+            if done % t.save_every == 0 or stopped:
                 self.save(done)
-            if t.max_time_s and time.time() - t_start > t.max_time_s:
+            if stopped or (t.max_time_s and time.time() - t_start > t.max_time_s):
                 break
         bar.close()
-        return {"steps": done, "train_time_s": time.time() - t_start, "last": last}
+        return {"steps": done, "train_time_s": time.time() - t_start, "last": last, "stopped": stopped}
+
+    def train_step_checked(self, step: int, start: int) -> dict:
+        """train_step; a non-finite loss at a step that already failed before this resume is fatal (exit 3):
+        a requeue must not retry it forever."""
+        try:
+            return self.train_step(step)
+        except TrainingError:  # every rank raises it at the same step (the loss is all-reduced)
+            failed = read_run_state(self.out_dir).get("nonfinite_step")
+            dist.barrier()
+            if self.rank == 0:
+                update_run_state(self.out_dir, nonfinite_step=step + 1)
+            if failed == step + 1 and start < step + 1:
+                raise FatalError(f"non-finite loss at step {step + 1} again after resuming from step {start}: "
+                                 f"it is not a transient fault; lower train.lr (or train.grad_clip) and resume, or "
+                                 f"restart from an earlier checkpoint") from None
+            raise
 
     def log_window(self, done: int, window: list, seconds: float, logger: RunLogger) -> dict:
         tokens = self.global_batch * self.cfg.model.seq_len * len(window)
@@ -226,26 +204,74 @@ def build_model(cfg: Config, init_from: str | None = None) -> Transformer:
     return model
 
 
-def run(cfg: Config, ds_config: str | Path, out_dir: str | Path, resume: bool = False,
-        init_from: str | None = None) -> dict:
-    """Pre-train per cfg; returns the summary. Must run inside torch.distributed (see engine.init_distributed)."""
+def prepare_run_dir(out_dir: Path, resume: str | None, overwrite: bool, rank: int) -> None:
+    """Refuse to mix a fresh run with an old one; --overwrite deletes the old one first (rank 0)."""
+    if overwrite and resume:
+        raise ConfigError("--overwrite deletes the run that --resume continues: give one of them")
+    error = None
+    if rank == 0:
+        if overwrite:
+            clear_run(out_dir)
+        elif not resume and holds_run(out_dir):
+            error = (f"{out_dir} already holds a run: continue it with --resume (or --resume auto, which also "
+                     f"starts it when it has no checkpoint), or delete it and start again with --overwrite")
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise MegavqError(box[0])
+
+
+def run(cfg: Config, ds_config: str | Path, out_dir: str | Path, resume: bool | str | None = None,
+        init_from: str | None = None, overwrite: bool = False) -> dict:
+    """Pre-train per cfg; returns the summary. Must run inside torch.distributed (see engine.init_distributed).
+
+    resume: None (a fresh run; refused where a run exists unless `overwrite`), "strict" (or True: continue from
+    the newest checkpoint, which must exist and be intact) or "auto" (continue from the newest intact checkpoint,
+    falling back to older ones; start fresh when there is none). A stop signal ends the run after a save with
+    RetryableError (exit 75)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    out_dir = Path(out_dir)
+    out_dir, resume = Path(out_dir), ("strict" if resume is True else resume or None)
     ds = reconcile_ds_config(read_ds_config(ds_config), cfg, world)
+    prepare_run_dir(out_dir, resume, overwrite, rank)
     data = load_data(cfg.data.source, rank)
     resolve_vocab(cfg, data.vocab_size)
     model = build_model(cfg, init_from)
+    engine = build_engine(model, cfg, ds)
+    trainer = Trainer(engine, model, cfg, data, out_dir, rank, world)
+    start = trainer.resume(resume) if resume else 0  # a run that cannot resume is left as it was
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.json")
         write_manifest(out_dir, "run", cfg.to_dict(), data.tokenizer().path, data=str(data.dir))
-    engine = build_engine(model, cfg, ds)
-    trainer = Trainer(engine, model, cfg, data, out_dir, rank, world)
-    start = trainer.resume() if resume else 0
-    logger = RunLogger(out_dir, cfg.to_dict(), rank == 0, cfg.train.wandb, cfg.train.wandb_project, start)
-    fit = trainer.fit(start, logger)
-    if fit["steps"] % cfg.train.save_every != 0 and fit["steps"] > start:
-        trainer.save(fit["steps"])
+    state = run_state(out_dir, rank, cfg.train.wandb)
+    logger = RunLogger(out_dir, cfg.to_dict(), rank == 0, cfg.train.wandb, cfg.train.wandb_project, start,
+                       state.get("wandb_id"))
+    with StopSignals() as stop:
+        fit = trainer.fit(start, logger, stop)
+        if fit["stopped"]:
+            return preempted(trainer, out_dir, stop, fit["steps"], logger)
+        if fit["steps"] > start and trainer.saved != fit["steps"]:
+            trainer.save(fit["steps"])
     summary = trainer.final_eval(fit)
     logger.finish(summary)
+    if rank == 0:
+        update_run_state(out_dir, exit={"code": 0, "reason": "finished", "step": fit["steps"]})
     return summary
+
+
+def run_state(out_dir: Path, rank: int, use_wandb: bool) -> dict:
+    """run.json, with a wandb run id made on first use (every attempt of the run logs to the same wandb run)."""
+    state = read_run_state(out_dir) if rank == 0 else {}
+    if rank == 0 and use_wandb and not state.get("wandb_id"):
+        import wandb
+        state = update_run_state(out_dir, wandb_id=wandb.util.generate_id())
+    return state
+
+
+def preempted(trainer: Trainer, out_dir: Path, stop: StopSignals, step: int, logger: RunLogger):
+    reason = f"stopped by {stop.signal or 'a signal to another rank'} after step {step}"
+    if trainer.rank == 0:
+        update_run_state(out_dir, exit={"code": EXIT_RETRY, "reason": reason, "step": step})
+    logger.finish_preempted()
+    raise RetryableError(f"{reason}; saved {trainer.checkpoints.dir / f'step_{step:07d}'}; continue with "
+                         f"--resume auto")

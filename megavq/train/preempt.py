@@ -1,0 +1,49 @@
+"""Pre-emption: SIGTERM or SIGUSR1 asks every rank to finish its step, save and exit with EXIT_RETRY.
+
+The signal only sets a flag. At the end of each step the ranks agree on stopping (`stop_agreed`: one small
+all_reduce of the flag, MAX), so every rank stops after the same step even when only some of them received
+the signal, saves, and exits together. Which signal reaches the ranks depends on the launcher: the DeepSpeed
+launcher forwards SIGINT and SIGTERM and kills the ranks 30 s later (SIGUSR1 kills the launcher itself);
+torchrun forwards SIGTERM (and SIGINT) and kills them 30 s later; under `srun` every task receives what
+`scancel --signal` or `sbatch --signal` sends. The step and the save must fit in that grace period.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """Within `with StopSignals() as stop:`, SIGTERM and SIGUSR1 set `stop.requested` (the signal's name in
+    `stop.signal`) instead of ending the process; the previous handlers come back on exit."""
+
+    def __init__(self):
+        self.requested, self.signal, self._previous = False, None, {}
+
+    def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            print(f"megavq: {signal.Signals(signum).name} received: stopping after this step and saving",
+                  file=sys.stderr, flush=True)
+        self.requested, self.signal = True, signal.Signals(signum).name
+
+    def __enter__(self) -> "StopSignals":
+        for s in SIGNALS:
+            self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def stop_agreed(requested: bool, device) -> bool:
+    """Whether any rank was asked to stop: the one collective of a step's end that pre-emption adds (a host
+    sync; it can be folded into the reduction of the step's statistics)."""
+    flag = torch.tensor([float(requested)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
