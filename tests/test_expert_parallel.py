@@ -169,7 +169,7 @@ def test_ep2_on_two_ranks_matches_ep1_on_one_rank(ep_runs, backend, router):
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["native/topk", "deepspeed/compete"])
 def test_exported_checkpoint_loads_with_the_training_logits(ep_runs, run):
-    """full_state_dict gathers every expert into the canonical layout; load_model (native, ep 1) agrees."""
+    """The checkpoint holds every expert in the canonical layout; load_model (native, ep 1) agrees."""
     from megavq import load_model
     model = load_model(ep_runs["dirs"][run])
     with torch.no_grad():
@@ -180,7 +180,7 @@ def test_exported_checkpoint_loads_with_the_training_logits(ep_runs, run):
 @pytest.mark.slow
 @pytest.mark.parametrize("resume", ["ep1->ep2", "native:ep2->ep1", "deepspeed:ep2->ep1"])
 def test_resume_with_another_ep_size_matches_the_uninterrupted_run(ep_runs, resume):
-    """Weights and Adam moments are re-sharded through the canonical train_state files."""
+    """Weights and Adam moments are re-sharded through the sharded, layout-free checkpoint."""
     ref = ep_runs["ref/topk"]["losses"]
     resumed = ep_runs[f"resume/{resume}"]["losses"]
     assert len(resumed) == STEPS  # steps 1-5 from the first run, 6-10 after the resume

@@ -19,7 +19,7 @@ COLUMNS = ["router", "val_loss", "val_vs_topk", "test_bits_per_byte", "tokens_pe
 
 def run_router(router: str, out_dir: Path, launcher: list[str], args: list[str]) -> None:
     cmd = [*launcher, str(Path(__file__).resolve().parents[2] / "scripts" / "pretrain.py"),
-           "--out_dir", str(out_dir), *args, f"moe.router={router}"]
+           "--out_dir", str(out_dir), "--overwrite", *args, f"moe.router={router}"]  # a comparison starts afresh
     print("+", " ".join(cmd), flush=True)
     if subprocess.run(cmd).returncode != 0:
         raise MegavqError(f"training with moe.router={router} failed (command: {' '.join(cmd)})")

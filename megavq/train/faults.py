@@ -9,8 +9,9 @@ POINT   where (the step is the optimizer step being done, or the step of the che
           save.prune     during pruning, after the old checkpoint was moved aside and before it is deleted
           save.enospc    writing this rank's checkpoint file fails with "No space left on device"
 RANK    the global rank that fails (empty or `*`: every rank)
-STEP    the step (empty: the first time the point is reached)
-ACTION  `raise` (default: a RuntimeError, an ordinary crash) or `kill` (SIGKILL: the process vanishes)
+STEP    the step (empty: every step; a failure ends the process the first time)
+ACTION  `raise` (default: a RuntimeError, an ordinary crash), `kill` (SIGKILL: the process vanishes) or
+        `sleepS` (wait S seconds and go on: slows steps down so that a test can signal a run mid-way)
 
 Unset in normal runs: `fault()` is then one dictionary lookup.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 POINTS = ("step", "save.write", "save.publish", "save.prune", "save.enospc")
 
@@ -31,8 +33,9 @@ def _parse(text: str) -> list[tuple[str, int | None, int | None, str]]:
     faults = []
     for item in filter(None, text.split(",")):
         point, rank, step, action = (item.split(":") + ["", "", ""])[:4]
-        if point not in POINTS or (action or "raise") not in ("raise", "kill"):
-            raise ValueError(f"MEGAVQ_FAULT={text!r}: expected POINT[:RANK][:STEP][:raise|kill], POINT in {POINTS}")
+        if point not in POINTS or not (action in ("", "raise", "kill") or action.startswith("sleep")):
+            raise ValueError(f"MEGAVQ_FAULT={text!r}: expected POINT[:RANK][:STEP][:raise|kill|sleepS], "
+                             f"POINT in {POINTS}")
         faults.append((point, int(rank) if rank not in ("", "*") else None, int(step) if step else None,
                        action or "raise"))
     return faults
@@ -46,6 +49,9 @@ def fault(point: str, step: int) -> None:
     rank = int(os.environ.get("RANK", "0"))
     for p, r, s, action in _parse(text):
         if p != point or (r is not None and r != rank) or (s is not None and s != step):
+            continue
+        if action.startswith("sleep"):
+            time.sleep(float(action.removeprefix("sleep")))
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -1,8 +1,8 @@
 """Pre-emption: SIGTERM or SIGUSR1 asks every rank to finish its step, save and exit with EXIT_RETRY.
 
 The signal only sets a flag. At the end of each step the ranks agree on stopping (`stop_agreed`: one small
-all_reduce of the flag, MAX), so every rank stops after the same step even when only some of them received
-the signal, saves, and exits together. Which signal reaches the ranks depends on the launcher: the DeepSpeed
+all_reduce of the signal number, MAX), so every rank stops after the same step even when only some of them
+received the signal, saves, and exits together. Which signal reaches the ranks depends on the launcher: the DeepSpeed
 launcher forwards SIGINT and SIGTERM and kills the ranks 30 s later (SIGUSR1 kills the launcher itself);
 torchrun forwards SIGTERM (and SIGINT) and kills them 30 s later; under `srun` every task receives what
 `scancel --signal` or `sbatch --signal` sends. The step and the save must fit in that grace period.
@@ -19,17 +19,18 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopSignals:
-    """Within `with StopSignals() as stop:`, SIGTERM and SIGUSR1 set `stop.requested` (the signal's name in
-    `stop.signal`) instead of ending the process; the previous handlers come back on exit."""
+    """Within `with StopSignals() as stop:`, SIGTERM and SIGUSR1 set `stop.requested` (the signal number)
+    instead of ending the process; the previous handlers come back on exit. `stop.signal`: the name of the
+    signal the ranks agreed on (set by the trainer from `stop_agreed`)."""
 
     def __init__(self):
-        self.requested, self.signal, self._previous = False, None, {}
+        self.requested, self.signal, self._previous = 0, None, {}
 
     def _handle(self, signum, frame) -> None:
         if not self.requested:
             print(f"megavq: {signal.Signals(signum).name} received: stopping after this step and saving",
                   file=sys.stderr, flush=True)
-        self.requested, self.signal = True, signal.Signals(signum).name
+        self.requested = max(self.requested, int(signum))
 
     def __enter__(self) -> "StopSignals":
         for s in SIGNALS:
@@ -41,9 +42,9 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-def stop_agreed(requested: bool, device) -> bool:
-    """Whether any rank was asked to stop: the one collective of a step's end that pre-emption adds (a host
-    sync; it can be folded into the reduction of the step's statistics)."""
+def stop_agreed(requested: int, device) -> str | None:
+    """The name of the stop signal any rank received (None: go on): the one collective of a step's end that
+    pre-emption adds (a host sync; it can be folded into the reduction of the step's statistics)."""
     flag = torch.tensor([float(requested)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return signal.Signals(int(flag.item())).name if flag.item() else None

@@ -63,7 +63,7 @@ class Trainer:
         self.checkpoints = Checkpointer(engine, model, cfg, out_dir, rank, world)
         self.saved, self.current_step = None, 0
         if wants("step"):  # MEGAVQ_FAULT=step...: fail in the middle of a step (megavq.train.faults)
-            model.register_forward_pre_hook(lambda *_: fault("step", self.current_step))
+            model.register_forward_pre_hook(lambda m, _: m.training and fault("step", self.current_step))
 
     # ---- one optimizer step -------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -142,7 +142,8 @@ class Trainer:
                 last = self.log_window(done, window, time.time() - t_window, logger)
                 bar.set_postfix(loss=f"{last['train/lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
                 window, t_window = [], time.time()
-            stopped = stop_agreed(stop.requested, self.engine.device)
+            stop.signal = stop_agreed(stop.requested, self.engine.device)
+            stopped = stop.signal is not None
             if done % t.save_every == 0 or stopped:
                 self.save(done)
             if stopped or (t.max_time_s and time.time() - t_start > t.max_time_s):
@@ -263,13 +264,15 @@ def run_state(out_dir: Path, rank: int, use_wandb: bool) -> dict:
     """run.json, with a wandb run id made on first use (every attempt of the run logs to the same wandb run)."""
     state = read_run_state(out_dir) if rank == 0 else {}
     if rank == 0 and use_wandb and not state.get("wandb_id"):
-        import wandb
-        state = update_run_state(out_dir, wandb_id=wandb.util.generate_id())
+        import secrets
+        import string
+        alphabet = string.ascii_lowercase + string.digits  # wandb's own run-id alphabet
+        state = update_run_state(out_dir, wandb_id="".join(secrets.choice(alphabet) for _ in range(8)))
     return state
 
 
 def preempted(trainer: Trainer, out_dir: Path, stop: StopSignals, step: int, logger: RunLogger):
-    reason = f"stopped by {stop.signal or 'a signal to another rank'} after step {step}"
+    reason = f"stopped by {stop.signal} after step {step}"
     if trainer.rank == 0:
         update_run_state(out_dir, exit={"code": EXIT_RETRY, "reason": reason, "step": step})
     logger.finish_preempted()
