@@ -17,7 +17,7 @@ the canonical tensors, checksummed). `scripts/upgrade.py` converts 0 and 1 into 
 
 Policy: a reader accepts the current version and the previous one, and refuses any other with the command
 that converts it. Version 0 is a directory written before manifests existed (megavq 0.1.0 up to commit
-ec4c2b2): it is read as before.
+ec4c2b2): it loads as a model as before; a version-0 checkpoint resumes after scripts/upgrade.py.
 """
 from __future__ import annotations
 

@@ -20,8 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import ROOT
+from megavq.moe.dispatch.base import BankDispatcher, register_dispatcher
+from megavq.moe.dispatch.native import native_moe
+from megavq.moe.experts import Experts, every_expert, expert_mlp
 from megavq.train.launch import free_port
 from test_expert_parallel import EP_SMALL, jobs, run_distributed
 from test_train import last_line, pretrain
@@ -101,11 +105,76 @@ def test_fault_specs_command_line_and_slurm_environment():
     assert slurm_env({**env, "SLURM_STEP_NUM_TASKS": "1"}) == {}  # one task: a launcher starts the ranks
 
 
+class TransposedExperts(nn.Module):
+    """Experts keeping w_out as (E, D, H): not a row range of the canonical (E, H, D) (like MegaBlocks' layout)."""
+
+    def __init__(self, ref: Experts):
+        super().__init__()
+        self.num_experts, self.mlp = ref.num_experts, ref.mlp
+        self.w_in = nn.Parameter(ref.w_in.detach().clone())
+        self.w_out_t = nn.Parameter(ref.w_out.detach().transpose(1, 2).contiguous())
+
+    def forward(self, x_ND, counts_E):
+        outs = [expert_mlp(x, self.w_in[e], self.w_out_t[e].t(), None, None, self.mlp)
+                for e, x in enumerate(torch.split(x_ND, counts_E)) if x.shape[0]]
+        return torch.cat(outs) if outs else x_ND.new_zeros(0, self.w_in.shape[2])
+
+
+class TransposedDispatcher(BankDispatcher):
+    layer_kinds, biases, zero3 = ("token",), False, False
+
+    def build_experts(self):
+        return TransposedExperts(Experts.for_spec(self.spec))
+
+    def run(self, x_TD, r, experts):
+        return native_moe(x_TD, r, experts)
+
+    def all_experts(self, x_TD, experts):
+        return every_expert(experts, self.num_experts, x_TD)
+
+    def to_canonical(self, experts, prefix, sd):
+        if prefix + "w_out_t" in sd:
+            sd[prefix + "w_out"] = sd.pop(prefix + "w_out_t").transpose(1, 2)
+        return sd
+
+    def from_canonical(self, experts, prefix, sd):
+        if prefix + "w_out" in sd:
+            sd[prefix + "w_out_t"] = sd.pop(prefix + "w_out").transpose(1, 2)
+        return sd
+
+
+def register_transposed() -> None:
+    """Registered on demand (here and in the spawned ranks), so that other tests never see it."""
+    from megavq.moe.dispatch import available_dispatchers
+    if "test_transposed" not in available_dispatchers():
+        register_dispatcher("test_transposed")(TransposedDispatcher)
+
+
+@pytest.mark.parametrize("backend", ["native", "test_transposed"])
+def test_layout_maps_local_tensors_onto_canonical_ones(backend):
+    """Native experts are canonical rows; a dispatcher in another arrangement is saved through to_canonical."""
+    from megavq.config import load_config
+    register_transposed()
+    from megavq.model import Transformer
+    from megavq.train.checkpoint import build_layout
+    model = Transformer(load_config("tiny", ["model.vocab_size=64", f"moe.backend={backend}"]))
+    layout = build_layout(model, 1)
+    experts = [s for s in layout.slots if ".experts." in s.name]
+    canonical = Transformer(load_config("tiny", ["model.vocab_size=64"])).state_dict()
+    assert {k: v["shape"] for k, v in layout.tensors.items()} == {
+        k: list(v.shape) for k, v in canonical.items() if k != "lm_head.weight"}
+    if backend == "native":
+        assert not layout.fallback and all(s.canonical == s.name and s.offset == 0 for s in experts)
+    else:
+        assert not experts and [p for p, _, _ in layout.fallback] == [f"blocks.{i}.mlp." for i in range(4)]
+
+
 # ---- jobs of the spawned process groups ------------------------------------------------------------------------
 def train_run(data: str, out: str, overrides: list[str], ds: str = "zero2", resume: str | None = None) -> dict:
     """trainer.run on every rank of the group; returns {step: loss}."""
     import megavq.train.trainer as trainer
     from megavq.config import load_config
+    register_transposed()
     cfg = load_config("tiny", [*RUN, f"data.source={data}", *overrides])
     trainer.run(cfg, ROOT / "ds_configs" / f"{ds}.json", out, resume=resume)
     return step_losses(out)
@@ -218,6 +287,21 @@ def test_layout_sources_match_the_reference_before_the_change(runs):
     assert_steps_match(runs["ds"], runs["ref"], range(1, 5))
 
 
+@pytest.mark.slow
+def test_a_dispatcher_in_another_arrangement_resumes_in_its_own_and_the_native_layout(builtin_data, tmp_path):
+    data, d = str(builtin_data), {n: str(tmp_path / n) for n in ("t", "t-native", "t-t")}
+    t = ["moe.backend=test_transposed", "train.max_steps=6"]
+    plan = [run_job("t", train_run, data=data, out=d["t"], overrides=[*t, "train.keep_checkpoints=3"]),
+            run_job("fork1", fork_run, src=d["t"], dst=d["t-native"], step=2),
+            run_job("t-native", train_run, data=data, out=d["t-native"], overrides=["train.max_steps=6"], ds="zero1",
+                    resume="strict"),
+            run_job("fork2", fork_run, src=d["t"], dst=d["t-t"], step=2),
+            run_job("t-t", train_run, data=data, out=d["t-t"], overrides=t, resume="strict")]
+    r = run_distributed(jobs, 1, plan)[0]
+    assert_steps_match(r["t-native"], r["t"], range(3, 7))
+    assert_steps_match(r["t-t"], r["t"], range(3, 7))
+
+
 # ---- faults: a chain of launches, each killed at another point and resumed by the next -----------------------
 def launch(args, env=None, ranks=2, check=False):
     return pretrain(args, launcher=("deepspeed", "--num_gpus", str(ranks)), check=check,
@@ -302,6 +386,36 @@ def test_a_kill_at_a_random_moment_resumes_to_the_uninterrupted_run(runs, tmp_pa
     steps = step_losses(out)
     assert_steps_match(steps, runs["ref"], range(start + 1, 15))
     assert len(range(start + 1, 15)) >= 3
+
+
+def collective_timeout_job() -> dict:
+    """Rank 0 waits in an all_reduce that rank 1 never joins, on a group with a 2 s timeout."""
+    import datetime
+    import torch.distributed as dist
+    from megavq.train.launch import lost_rank
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
+    if dist.get_rank() == 1:
+        time.sleep(5)
+        return {}
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+    except Exception as e:  # noqa: BLE001
+        return {"retryable": lost_rank(e), "message": str(e)[:200]}
+    return {"retryable": None}
+
+
+@pytest.mark.slow
+def test_a_collective_timeout_is_retryable():
+    result = run_distributed(collective_timeout_job, 2)[0]
+    assert result["retryable"] is True, result
+
+
+def test_errors_of_a_lost_rank_are_retryable_and_bugs_are_not():
+    from megavq.train.launch import lost_rank
+    gloo = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:46780: Connection reset "
+            "by peer. This is typically caused by a remote worker hanging")
+    assert lost_rank(RuntimeError(gloo)) and not lost_rank(RuntimeError("shape mismatch")) and \
+        not lost_rank(ValueError("Timed out"))
 
 
 # ---- pre-emption ------------------------------------------------------------------------------------------------

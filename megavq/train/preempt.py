@@ -1,4 +1,5 @@
-"""Pre-emption: SIGTERM or SIGUSR1 asks every rank to finish its step, save and exit with EXIT_RETRY.
+"""Pre-emption: SIGTERM, SIGUSR1 (or a first SIGINT) asks every rank to finish its step, save and exit with
+EXIT_RETRY; a second SIGINT interrupts at once.
 
 The signal only sets a flag. At the end of each step the ranks agree on stopping (`stop_agreed`: one small
 all_reduce of the signal number, MAX), so every rank stops after the same step even when only some of them
@@ -15,11 +16,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopSignals:
-    """Within `with StopSignals() as stop:`, SIGTERM and SIGUSR1 set `stop.requested` (the signal number)
+    """Within `with StopSignals() as stop:`, SIGTERM, SIGUSR1 and SIGINT set `stop.requested` (the signal number)
     instead of ending the process; the previous handlers come back on exit. `stop.signal`: the name of the
     signal the ranks agreed on (set by the trainer from `stop_agreed`)."""
 
@@ -31,6 +32,8 @@ class StopSignals:
             print(f"megavq: {signal.Signals(signum).name} received: stopping after this step and saving",
                   file=sys.stderr, flush=True)
         self.requested = max(self.requested, int(signum))
+        if signum == signal.SIGINT:  # Ctrl-C again: stop now
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __enter__(self) -> "StopSignals":
         for s in SIGNALS:
