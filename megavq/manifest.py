@@ -107,18 +107,18 @@ def check_version(version, kind: str, directory: Path) -> None:
 
 # ---- the converter -----------------------------------------------------------------------------------------
 def upgrade(directory: str | Path) -> list[Path]:
-    """Rewrite a run, checkpoint or model directory of an older format in the current one; returns the
+    """Rewrite the manifest of a run or model directory of an older format in the current one; returns the
     directories rewritten. Format 0 -> 1: a manifest from the directory's own config.json (the tokenizer is
-    unknown to format 0, so it is recorded as null)."""
+    unknown to format 0, so it is recorded as null). Checkpoints change more than their manifest: scripts/upgrade.py
+    converts them (megavq.train.checkpoint.upgrade), then calls this for their run."""
     directory = Path(directory)
-    if (directory / "checkpoints").is_dir():  # a run and each of its checkpoints
-        done = [d for d in sorted((directory / "checkpoints").glob("step_*")) if (d / "config.json").is_file()]
-        for d in done:
-            _upgrade_one(d, "checkpoint")
-        return [*done, _upgrade_one(directory, "run")]
+    if (directory / "checkpoints").is_dir():
+        return [_upgrade_one(directory, "run")]
     if not (directory / "config.json").is_file():
         raise MegavqError(f"{directory} is not a megavq run, checkpoint or model directory (no config.json)")
-    return [_upgrade_one(directory, "checkpoint" if directory.parent.name == "checkpoints" else "model")]
+    if directory.parent.name == "checkpoints":
+        return []  # a checkpoint: megavq.train.checkpoint.upgrade converts it
+    return [_upgrade_one(directory, "model")]
 
 
 def _upgrade_one(directory: Path, kind: str) -> Path:

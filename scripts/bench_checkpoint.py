@@ -8,8 +8,9 @@ ZeRO-2, moe.ep_size = ranks, one thread per rank. Each rank trains 2 steps on ra
 state exists then), takes its plateau (VmRSS), resets its peak (`echo 5 > /proc/self/clear_refs`), saves, reads
 VmHWM; resets again, resumes from that checkpoint into the same engine, reads VmHWM. Then it builds a fresh
 engine, resumes into it (peak reset before) and trains one step: "fresh resume" is that resume's peak over the
-plateau after the step. The limit is 1.2 x the bytes of state the rank owns (the fp32 master weights and Adam
-moments it writes, and the buffers) + 256 MB.
+plateau after the step (negative: the resume peaks below the training plateau); "same state": the fresh engine
+then holds the saved fp32 weights, moments and Adam step (sums compared). The limit is 1.2 x the bytes of state
+the rank owns (the fp32 master weights and Adam moments it writes, and the buffers) + 256 MB.
 """
 import sys
 from pathlib import Path
@@ -71,8 +72,10 @@ def rank_main(rank: int, world: int, port: int, args, results) -> None:
     engine = build_engine(model, cfg, ds)
     train(engine, 2)
     ckpt = Checkpointer(engine, model, cfg, Path(args.out), rank, world)
-    owned = sum(t.numel() * t.element_size()
-                for _, t in owned_entries(engine, ckpt.layout, rank, world, cfg.moe.ep_size))
+    def state():  # (bytes, sum) of what this rank owns and writes
+        entries = [t for _, t in owned_entries(engine, ckpt.layout, rank, world, cfg.moe.ep_size)]
+        return sum(t.numel() * t.element_size() for t in entries), sum(t.double().sum().item() for t in entries)
+    owned, total = state()
     row = {"rank": rank, "params": model.num_params(), "owned": owned, "adam_step": ds_compat.adam_step(engine)}
     dist.barrier()
     reset_peak()
@@ -95,6 +98,7 @@ def rank_main(rank: int, world: int, port: int, args, results) -> None:
     reset_peak()
     ckpt.resume("strict")
     row["fresh_peak"] = status("VmHWM")
+    row["same"] = state()[1] == total and ds_compat.adam_step(engine) == row["adam_step"]
     train(engine, 1)
     gc.collect()
     row["plateau3"] = status("VmRSS")
@@ -127,7 +131,7 @@ def main():
     args = p.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
     print("ranks | rank | state owned MB | plateau MB | save +MB | resume +MB | fresh resume +MB | limit MB | "
-          "save s | resume s | ok")
+          "save s | resume s | same state | ok")
     for world in map(int, args.ranks.split(",")):
         for r in run(world, args):
             limit = 1.2 * r["owned"] + 256 * MB
@@ -135,8 +139,9 @@ def main():
             fresh = r["fresh_peak"] - r["plateau3"]
             ok = max(save, resume, fresh) <= limit
             print(f"{world:5d} | {r['rank']:4d} | {r['owned'] / MB:14.0f} | {r['plateau'] / MB:10.0f} | "
-                  f"{save / MB:8.0f} | {resume / MB:10.0f} | {fresh / MB:16.0f} | {limit / MB:8.0f} | "
-                  f"{r['save_s']:6.1f} | {r['resume_s']:8.1f} | {'yes' if ok else 'NO'}", flush=True)
+                  f"{save / MB:8.1f} | {resume / MB:10.1f} | {fresh / MB:16.1f} | {limit / MB:8.0f} | "
+                  f"{r['save_s']:6.1f} | {r['resume_s']:8.1f} | {'yes' if r['same'] else 'NO':>10} | "
+                  f"{'yes' if ok else 'NO'}", flush=True)
         print(f"      ({r['params'] / 1e6:.0f} M parameters)", flush=True)
     shutil.rmtree(args.out, ignore_errors=True)
 

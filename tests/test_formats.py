@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +105,34 @@ def test_format_0_run_resumes_and_new_runs_write_manifests(tmp_path):
 def test_data_of_today_carries_its_manifest(builtin_data):
     meta = json.loads((builtin_data / "meta.json").read_text())
     assert meta["format"] == "megavq-data" and meta["versions"]["megavq"] == megavq.__version__
+
+
+def resume_fixture(run: str, steps: int) -> dict:
+    """trainer.run continuing a fixture run strictly from its newest checkpoint; returns {step: loss}."""
+    import megavq.train.trainer as trainer
+    from megavq.config import load_config
+    cfg = load_config(f"{run}/config.json", [f"train.max_steps={steps}", "train.save_every=2"])
+    trainer.run(cfg, ROOT / "ds_configs" / "zero2.json", run, resume="strict")
+    return {r["step"]: r["train/lm_loss"] for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_format_1_checkpoint_resumes_as_it_is_like_the_upgraded_one(tmp_path):
+    """The previous checkpoint format (model.safetensors + train_state.*, here the ec4c2b2 checkpoint given a
+    version-1 manifest) resumes without conversion, and continues exactly as its format-2 conversion does."""
+    from test_expert_parallel import jobs, run_distributed
+    shutil.copytree(FIXTURES / "data", tmp_path / "data")
+    runs = {}
+    for name in ("v1", "v2"):
+        run = runs[name] = tmp_path / name
+        shutil.copytree(FIXTURES / "run", run)
+        config = json.loads((run / "config.json").read_text())
+        config["data"]["source"] = str(tmp_path / "data")
+        (run / "config.json").write_text(json.dumps(config))
+    ckpt = runs["v1"] / "checkpoints" / "step_0000004"
+    (ckpt / "manifest.json").write_text(json.dumps({"format": "megavq-checkpoint", "format_version": 1,
+                                                    "config": config, "tokenizer": None, "step": 4}))
+    upgrade(runs["v2"])
+    out = run_distributed(jobs, 1, [(n, resume_fixture, {"run": str(r), "steps": 7}) for n, r in runs.items()])[0]
+    assert sorted(out["v1"]) == list(range(1, 8)) and all(v == v for v in out["v1"].values())
+    assert all(abs(out["v1"][s] - out["v2"][s]) < 1e-6 for s in (5, 6, 7)), out
