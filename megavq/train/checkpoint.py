@@ -51,7 +51,8 @@ from megavq.errors import CheckpointError, ConfigError, MegavqError
 from megavq.manifest import MANIFEST, TOKENIZER_FILE, read_manifest, upgrade as upgrade_manifests, write_json, \
     write_manifest
 from megavq.shards import (LEGACY_FILES, LegacyCheckpoint, ShardedCheckpoint, dtype_name, file_sha256,
-                           fragment_key, fsync_dir, published, step_name, verify_files, write_tensors)
+                           fragment_key, fsync_dir, open_checkpoint, published, step_name, verify_files,
+                           write_tensors)
 from megavq.train import ds_compat
 from megavq.train.faults import fault
 
@@ -445,7 +446,6 @@ class Checkpointer:
         try:
             if manifest.get("format_version", 0) >= 2:
                 return ShardedCheckpoint(path, manifest), None
-            from megavq.shards import open_checkpoint
             return open_checkpoint(path), None
         except CheckpointError as e:
             return None, str(e)
@@ -523,7 +523,8 @@ RUN_STATE = "run.json"
 
 
 def holds_run(out_dir: Path) -> bool:
-    return any((Path(out_dir) / name).exists() for name in ("checkpoints", "metrics.jsonl", "summary.json", RUN_STATE))
+    """Whether out_dir holds a run that trained (a fresh run there would mix with it)."""
+    return any((Path(out_dir) / name).exists() for name in ("checkpoints", "metrics.jsonl", "summary.json"))
 
 
 def clear_run(out_dir: Path) -> None:

@@ -56,6 +56,17 @@ def lost_rank(e: BaseException) -> bool:
                                                              and any(m in str(e) for m in _LOST))
 
 
+def exit_code(e: BaseException) -> int:
+    """The exit code of a script that ends with exception `e` (1: a bug or an unexpected error)."""
+    if isinstance(e, RetryableError) or (isinstance(e, Exception) and lost_rank(e)):
+        return EXIT_RETRY
+    if isinstance(e, FatalError):
+        return EXIT_FATAL
+    if isinstance(e, MegavqError):
+        return EXIT_USAGE
+    return 130 if isinstance(e, KeyboardInterrupt) else 1
+
+
 def _say(message: str, every_rank: bool = False) -> None:
     rank = os.environ.get("RANK", "0")
     if every_rank or rank == "0":
@@ -72,15 +83,9 @@ def user_errors():
     code = None
     try:
         yield
-    except RetryableError as e:
-        _say(str(e))
-        code = EXIT_RETRY
-    except FatalError as e:
-        _say(str(e))
-        code = EXIT_FATAL
     except MegavqError as e:
         _say(str(e))
-        code = EXIT_USAGE
+        code = exit_code(e)
     except Exception as e:  # noqa: BLE001  (re-raised unless another rank was lost)
         if not lost_rank(e):
             raise

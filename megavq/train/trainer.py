@@ -15,15 +15,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megavq.errors import EXIT_RETRY, ConfigError, FatalError, MegavqError, RetryableError, TrainingError
+from megavq.errors import ConfigError, FatalError, MegavqError, RetryableError, TrainingError
 from megavq.config import Config, save_config
 from megavq.eval.health import CollapseMonitor
 from megavq.io import load_weights
 from megavq.manifest import write_manifest
 from megavq.model import Transformer
+from megavq.shards import step_name
 from megavq.train.checkpoint import Checkpointer, clear_run, holds_run, read_run_state, update_run_state
 from megavq.train.engine import build_engine, read_ds_config, reconcile_ds_config
 from megavq.train.faults import fault, wants
+from megavq.train.launch import exit_code
 from megavq.train.logging import RunLogger, average_metrics, flatten_router_metrics
 from megavq.train.preempt import StopSignals, stop_agreed
 
@@ -234,23 +236,41 @@ def run(cfg: Config, ds_config: str | Path, out_dir: str | Path, resume: bool | 
     out_dir, resume = Path(out_dir), ("strict" if resume is True else resume or None)
     ds = reconcile_ds_config(read_ds_config(ds_config), cfg, world)
     prepare_run_dir(out_dir, resume, overwrite, rank)
+    attempt = {"trainer": None}
+    try:
+        return train(cfg, ds, out_dir, resume, init_from, attempt)
+    except BaseException as e:  # how this attempt ended, for a requeue loop behind a launcher (run.json)
+        if rank == 0 and out_dir.is_dir():
+            step = attempt["trainer"].current_step if attempt["trainer"] else None
+            update_run_state(out_dir, exit={"code": exit_code(e), "reason": str(e).splitlines()[0][:300] if str(e)
+                                            else type(e).__name__, "step": step})
+        raise
+
+
+def train(cfg: Config, ds: dict, out_dir: Path, resume: str | None, init_from: str | None, attempt: dict) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
     data = load_data(cfg.data.source, rank)
     resolve_vocab(cfg, data.vocab_size)
     model = build_model(cfg, init_from)
     engine = build_engine(model, cfg, ds)
-    trainer = Trainer(engine, model, cfg, data, out_dir, rank, world)
+    trainer = attempt["trainer"] = Trainer(engine, model, cfg, data, out_dir, rank, world)
     start = trainer.resume(resume) if resume else 0  # a run that cannot resume is left as it was
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.json")
         write_manifest(out_dir, "run", cfg.to_dict(), data.tokenizer().path, data=str(data.dir))
+        update_run_state(out_dir, exit={"code": None, "reason": "running (null if this attempt was killed)",
+                                        "step": start})
     state = run_state(out_dir, rank, cfg.train.wandb)
     logger = RunLogger(out_dir, cfg.to_dict(), rank == 0, cfg.train.wandb, cfg.train.wandb_project, start,
                        state.get("wandb_id"))
     with StopSignals() as stop:
         fit = trainer.fit(start, logger, stop)
         if fit["stopped"]:
-            return preempted(trainer, out_dir, stop, fit["steps"], logger)
+            logger.finish_preempted()
+            saved = trainer.checkpoints.dir / step_name(fit["steps"])
+            raise RetryableError(f"stopped by {stop.signal} after step {fit['steps']}; saved {saved}; continue with "
+                                 f"--resume auto")
         if fit["steps"] > start and trainer.saved != fit["steps"]:
             trainer.save(fit["steps"])
     summary = trainer.final_eval(fit)
@@ -269,12 +289,3 @@ def run_state(out_dir: Path, rank: int, use_wandb: bool) -> dict:
         alphabet = string.ascii_lowercase + string.digits  # wandb's own run-id alphabet
         state = update_run_state(out_dir, wandb_id="".join(secrets.choice(alphabet) for _ in range(8)))
     return state
-
-
-def preempted(trainer: Trainer, out_dir: Path, stop: StopSignals, step: int, logger: RunLogger):
-    reason = f"stopped by {stop.signal} after step {step}"
-    if trainer.rank == 0:
-        update_run_state(out_dir, exit={"code": EXIT_RETRY, "reason": reason, "step": step})
-    logger.finish_preempted()
-    raise RetryableError(f"{reason}; saved {trainer.checkpoints.dir / f'step_{step:07d}'}; continue with "
-                         f"--resume auto")
