@@ -69,6 +69,7 @@ def rank_main(rank: int, world: int, port: int, args, results) -> None:
             engine.step()
     torch.manual_seed(0)
     model = Transformer(cfg)
+    params = model.num_params()  # before ZeRO-3 partitions the parameters
     engine = build_engine(model, cfg, ds)
     train(engine, 2)
     ckpt = Checkpointer(engine, model, cfg, Path(args.out), rank, world)
@@ -76,7 +77,7 @@ def rank_main(rank: int, world: int, port: int, args, results) -> None:
         entries = [t for _, t in owned_entries(engine, ckpt.layout, rank, world, cfg.moe.ep_size)]
         return sum(t.numel() * t.element_size() for t in entries), sum(t.double().sum().item() for t in entries)
     owned, total = state()
-    row = {"rank": rank, "params": model.num_params(), "owned": owned, "adam_step": ds_compat.adam_step(engine)}
+    row = {"rank": rank, "params": params, "owned": owned, "adam_step": ds_compat.adam_step(engine)}
     dist.barrier()
     reset_peak()
     row["plateau"] = status("VmRSS")

@@ -176,8 +176,8 @@ def train_run(data: str, out: str, overrides: list[str], ds: str = "zero2", resu
     from megavq.config import load_config
     register_transposed()
     cfg = load_config("tiny", [*RUN, f"data.source={data}", *overrides])
-    trainer.run(cfg, ROOT / "ds_configs" / f"{ds}.json", out, resume=resume)
-    return step_losses(out)
+    summary = trainer.run(cfg, ROOT / "ds_configs" / f"{ds}.json", out, resume=resume)
+    return {**step_losses(out), "resumed_from": summary["resumed_from"]}
 
 
 def fork_run(src: str, dst: str, step: int) -> None:
@@ -277,7 +277,8 @@ def test_resume_in_another_layout_equals_the_uninterrupted_run(runs, case, first
     """ZeRO-3 (2 ranks, ep 1) -> ZeRO-2 ep 2; deepspeed backend ep 2 -> native ep 2 (ZeRO-1); ZeRO-2 ep 2 on 2
     ranks -> ZeRO-3 ep 1 on 1 rank; 2 ranks (ZeRO-2, ep 2) -> 1 rank (ZeRO-0, a plain optimizer)."""
     ref = runs["ref"]
-    assert len(ref) == 14 and ref[14] < ref[1]
+    assert ref["resumed_from"] == 0 and ref[14] < ref[1]
+    assert runs[case]["resumed_from"] == first - 1  # not a fresh start that happens to match
     assert_steps_match(runs[case], ref, range(first, 15))
 
 
@@ -298,6 +299,7 @@ def test_a_dispatcher_in_another_arrangement_resumes_in_its_own_and_the_native_l
             run_job("fork2", fork_run, src=d["t"], dst=d["t-t"], step=2),
             run_job("t-t", train_run, data=data, out=d["t-t"], overrides=t, resume="strict")]
     r = run_distributed(jobs, 1, plan)[0]
+    assert r["t-native"]["resumed_from"] == r["t-t"]["resumed_from"] == 2
     assert_steps_match(r["t-native"], r["t"], range(3, 7))
     assert_steps_match(r["t-t"], r["t"], range(3, 7))
 
@@ -327,6 +329,8 @@ def test_every_fault_point_resumes_to_the_uninterrupted_run(runs, tmp_path):
                       env={"MEGAVQ_FAULT": fault} if fault else None)
         steps = step_losses(out)
         assert published_steps(out)[-1] == published_after, (fault, published_steps(out), proc.stderr[-2000:])
+        if resumed_from is not None:
+            assert f"resuming from {out / 'checkpoints' / f'step_{resumed_from:07d}'} " in proc.stderr, fault
         if resumed_from is None:
             assert_steps_match(steps, ref, steps)
         else:
@@ -382,7 +386,8 @@ def test_a_kill_at_a_random_moment_resumes_to_the_uninterrupted_run(runs, tmp_pa
     proc.communicate(timeout=120)
     psutil.wait_procs(victims, timeout=60)
     start = published_steps(out)[-1] if published_steps(out) else 0
-    launch(cli_args(runs, out, "--resume", "auto"), check=True)
+    proc = launch(cli_args(runs, out, "--resume", "auto"), check=True)
+    assert (f"resuming from {out / 'checkpoints' / f'step_{start:07d}'} " in proc.stderr) == (start > 0)
     steps = step_losses(out)
     assert_steps_match(steps, runs["ref"], range(start + 1, 15))
     assert len(range(start + 1, 15)) >= 3
@@ -450,7 +455,8 @@ def test_sigterm_saves_exits_75_and_the_resumed_run_equals_the_uninterrupted_one
     step = stopped_at(out)
     assert 3 <= step <= 11, step
     assert "SIGTERM received: stopping after this step and saving" in err
-    launch(cli_args(runs, out, "--resume", "auto"), check=True)
+    proc = launch(cli_args(runs, out, "--resume", "auto"), check=True)
+    assert f"resuming from {out / 'checkpoints' / f'step_{step:07d}'} " in proc.stderr
     assert_steps_match(step_losses(out), runs["ref"], range(1, 15))
 
 
@@ -489,7 +495,8 @@ def one_rank_run(builtin_data, tmp_path_factory):
 
 
 def test_auto_resume_with_nothing_to_resume_starts_fresh(one_rank_run):
-    assert sorted(one_rank_run["losses"]) == [1, 2, 3, 4, 5, 6]
+    assert sorted(one_rank_run["losses"]) == [1, 2, 3, 4, 5, 6] and "resuming from" not in one_rank_run["stderr"]
+    assert json.loads((one_rank_run["out"] / "summary.json").read_text())["resumed_from"] == 0
     assert published_steps(one_rank_run["out"]) == [2, 4, 6]
     assert (one_rank_run["out"] / "checkpoints" / "latest").read_text().strip() == "step_0000006"
 
@@ -530,6 +537,7 @@ def test_auto_resume_falls_back_past_a_truncated_checkpoint(one_rank_run, tmp_pa
     shard = damaged_copy(one_rank_run["out"], out, "truncate")
     proc = pretrain([*ONE, "--data", one_rank_run["data"], "--out_dir", str(out), "--resume", "auto"])
     assert f"warning: {shard} has" in proc.stderr and "falling back to the previous checkpoint" in proc.stderr
+    assert f"resuming from {out / 'checkpoints' / 'step_0000004'} (step 4)" in proc.stderr
     assert_steps_match(step_losses(out), one_rank_run["losses"], range(1, 7))  # 5 and 6 re-done from step 4
     from megavq.shards import open_checkpoint
     open_checkpoint(out / "checkpoints" / "step_0000006").close()  # rewritten whole

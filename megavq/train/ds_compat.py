@@ -17,8 +17,9 @@ What is used and why:
   (`_hp_optimizer_states_linked`, `_lazy_init_hp_params_optimizer_state`).
 - ZeRO-3: parameters carry `ds_id`, `ds_shape`, `ds_numel`, `ds_tensor` (this rank's partition of the 16-bit
   weights, `ds_tensor.ds_numel` elements, the last rank's padded) and `ds_zero_partition_rank`; the fp32
-  partitions are `optimizer.fp32_partitioned_groups_flat`; `deepspeed.utils.safe_get_local_*` (public) give a
-  parameter's views of them.
+  partitions are `optimizer.fp32_partitioned_groups_flat`, a parameter's views of them and of its Adam moments
+  `param._z3_optimizer._get_fp32_opt_state_partition` (what the public `safe_get_local_*` return, before they
+  copy them to the device under CPU offload; NVMe offload is not supported by checkpoints).
 - Checkpoints (megavq.train.checkpoint) use the above: `owned_fragments`, `weight_targets`, `plain_state`,
   `ensure_adam_states`; DeepSpeed's own save_checkpoint / load_checkpoint are not used (they pickle).
 """
@@ -196,12 +197,12 @@ def owned_fragments(engine, p: torch.nn.Parameter) -> list[tuple[int, int, dict]
     partition). None under a plain optimizer: every replica holds p whole (`plain_state`).
     Call `ensure_adam_states` first."""
     if is_zero3_param(p):
-        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
         start, n = _zero3_range(p)
         if n == 0:
             return []
-        views = {"fp32": safe_get_local_fp32_param(p)[:n]}
-        views.update({k: safe_get_local_optimizer_state(p, k)[:n] for k in MOMENTS})
+        # the optimizer's own partitions (safe_get_local_* would copy them to the device under CPU offload)
+        part = p._z3_optimizer._get_fp32_opt_state_partition
+        views = {key or "fp32": part(p, False, key)[0][:n] for key in (None, *MOMENTS)}
         return [(start, n, views)]
     if hasattr(p, "_hp_mapping"):
         m = p._hp_mapping

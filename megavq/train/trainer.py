@@ -121,9 +121,11 @@ class Trainer:
         if state is None:
             return 0
         batch = state["data"].get("global_batch")
-        if batch not in (None, self.global_batch) and self.rank == 0:
-            tqdm.write(f"warning: {state['path']} was written with {batch} sequences per step, this run takes "
-                       f"{self.global_batch}: the batches after it differ from the first run's")
+        if self.rank == 0:
+            print(f"resuming from {state['path']} (step {state['step']})", file=sys.stderr, flush=True)
+            if batch not in (None, self.global_batch):
+                print(f"warning: {state['path']} was written with {batch} sequences per step, this run takes "
+                      f"{self.global_batch}: the batches after it differ from the first run's", file=sys.stderr)
         self.saved = state["step"]
         return state["step"]
 
@@ -273,7 +275,7 @@ def train(cfg: Config, ds: dict, out_dir: Path, resume: str | None, init_from: s
                                  f"--resume auto")
         if fit["steps"] > start and trainer.saved != fit["steps"]:
             trainer.save(fit["steps"])
-    summary = trainer.final_eval(fit)
+    summary = {**trainer.final_eval(fit), "resumed_from": start}
     logger.finish(summary)
     if rank == 0:
         update_run_state(out_dir, exit={"code": 0, "reason": "finished", "step": fit["steps"]})
