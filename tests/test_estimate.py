@@ -1,4 +1,6 @@
-"""Sizing: the anchor presets' parameter counts and the estimator's arithmetic."""
+"""Sizing: the anchor presets' parameter counts, the estimator's arithmetic, and the estimate against
+measurement (activations in one process here; the engine's state on 2 gloo ranks in the slow test)."""
+import json
 import os
 import subprocess
 import sys
@@ -10,9 +12,12 @@ import torch
 from conftest import ROOT
 from megavq.config import load_config
 from megavq.errors import ConfigError
-from megavq.estimate import Cluster, DeepSpeedSettings, all_to_all, estimate, model_params, summary_line
+from megavq.estimate import (Cluster, DeepSpeedSettings, activation_memory, all_to_all, estimate, model_params,
+                             summary_line)
+from megavq.estimate_check import saved_bytes
 from megavq.model import Transformer
 from megavq.moe.experts import Experts
+from megavq.train.launch import free_port
 
 # published total and active parameters (OLMoE: Muennighoff et al. 2024; Mixtral: Jiang et al. 2024)
 ANCHORS = {"olmoe_1b_7b": (6.92e9, 1.28e9), "mixtral_8x7b": (46.7e9, 12.9e9)}
@@ -113,3 +118,35 @@ def test_estimate_script_prints_the_table_and_one_summary_line():
                           "ds_configs/zero3.json", "--gpus", "8", "moe.ep_size=8"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ZeRO-3")
+
+
+# ---- against measurement ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("overrides", [[], ["moe.every=2"], ["model.mlp=gelu"], ["model.n_kv_heads=2"],
+                                       ["moe.top_k=1", "moe.num_experts=8"]])
+def test_activation_count_equals_the_tensors_saved_for_the_backward(overrides, dtype):
+    """One process, the model alone: every tensor the forward saves, deduplicated by storage, plus the logits."""
+    cfg = load_config("tiny", ["model.vocab_size=512", "model.n_layers=2", *overrides])
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(dtype)
+    x = torch.randint(512, (3, cfg.model.seq_len))
+    out, measured = saved_bytes(model, lambda: model(x, x.roll(1)))
+    out.loss.backward()
+    b = torch.finfo(dtype).bits // 8
+    assert sum(i.bytes for i in activation_memory(cfg, 3, b)) == pytest.approx(measured, rel=0.01)
+
+
+@pytest.mark.slow
+def test_estimate_within_15_percent_of_deepspeed_engines_on_two_ranks(tmp_path):
+    """scripts/estimate_check.py under the deepspeed launcher: every case, every checked figure."""
+    out = tmp_path / "rows.json"
+    cmd = ["deepspeed", "--master_port", str(free_port()), "--num_gpus", "2", "scripts/estimate_check.py",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    checked = [r for r in rows if r["section"] in ("params", "master", "optimizer", "gradients", "activations")]
+    assert len({r["case"] for r in checked}) >= 8 and all(r["measured"] > 0 for r in checked
+                                                          if r["section"] != "master" or "zero0" not in r["case"])
+    assert all(abs(r["ratio"] - 1) <= 0.15 for r in checked), [r for r in checked if abs(r["ratio"] - 1) > 0.15]
