@@ -120,6 +120,17 @@ def test_estimate_script_prints_the_table_and_one_summary_line():
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ZeRO-3")
 
 
+def test_readme_quotes_the_estimators_summary_lines():
+    from megavq.train.engine import read_ds_config
+    readme = (ROOT / "README.md").read_text()
+    for preset, ds_config, gpus, ep in [("olmoe_1b_7b", "zero2_bf16", 8, 8), ("olmoe_1b_7b", "zero2_bf16", 32, 8),
+                                        ("olmoe_1b_7b", "zero2_bf16", 32, 32), ("mixtral_8x7b", "zero2_bf16", 8, 8),
+                                        ("mixtral_8x7b", "zero2_bf16", 32, 8)]:
+        ds = DeepSpeedSettings.from_json(read_ds_config(ROOT / "ds_configs" / f"{ds_config}.json"))
+        line = summary_line(preset, estimate(load_config(preset, [f"moe.ep_size={ep}"]), ds, Cluster(gpus)))
+        assert line in readme, line
+
+
 # ---- against measurement ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("overrides", [[], ["moe.every=2"], ["model.mlp=gelu"], ["model.n_kv_heads=2"],
