@@ -41,7 +41,8 @@ buffers      DeepSpeed's reduce bucket: reduce_bucket_size elements (default 5e8
              ZeRO-3: parameters gathered for compute, the largest module's plus stage3_prefetch_bucket_size
              (5e7) elements, at most stage3_max_live_parameters (1e9) and the non-persistent parameters.
              ZeRO-0 on several ranks: the flattened all-reduce bucket, up to 5e8 elements (engine.py:151,
-             3094). Expert parallelism: the rows of one all-to-all in flight, sent and received (2*N*D*b).
+             3094). Expert parallelism: the rows of one all-to-all in flight, sent and received (2*N*D*b;
+             E*C rows with the deepspeed backend).
 activations  the tensors the forward saves for the backward, per micro-batch, counted op by op from the
              model's forward (megavq/model, megavq/moe): per norm its fp32 input, x*rsqrt, rsqrt and
              output (before an MoE layer the router's fp32 copy of it instead); attention's q and k after RoPE, v, output, the (B,S,D) copy for o_proj and the
@@ -139,7 +140,6 @@ class Cluster:
 class Param:
     name: str
     numel: int  # on this rank (expert parameters: L of E experts)
-    full_numel: int  # in the model
     expert: bool
     decay: bool
 
@@ -157,9 +157,18 @@ def meta_model(cfg: Config):
 
 
 def model_params(cfg: Config) -> list[Param]:
-    R = cfg.moe.ep_size
-    return [Param(n, p.numel() // R if ".experts." in n else p.numel(), p.numel(), ".experts." in n, p.dim() >= 2)
-            for n, p in meta_model(cfg).named_parameters()]
+    """The parameters one rank holds, in the model's order. Expert banks (E, ...) hold L = E/R experts; the
+    deepspeed backend keeps one module per expert, so its expert parameters come one expert at a time."""
+    R, E = cfg.moe.ep_size, cfg.moe.num_experts
+    out = []
+    for n, p in meta_model(cfg).named_parameters():
+        if ".experts." not in n:
+            out.append(Param(n, p.numel(), False, p.dim() >= 2))
+        elif cfg.moe.backend == "deepspeed":
+            out += [Param(f"{n}.{e}", p.numel() // E, True, p.dim() >= 3) for e in range(E // R)]
+        else:
+            out.append(Param(n, p.numel() // R, True, p.dim() >= 2))
+    return out
 
 
 def expert_params_are_moe(cfg: Config) -> bool:
@@ -506,9 +515,10 @@ def estimate(cfg: Config, ds: DeepSpeedSettings, cluster: Cluster, params: list[
     mem = state_memory(params, cfg, ds, cluster.gpus)
     mb, b = cfg.data.micro_batch_size, ds.bytes
     mem.activations = activation_memory(cfg, mb, b)
-    if cfg.moe.ep_size > 1 and cfg.moe.backend == "native":
-        mem.buffers.append(Item("all-to-all rows in flight", 2 * mb * cfg.model.seq_len * cfg.moe.top_k
-                                * cfg.model.d_model * b, "one exchange, sent + received"))
+    if cfg.moe.ep_size > 1 and cfg.moe.every > 0:
+        s = shape_of(cfg, mb, b)
+        rows = s.rows if s.backend == "deepspeed" else s.routed
+        mem.buffers.append(Item("all-to-all rows in flight", 2 * rows * s.D * b, "one exchange, sent + received"))
     return Estimate(cfg, ds, cluster, mem, activation_memory(cfg, mb, b, checkpointing=True),
                     all_to_all(cfg, cluster, mb, b))
 

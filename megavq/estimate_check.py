@@ -59,6 +59,8 @@ CASES = [Case("tiny zero1", "tiny", "zero1", ("model.vocab_size=4096", "data.mic
          Case("tiny zero3 bf16", "tiny", "zero3_bf16", ("model.vocab_size=4096", "data.micro_batch_size=8")),
          Case("tiny zero2 deepspeed", "tiny", "zero2", ("model.vocab_size=4096", "data.micro_batch_size=8",
                                                         "moe.backend=deepspeed")),
+         Case("tiny zero2 deepspeed ep2", "tiny", "zero2", ("model.vocab_size=4096", "data.micro_batch_size=8",
+                                                            "moe.backend=deepspeed", "moe.ep_size=2")),
          Case("lm1b_base zero2 bf16 ep2", "lm1b_base", "zero2_bf16", (*LM1B_SMALL, "moe.ep_size=2"))]
 
 

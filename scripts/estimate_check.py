@@ -2,8 +2,9 @@
 
     deepspeed --num_gpus 2 scripts/estimate_check.py [--cases "tiny zero2,lm1b_base zero3"] [--out rows.json]
 
-For every case (megavq/estimate_check.py: presets tiny and lm1b_base at vocabulary 8000 and micro-batch 4,
-ZeRO 1/2/3, ep_size 1 and 2) each rank builds the engine as the trainer does, trains two steps and measures
+For every case (megavq/estimate_check.py: presets tiny and lm1b_base at vocabulary 8000 and micro-batch 4;
+ZeRO 0/1/2/3; ep_size 1 and 2; fp32 and bf16; the native and deepspeed backends) each rank builds the
+engine as the trainer does, trains two steps and measures
 what it holds: parameters, fp32 master weights, AdamW states, gradients, DeepSpeed's reduce bucket, ZeRO-3's
 gathered weights and the activations saved for the backward. Rank 0 prints a table (estimate, measured,
 ratio) and exits with status 1 when a checked figure is more than 15% off.
