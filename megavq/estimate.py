@@ -65,6 +65,9 @@ reverses in the backward; 6 with activation checkpointing, whose recompute dispa
 (min(R,G)-1)/R of the rows stay on the node (NVLink) and (R-min(R,G))/R cross it (InfiniBand). Time =
 bytes / bandwidth per GPU and direction, NVLink and InfiniBand in parallel, no latency, no overlap with
 compute: a lower bound. The deepspeed backend sends E*C rows (its capacity buffer, padding included).
+
+Not counted: the CUDA context, NCCL's buffers, allocator fragmentation, kernel workspaces, and routing
+imbalance (a rank whose experts get more than their share computes more rows).
 """
 from __future__ import annotations
 
