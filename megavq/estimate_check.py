@@ -21,7 +21,6 @@ returned logits. Per section the largest rank is compared with the estimate for 
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megavq.config import load_config
 from megavq.estimate import Cluster, DeepSpeedSettings, estimate
+from megavq.train import ds_compat
 
 SECTIONS = ("params", "master", "optimizer", "gradients", "reduce bucket", "gathered", "activations")
 CHECKED = ("params", "master", "optimizer", "gradients", "reduce bucket", "activations")  # within TOLERANCE
@@ -128,26 +128,6 @@ class Sampler:
             self.backward_params = max(self.backward_params, now["params"])
 
 
-@contextlib.contextmanager
-def sampling_flatten(optimizer, sampler):
-    """During the step, sample right after DeepSpeed flattens a group's gradient partition (the flat copy
-    counted as a gradient): the moment the partition and its flat copy are both alive."""
-    flatten = getattr(optimizer, "flatten", None)
-    if flatten is None:
-        yield
-        return
-
-    def sampled(tensors):
-        flat = flatten(tensors)
-        sampler(extra_gradients=[flat])
-        return flat
-    optimizer.flatten = sampled
-    try:
-        yield
-    finally:
-        optimizer.flatten = flatten
-
-
 class SampledCasts(TorchDispatchMode):
     """During the step, sample right after every dtype cast (bf16 gradient partition -> fp32 copy), with the
     cast's input and output counted as gradients: the moment both copies are alive."""
@@ -189,7 +169,7 @@ def measure_step(engine, model, x, y) -> dict[str, int]:
         engine.backward(out.loss)
         sampler()
         del out
-        with sampling_flatten(engine.optimizer, sampler), SampledCasts(sampler):
+        with ds_compat.sampling_flatten(engine.optimizer, sampler), SampledCasts(sampler):
             engine.step()
     finally:
         for h in hooks:

@@ -11,6 +11,7 @@ What is used and why:
   `groups._get_expert_parallel_group_dict`, `groups._get_expert_parallel_group`.
 - ZeRO-3 consolidated weights: `engine._zero3_consolidated_16bit_state_dict`.
 - Benchmark timing of DeepSpeed-MoE's phases: `sharded_moe._sparse_encode`, `_sparse_decode`, `_AllToAll`.
+- The estimator's measured check: the ZeRO optimizer's `flatten` (sampled during the step).
 - ZeRO-1/2 and bf16 optimizers: the flat fp32 partitions (`single_partition_of_fp32_groups`,
   `fp32_groups_flat_partition`), each parameter's fragment mapping (`_hp_mapping`), the lazy linking of the
   Adam moments (`_hp_optimizer_states_linked`, `_lazy_init_hp_params_optimizer_state`); ZeRO-3 parameters
@@ -18,6 +19,7 @@ What is used and why:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import warnings
 
@@ -161,3 +163,24 @@ def link_zero_moments(engine) -> None:
     if flat_optimizer(engine) is not None:
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+@contextlib.contextmanager
+def sampling_flatten(optimizer, sampler):
+    """During the step, call sampler(extra_gradients=[flat]) right after a ZeRO optimizer flattens a group's
+    gradient partition (`optimizer.flatten`): the moment the partition and its flat copy are both alive
+    (megavq.estimate_check measures the peak there)."""
+    flatten = getattr(optimizer, "flatten", None)
+    if flatten is None:
+        yield
+        return
+
+    def sampled(tensors):
+        flat = flatten(tensors)
+        sampler(extra_gradients=[flat])
+        return flat
+    optimizer.flatten = sampled
+    try:
+        yield
+    finally:
+        optimizer.flatten = flatten
