@@ -27,7 +27,9 @@ import torch
 
 from megavq.errors import ConfigError
 
-TESTED = ("0.19.4", "0.19.8")  # the lowest and highest DeepSpeed versions the test suite ran on
+# The lowest and highest DeepSpeed versions the test suite passes on. 0.19.4 (the first with the sparse gate
+# contract) fails the expert-parallel equivalence tests: 2 ranks at ep_size 2 differ from 1 rank by 1e-3.
+TESTED = ("0.19.8", "0.19.8")
 
 
 def _release(version: str) -> tuple[int, ...]:
