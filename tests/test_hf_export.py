@@ -206,3 +206,38 @@ def test_export_script_writes_the_checkpoints_tokenizer_or_refuses_without_one(t
     r = export("--checkpoint", bare, "--out", tmp_path / "x", "--format", "hf", "--tokenizer", BUILTIN_TOKENIZER)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "x" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+
+
+# ---- lm-evaluation-harness -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_lm_eval_runs_the_shipped_task_on_an_exported_vq_model(tmp_path):
+    """The README's command, offline: lm_eval loads the export with its modelling code and tokenizer, reads the
+    task from the repository (any working directory) and prints its accuracy."""
+    pytest.importorskip("lm_eval")
+    from megavq.lm_eval_tasks import TASKS_DIR
+    model, _ = checkpoint(tmp_path, [*CASES["vq"][0], "model.seq_len=128"])
+    save_hf(model, tmp_path / "hf", BUILTIN_TOKENIZER, remote_code=True)
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'hf'},trust_remote_code=True",
+           "--tasks", "megavq_builtin_cloze", "--include_path", str(TASKS_DIR), "--device", "cpu",
+           "--batch_size", "16", "--limit", "40"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "HF_HOME": str(tmp_path / "hf_home")}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    print(r.stdout)
+    acc = re.search(r"\|megavq_builtin_cloze\|.*\|acc\s*\|.*?\|\s*([0-9.]+)\|", r.stdout)
+    assert acc and 0.0 <= float(acc.group(1)) <= 1.0, r.stdout
+
+
+def test_the_shipped_task_is_what_the_generator_writes():
+    from megavq.data.corpus import builtin_sha256
+    from megavq.eval.cloze import make_items
+    from megavq.lm_eval_tasks import TASKS_DIR
+    folder = TASKS_DIR / "megavq_builtin_cloze"
+    rows = [json.loads(line) for line in (folder / "megavq_builtin_cloze.jsonl").read_text().splitlines()]
+    assert len(rows) == 300 and all(len(r["choices"]) == 4 and 0 <= r["label"] < 4 for r in rows)
+    assert all(r["context"] and r["choices"][r["label"]].startswith(" ") for r in rows)
+    made_with = re.search(r"builtin corpus sha256 ([0-9a-f]{64})", (folder / "README.md").read_text())
+    if made_with is None or made_with.group(1) != builtin_sha256():
+        pytest.skip("this Python's builtin corpus differs from the one the task was made from")
+    assert make_items([p.text for p in read_corpus("builtin", "test")]) == rows
