@@ -8,9 +8,13 @@ The directory, loadable with `AutoModelForCausalLM.from_pretrained(dir, trust_re
                               (model-0000i-of-0000n.safetensors + model.safetensors.index.json) when large
   configuration_megavq.py,    megavq/hf_template, copied: the config class, and the transformer with transformers'
   modeling_megavq.py          KV cache and GenerationMixin (torch and transformers only)
-  megavq_routers.py           generated: the source of the model's router module and of the megavq modules it
+  megavq_routers_<sha>.py     generated: the source of the model's router module and of the megavq modules it
                               imports (megavq.moe.routers.base, megavq.errors, ...), dependencies first, with the
-                              megavq imports removed; the router runs in evaluation mode exactly as in megavq
+                              megavq imports removed; the router runs in evaluation mode exactly as in megavq.
+                              Its name carries the first 12 hex digits of its sha256, and the config file ends with
+                              the sha256 of the modelling code: transformers caches remote modules by file name and
+                              (4.x) directory name, and keeps the model class it first registered for a config class,
+                              so exports with different code get their own modules in one process
 Non-causal routers (a token's routing depends on later tokens) cannot run a causal language model token by token
 and are refused.
 """
@@ -29,7 +33,8 @@ from megavq.moe.spec import router_options
 
 TEMPLATE = Path(__file__).resolve().parent / "hf_template"
 MODEL_FILES = ("configuration_megavq.py", "modeling_megavq.py")
-ROUTERS_FILE = "megavq_routers.py"
+ROUTERS_MODULE = "megavq_routers"  # + "_<sha>" in an export
+ROUTERS_IMPORT = "from .megavq_routers import build_router"  # the template's line, pointed at the export's module
 AUTO_MAP = {"AutoConfig": "configuration_megavq.MegavqConfig",
             "AutoModelForCausalLM": "modeling_megavq.MegavqForCausalLM"}
 ARCHITECTURE = "MegavqForCausalLM"
@@ -177,7 +182,7 @@ def defined_names(tree: ast.Module) -> set[str]:
 
 
 def routers_source(router: str | None) -> str:
-    """megavq_routers.py for a model routed by `router` (None: a dense model, which needs build_router only)."""
+    """The routers module of a model routed by `router` (None: a dense model, which needs build_router only)."""
     module = router_class(router).__module__ if router else "megavq.moe.routers.base"
     parts, seen = [ROUTERS_HEADER], {}
     for name in module_closure(module):
@@ -188,20 +193,22 @@ def routers_source(router: str | None) -> str:
         seen.update(dict.fromkeys(names, name))
         parts.append(f"\n# ---- {name} " + "-" * max(4, 100 - len(name)) + f"\n{body.strip()}\n")
     source = "\n".join(parts)
-    compile(source, ROUTERS_FILE, "exec")
+    compile(source, ROUTERS_MODULE, "exec")
     return source
 
 
 # ---- writing the directory --------------------------------------------------------------------------------
 def modelling_files(router: str | None) -> dict[str, str]:
-    """{file name: text} of the modelling code. transformers keys a remote config class by its file's text and
-    reuses the model class first registered for it, so the config file ends with the sha256 of the modelling
-    code: exports with different code (another router) get different classes in one process."""
+    """{file name: text} of the modelling code: the config and model template, and the routers module, named by its
+    content (see the module docstring), with the model's import pointed at it."""
     config, modeling = ((TEMPLATE / name).read_text() for name in MODEL_FILES)
     routers = routers_source(router)
+    module = f"{ROUTERS_MODULE}_{hashlib.sha256(routers.encode()).hexdigest()[:12]}"
+    assert modeling.count(ROUTERS_IMPORT) == 1, "the template imports build_router from .megavq_routers once"
+    modeling = modeling.replace(ROUTERS_IMPORT, f"from .{module} import build_router")
     digest = hashlib.sha256((modeling + routers).encode()).hexdigest()
-    config += f"\n# the modelling code beside this file (modeling_megavq.py, megavq_routers.py): sha256 {digest}\n"
-    return {MODEL_FILES[0]: config, MODEL_FILES[1]: modeling, ROUTERS_FILE: routers}
+    config += f"\n# the modelling code beside this file (modeling_megavq.py, {module}.py): sha256 {digest}\n"
+    return {MODEL_FILES[0]: config, MODEL_FILES[1]: modeling, f"{module}.py": routers}
 
 
 def save_remote(model, out_dir: Path, special_ids: dict, max_shard_size: int | str) -> None:
@@ -209,6 +216,8 @@ def save_remote(model, out_dir: Path, special_ids: dict, max_shard_size: int | s
     from huggingface_hub import save_torch_state_dict
     cfg = model.cfg
     check_remote(cfg)
+    for stale in out_dir.glob(f"{ROUTERS_MODULE}_*.py"):  # an earlier export's
+        stale.unlink()
     for name, text in modelling_files(cfg.moe.router if cfg.moe.every else None).items():
         (out_dir / name).write_text(text)
     remote_config(cfg, special_ids).save_pretrained(out_dir)

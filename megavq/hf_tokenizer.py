@@ -12,13 +12,15 @@ with add_dummy_prefix=false) never saw; with legacy=False and add_prefix_space=F
                   two normal pieces, ranked by the piece's score (SentencePiece merges the pair whose piece
                   scores highest); unknown characters fall back to their UTF-8 byte pieces <0xXX>
   special tokens  <unk>, <s>, </s> at SentencePiece's ids, with split_special_tokens=true: their text in a
-                  document is encoded as text; no BOS or EOS is added
+                  document is encoded as text; no BOS or EOS is added. Batches are padded on the left (for
+                  generate) with </s>, which the attention mask hides
   decoder         "▁" -> " ", bytes fused back into characters
 The generation config stops at the tokenizer's end-of-document id (</s>).
 """
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from megavq.data.tokenizer import Tokenizer
@@ -68,13 +70,13 @@ def fast_tokenizer(tok: Tokenizer, model_max_length: int):
     rust.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     rust.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials.values()])
     return PreTrainedTokenizerFast(tokenizer_object=rust, split_special_tokens=True, clean_up_tokenization_spaces=False,
-                                   model_max_length=model_max_length, **specials)
+                                   model_max_length=model_max_length, padding_side="left",
+                                   pad_token=tok.sp.id_to_piece(tok.eos_id), **specials)
 
 
 def save_hf_tokenizer(tokenizer: str | Path, out_dir: str | Path, model_max_length: int) -> list[Path]:
     """tokenizer.json, tokenizer_config.json and a copy of the SentencePiece model in out_dir; the paths written.
     The class is named PreTrainedTokenizerFast, which transformers 4 and 5 both know (5 writes TokenizersBackend)."""
-    import shutil
     tok = Tokenizer(tokenizer)
     out_dir = Path(out_dir)
     fast_tokenizer(tok, model_max_length).save_pretrained(out_dir)

@@ -93,15 +93,19 @@ def test_export_loads_with_the_same_logits_and_generates_to_eos(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["vq", "xmoe", "topk"])
-def test_batched_left_padded_generation_equals_each_prompt_alone(case, tmp_path):
+def test_batched_prompts_padded_by_the_tokenizer_generate_as_each_prompt_alone(case, tmp_path):
+    """The tokenizer pads on the left; each row's greedy tokens are megavq's for its prompt alone."""
     model, _ = checkpoint(tmp_path, CASES[case][0])
     save_hf(model, tmp_path / "hf", BUILTIN_TOKENIZER, remote_code=True)
     hf = hf_model(tmp_path / "hf")
-    S = max(map(len, PROMPTS))
-    ids = torch.tensor([[2] * (S - len(p)) + p for p in PROMPTS])
-    mask = torch.tensor([[0] * (S - len(p)) + [1] * len(p) for p in PROMPTS])
-    out = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
-    assert out[:, S:].tolist() == [model.generate([p], 6, greedy=True)[0] for p in PROMPTS]
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    prompts = ["The module", "import os", "Return the number of items in a container, or"]
+    batch = tok(prompts, padding=True, return_tensors="pt")
+    assert batch.input_ids[0, 0] == tok.pad_token_id == 2 and batch.attention_mask[0, 0] == 0  # left padding
+    out = hf.generate(**batch, max_new_tokens=6, do_sample=False)[:, batch.input_ids.shape[1]:]
+    sp = Tokenizer(BUILTIN_TOKENIZER)
+    ours = [model.generate([sp.encode(p)], 6, greedy=True, eos_id=2)[0] for p in prompts]
+    assert [[t for t in row if t != 2] for row in out.tolist()] == ours
 
 
 def test_auto_tokenizer_gives_sentencepiece_ids(tmp_path):
@@ -146,6 +150,19 @@ def test_every_causal_router_exports_and_the_others_are_refused(router, tmp_path
             save_hf(model, tmp_path / "hf", remote_code=True)
 
 
+def test_two_exports_load_side_by_side(tmp_path):
+    """Directories of the same name, different routers, one process: each model runs its own routers (transformers
+    caches remote code by file and directory name, and keys model classes by config class)."""
+    idx = torch.randint(0, V, (1, 10), generator=torch.Generator().manual_seed(5))
+    models = {case: checkpoint(tmp_path / case, CASES[case][0])[0] for case in ("vq", "xmoe", "usmoe-token")}
+    for case, model in models.items():
+        save_hf(model, tmp_path / case / "hf", remote_code=True)
+    loaded = {case: hf_model(tmp_path / case / "hf") for case in models}  # all loaded before any is run
+    with torch.no_grad():
+        for case, model in models.items():
+            assert (loaded[case](idx).logits - model(idx)).abs().max() <= 1e-5, case
+
+
 PLUGIN = '''
 """A router outside megavq: sigmoid scores, top-k renormalised."""
 from megavq.moe.routers import Router, RouterOutput, register, routing_metrics
@@ -174,7 +191,8 @@ def test_a_plugin_router_exports_with_its_own_source(tmp_path):
     load_plugins([str(tmp_path / "hf_test_plugin.py")])
     model, _ = checkpoint(tmp_path, ["moe.router=hf_test_sigmoid"])
     save_hf(model, tmp_path / "hf", remote_code=True)
-    source = (tmp_path / "hf" / "megavq_routers.py").read_text()
+    (routers_file,) = (tmp_path / "hf").glob("megavq_routers_*.py")
+    source = routers_file.read_text()
     assert source == routers_source("hf_test_sigmoid") and "import megavq" not in source
     assert "topk_renormalised = top_k_weights" in source and "from megavq" not in source
     idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(4))
@@ -197,7 +215,8 @@ def test_export_script_writes_the_checkpoints_tokenizer_or_refuses_without_one(t
     assert r.returncode == 0, r.stderr
     assert "with its own modelling code" in r.stdout
     files = {p.name for p in (tmp_path / "hf").iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_megavq.py", "configuration_megavq.py", "megavq_routers.py",
+    assert any(re.fullmatch(r"megavq_routers_[0-9a-f]{12}\.py", name) for name in files)
+    assert {"config.json", "model.safetensors", "modeling_megavq.py", "configuration_megavq.py",
             "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json"} <= files
     _, bare = checkpoint(tmp_path, CASES["topk"][0], name="bare", tokenizer=None)
     r = export("--checkpoint", bare, "--out", tmp_path / "x", "--format", "hf")

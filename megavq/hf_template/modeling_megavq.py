@@ -4,10 +4,11 @@ trust_remote_code=True)`, `generate()` with transformers' KV cache.
 Written by megavq's export (`python scripts/export.py --format hf --remote_code`) for models whose routing
 no transformers architecture reproduces (vq, xmoe, usmoe with token selection, any other causal router) or
 whose backbone is not Llama's (LayerNorm, learned positions, GELU, biases). Self-contained: it needs torch and
-transformers only. The routers are megavq's own code, copied into megavq_routers.py beside this file when the
-model was exported; everything else mirrors megavq/model and megavq/moe (the export's tests check that the
-logits are megavq's). The weights keep megavq's names under `model.` (and `lm_head.weight`), with the experts
-of an MoE layer stacked: w_in (E, 1|2, D, H) = [gate, up] or [up], w_out (E, H, D).
+transformers only. The routers are megavq's own code, copied into megavq_routers_<sha>.py beside this file
+when the model was exported (the import below names it); everything else mirrors megavq/model and megavq/moe
+(the export's tests check that the logits are megavq's). The weights keep megavq's names under `model.` (and
+`lm_head.weight`), with the experts of an MoE layer stacked: w_in (E, 1|2, D, H) = [gate, up] or [up],
+w_out (E, H, D).
 
 Legend: B batch, S new tokens, L keys so far (cached + new), D hidden, nh heads, nkv key/value heads, hs head
 size, V vocabulary, T = B*S tokens, E experts, K slots per token, N routed rows, H expert hidden.
