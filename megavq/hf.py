@@ -365,9 +365,9 @@ def hf_config(model, model_type: str) -> dict:
 
 
 def hf_state_dict(model, model_type: str) -> dict:
-    cfg, out = model.cfg, {}
+    cfg, out, skipped = model.cfg, {}, router_state_keys(model)
     for key, value in model.state_dict().items():
-        if key in router_state_keys(model):
+        if key in skipped:
             continue  # what a router keeps for training (compete's counter): not part of its evaluation routing
         m = re.fullmatch(r"blocks\.(\d+)\.mlp\.(experts\.w_in|experts\.w_out|router\.gate\.weight)", key)
         if m:
@@ -408,6 +408,14 @@ def _qwen2_moe_extras(cfg: Config, out: dict) -> dict:
             extras.update({f"{s}.gate_proj.weight": torch.zeros(0, D), f"{s}.up_proj.weight": torch.zeros(0, D),
                            f"{s}.down_proj.weight": torch.zeros(D, 0), f"{s}_gate.weight": torch.zeros(1, D)})
     return {k: v for k, v in extras.items() if k not in out}
+
+
+def require_transformers() -> None:
+    try:
+        import huggingface_hub  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise MegavqError(f"the Hugging Face export needs transformers ({e}): pip install 'megavq[hf]'") from None
 
 
 def export_kind(model, remote_code: bool = False) -> str:
@@ -458,9 +466,10 @@ def save_hf(model, out_dir: str | Path, tokenizer: str | Path | None = None, rem
     """Write `model` (a megavq Transformer) as a Hugging Face Llama, Qwen2, Mixtral or Qwen2-MoE directory, or
     (remote_code) with its own modelling code where none of them holds it; with `tokenizer` (a SentencePiece
     model), its tokenizer files and a generation config beside it. Weights in shards of at most max_shard_size."""
+    model_type = export_kind(model, remote_code)
+    require_transformers()
     from huggingface_hub import save_torch_state_dict
     from megavq.hf_tokenizer import save_generation_config, save_hf_tokenizer
-    model_type = export_kind(model, remote_code)
     if tokenizer is not None:
         check_tokenizer(model, tokenizer)
     out_dir = Path(out_dir)

@@ -71,6 +71,7 @@ def fast_tokenizer(tok: Tokenizer, model_max_length: int):
     rust.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials.values()])
     return PreTrainedTokenizerFast(tokenizer_object=rust, split_special_tokens=True, clean_up_tokenization_spaces=False,
                                    model_max_length=model_max_length, padding_side="left",
+                                   model_input_names=["input_ids", "attention_mask"],  # no token_type_ids
                                    pad_token=tok.sp.id_to_piece(tok.eos_id), **specials)
 
 
