@@ -15,7 +15,7 @@ from conftest import ROOT
 from megavq.errors import MegavqError
 from megavq.io import model_tokenizer, save_model
 from megavq.manifest import FORMATS, read_manifest
-from test_train import SMALL, losses, pretrain
+from test_train import losses, pretrain
 
 FIXTURES = ROOT / "tests" / "fixtures" / "ec4c2b2"
 
