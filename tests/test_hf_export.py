@@ -34,6 +34,7 @@ CASES = {  # name: (overrides, the architecture transformers loads)
     "vq-k2-codes": (["moe.router=vq", "moe.router_options.num_codes=8", "moe.router_options.code_dim=16"],
                     "MegavqForCausalLM"),
     "xmoe": (["moe.router=xmoe"], "MegavqForCausalLM"),
+    "xmoe-tied-mqa": (["moe.router=xmoe", "model.tie_embeddings=true", "model.n_kv_heads=1"], "MegavqForCausalLM"),
     "usmoe-token": (["moe.router=usmoe", "moe.router_options.selection=token"], "MegavqForCausalLM"),
     "topk-switch-every2": (["moe.router=topk", "moe.top_k=1", "moe.every=2"], "Qwen2MoeForCausalLM"),
     "vq-gelu-learned-layernorm-biases": (["moe.router=vq", "model.mlp=gelu", "model.pos=learned",

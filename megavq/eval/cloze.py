@@ -15,6 +15,8 @@ import random
 import re
 from pathlib import Path
 
+from megavq.errors import MegavqError
+
 WORD = re.compile(r"(?<= )[A-Za-z]{3,}\b")
 CHOICES = 4
 
@@ -47,7 +49,7 @@ def make_items(texts: list[str], n_items: int = 300, context_chars: int = 300, m
     """{"context", "choices" (each with its leading space), "label" (index of the real word)} items."""
     found = candidates(texts, min_context)
     if len(found) < n_items:
-        raise ValueError(f"the text has {len(found)} candidate words, fewer than {n_items} items")
+        raise MegavqError(f"the text has {len(found)} candidate words, fewer than {n_items} items")
     rng = random.Random(seed)
     pool = sorted({word for _, _, word in found})
     items = []
