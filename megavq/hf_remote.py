@@ -38,8 +38,9 @@ ROUTERS_IMPORT = "from .megavq_routers import build_router"  # the template's li
 AUTO_MAP = {"AutoConfig": "configuration_megavq.MegavqConfig",
             "AutoModelForCausalLM": "modeling_megavq.MegavqForCausalLM"}
 ARCHITECTURE = "MegavqForCausalLM"
-ROUTERS_HEADER = '''"""megavq's routers, copied from its source by megavq's export (do not edit): the modules below, dependencies
-first, with their megavq imports removed. modeling_megavq.py builds each MoE layer's router with build_router."""
+ROUTERS_HEADER = '''"""megavq's routers, copied from its source by megavq's export (do not edit): the modules below,
+dependencies first, with their megavq imports removed. modeling_megavq.py builds each MoE layer's router with
+build_router."""
 from __future__ import annotations
 '''
 

@@ -64,8 +64,9 @@ def main():
             cfg = model.cfg if hf_input else load_config_file(resolve_model_dir(args.checkpoint))
             save_model(model.state_dict(), cfg, args.out, tokenizer)
     what = f"{model.cfg.moe.router} {model.cfg.moe.num_experts}-expert MoE" if model.cfg.moe.every else "dense"
+    own_code = " with its own modelling code" if args.format == "hf" and kind == "megavq" else ""
     print(f"exported {args.checkpoint} ({what}, {model.num_params():,} parameters) -> {args.out} "
-          f"({args.format}: {kind}{' with its own modelling code' if args.format == 'hf' and kind == 'megavq' else ''})")
+          f"({args.format}: {kind}{own_code})")
 
 
 if __name__ == "__main__":

@@ -237,7 +237,8 @@ def test_lm_eval_runs_the_shipped_task_on_an_exported_vq_model(tmp_path):
     from megavq.lm_eval_tasks import TASKS_DIR
     model, _ = checkpoint(tmp_path, [*CASES["vq"][0], "model.seq_len=128"])
     save_hf(model, tmp_path / "hf", BUILTIN_TOKENIZER, remote_code=True)
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={tmp_path / 'hf'},trust_remote_code=True",
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf",
+           "--model_args", f"pretrained={tmp_path / 'hf'},trust_remote_code=True",
            "--tasks", "megavq_builtin_cloze", "--include_path", str(TASKS_DIR), "--device", "cpu",
            "--batch_size", "16", "--limit", "40"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",

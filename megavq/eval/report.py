@@ -110,7 +110,8 @@ def check_data_tokenizer(path, data, data_source: str) -> None:
     if recorded is not None and used != recorded:
         raise MegavqError(f"data {data_source} was encoded with the tokenizer of sha256 {str(used)[:12]}..., but "
                           f"{path} was trained with the one of sha256 {recorded[:12]}...: evaluate on data encoded "
-                          f"with the checkpoint's tokenizer (scripts/tokenize.py --tokenizer CHECKPOINT/tokenizer.model)")
+                          f"with the checkpoint's tokenizer "
+                          f"(scripts/tokenize.py --tokenizer CHECKPOINT/tokenizer.model)")
 
 
 def open_model_and_data(path, data_source: str | None, backend: str):

@@ -66,7 +66,8 @@ class Attention(nn.Module):
     def __init__(self, config: MegavqConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv, self.head_size = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        self.head_size = config.head_dim
         D, kv_dim = config.hidden_size, self.n_kv * self.head_size
         self.q_proj = nn.Linear(D, D, bias=config.qkv_bias)
         self.k_proj = nn.Linear(D, kv_dim, bias=config.qkv_bias)
@@ -228,7 +229,8 @@ class MegavqModel(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.pos_embed = nn.Embedding(config.max_position_embeddings, config.hidden_size) if config.pos == "learned" else None
+        learned = config.pos == "learned"
+        self.pos_embed = nn.Embedding(config.max_position_embeddings, config.hidden_size) if learned else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config)
 
