@@ -91,6 +91,7 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     max_time_s: float = 0.0  # stop early (and evaluate) after this many seconds; 0 = no limit
+    final_eval_tokens: int = 4_194_304  # end-of-run val and test evaluation: at most this many tokens per split
     stop_at_step: int = 0  # stop (checkpoint, evaluate) after this step; the schedule still spans max_steps
     collapse_share: float = 0.9  # warn when one expert gets more than this share of a layer's tokens ...
     collapse_patience: int = 3  # ... for this many consecutive evaluations (see megavq/eval/health.py)
@@ -254,7 +255,7 @@ def _check_train(t: TrainConfig, data: DataConfig) -> None:
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _check(t.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {t.dist_timeout_s}")
-    for key in ("warmup_steps", "weight_decay", "grad_clip", "max_time_s", "stop_at_step"):
+    for key in ("warmup_steps", "weight_decay", "grad_clip", "max_time_s", "stop_at_step", "final_eval_tokens"):
         _check(getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}")
     _check(0 < t.collapse_share <= 1, f"train.collapse_share must be in (0, 1], got {t.collapse_share}")
     _check(0 < t.dead_code_frac <= 1, f"train.dead_code_frac must be in (0, 1], got {t.dead_code_frac}")

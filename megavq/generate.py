@@ -141,11 +141,14 @@ def decode(model, prompts, max_new_tokens: int, eos_id: int | None, sampling: Sa
     return out
 
 
-def checkpoint_tokenizer(cfg: Config) -> Path:
-    """The SentencePiece model of the data a checkpoint was trained on (its config's data.source): the shipped
-    tokenizer for 'builtin', else the tokenizer.model of the tokenized data directory.
-    The one place to change when checkpoints record their tokenizer themselves."""
+def checkpoint_tokenizer(cfg: Config, recorded: str | Path | None = None) -> Path:
+    """The SentencePiece model of a checkpoint: `recorded`, the copy its manifest records
+    (megavq.io.model_tokenizer(checkpoint), which the caller reads: this module does not import megavq.io), else,
+    for a checkpoint that records none (format 0), the tokenizer of the data it was trained on (its config's
+    data.source): the shipped tokenizer for 'builtin', else the tokenized data directory's tokenizer.model."""
     from megavq.data.dataset import BUILTIN_TOKENIZER, TOKENIZER_FILE
+    if recorded is not None:
+        return Path(recorded)
     if cfg.data.source == "builtin":
         return BUILTIN_TOKENIZER
     path = Path(cfg.data.source) / TOKENIZER_FILE

@@ -2,11 +2,17 @@
 
 Import (`load_hf(dir) -> (Config, state_dict)`) reads config.json and the weights (model.safetensors, sharded
 safetensors, or pytorch_model.bin through `torch.load(weights_only=True)`, which unpickles no code) without
-needing transformers. Export (`save_hf(model, dir)`) writes, in the layout of the checkpoints on the Hub:
-a dense Llama-family model as Llama (Qwen2 when only q, k, v carry biases); a top-k MoE model with an MoE
-layer in every block and renormalised weights as Mixtral; any other top-k MoE model (MoE every n-th block,
-Switch-style unnormalised weights, q/k/v biases) as Qwen2-MoE, whose `decoder_sparse_step` is moe.every and
-whose shared expert has width 0 (it adds exactly 0).
+needing transformers; it also reads back megavq's own remote-code exports (model_type megavq).
+Export (`save_hf(model, dir, tokenizer)`, needs transformers: the `hf` extra) writes, in the layout of the
+checkpoints on the Hub, the architecture that the routers' declarations (`Router.hf_routing()`) allow:
+a dense Llama-family model as Llama (Qwen2 when only q, k, v carry biases); a model whose routers route at
+evaluation as softmax top-k (topk, compete) with an MoE layer in every block and renormalised weights as
+Mixtral; any other such MoE model (MoE every n-th block, Switch-style unnormalised weights, q/k/v biases) as
+Qwen2-MoE, whose `decoder_sparse_step` is moe.every and whose shared expert has width 0 (it adds exactly 0).
+Any other causal model (vq, xmoe, usmoe with token selection, LayerNorm, learned positions, GELU, biases) is
+written with its own modelling code when `remote_code=True` (megavq.hf_remote). Configs are built with
+transformers' config classes, weights written as safetensors shards with an index when large, and the tokenizer
+(megavq.hf_tokenizer) and a generation config that stops at its end-of-document id go beside them.
 
 Legend: E experts, D hidden, H MLP hidden. Linear weights are (out, in); GPT-2's Conv1D weights are (in, out).
 Experts: megavq stacks w_in (E, 2, D, H) = [gate, up] and w_out (E, H, D); the Hub stores per expert
@@ -23,9 +29,10 @@ import torch
 
 from megavq.errors import MegavqError
 from megavq.config import Config, ModelConfig, config_from_dict
+from megavq.hf_remote import check_remote, megavq_state_dict, save_remote
 from megavq.moe.routers import hf_router_name
 
-SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "gpt2")
+SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "gpt2", "megavq")
 DEFAULT_THETA = {"mixtral": 1e6}  # rope_theta when config.json has none; 10000 otherwise
 HF_CONFIG, SAFETENSORS, SAFETENSORS_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -122,6 +129,8 @@ def load_hf(path: str | Path) -> tuple[Config, dict]:
     path = Path(path)
     hf = read_hf_config(path)
     sd = {k: v for k, v in read_hf_weights(path).items() if not IGNORED.fullmatch(k)}
+    if hf["model_type"] == "megavq":  # megavq's own remote-code export: its config and names, prefixed
+        return megavq_export_config(hf, path), megavq_state_dict(sd)
     cfg = hf_to_config(hf)
     if hf["model_type"] == "gpt2":
         return cfg, gpt2_weights(sd, cfg, path)
@@ -129,6 +138,12 @@ def load_hf(path: str | Path) -> tuple[Config, dict]:
 
 
 # ---- config: Hugging Face -> megavq -----------------------------------------------------------------------
+def megavq_export_config(hf: dict, path: Path) -> Config:
+    if not isinstance(hf.get("megavq_config"), dict):
+        raise MegavqError(f"{path / HF_CONFIG} (model_type megavq) lacks megavq_config")
+    return config_from_dict(hf["megavq_config"])
+
+
 def _need(hf: dict, key: str):
     if hf.get(key) is None:
         raise MegavqError(f"Hugging Face config ({hf['model_type']}) lacks {key!r}")
@@ -288,7 +303,8 @@ def gpt2_weights(sd: dict, cfg: Config, path: Path) -> dict:
 
 # ---- export: megavq -> Hugging Face -----------------------------------------------------------------------
 def _refuse(why: str) -> MegavqError:
-    return MegavqError(f"cannot export to Hugging Face: {why}; export with --format megavq instead")
+    return MegavqError(f"cannot export to Hugging Face: {why}; export it with its own modelling code "
+                       f"(--remote_code: loaded with trust_remote_code=True) or with --format megavq instead")
 
 
 def hf_model_type(model) -> str:
@@ -349,8 +365,10 @@ def hf_config(model, model_type: str) -> dict:
 
 
 def hf_state_dict(model, model_type: str) -> dict:
-    cfg, out = model.cfg, {}
+    cfg, out, skipped = model.cfg, {}, router_state_keys(model)
     for key, value in model.state_dict().items():
+        if key in skipped:
+            continue  # what a router keeps for training (compete's counter): not part of its evaluation routing
         m = re.fullmatch(r"blocks\.(\d+)\.mlp\.(experts\.w_in|experts\.w_out|router\.gate\.weight)", key)
         if m:
             out.update(_moe_tensors(int(m[1]), m[2], value, model_type))
@@ -363,6 +381,10 @@ def hf_state_dict(model, model_type: str) -> dict:
     if cfg.model.tie_embeddings:
         out.pop("lm_head.weight", None)
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def router_state_keys(model) -> set[str]:
+    return {f"{prefix}router.{name}" for prefix, layer in model.moe_layers() for name in layer.router.state}
 
 
 def _moe_tensors(i: int, kind: str, w: torch.Tensor, model_type: str) -> dict:
@@ -388,12 +410,78 @@ def _qwen2_moe_extras(cfg: Config, out: dict) -> dict:
     return {k: v for k, v in extras.items() if k not in out}
 
 
-def save_hf(model, out_dir: str | Path) -> Path:
-    """Write `model` (a megavq Transformer) as a Hugging Face Llama, Qwen2, Mixtral or Qwen2-MoE directory."""
-    from safetensors.torch import save_file
-    model_type = hf_model_type(model)
+def require_transformers() -> None:
+    try:
+        import huggingface_hub  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise MegavqError(f"the Hugging Face export needs transformers ({e}): pip install 'megavq[hf]'") from None
+
+
+def export_kind(model, remote_code: bool = False) -> str:
+    """The model_type an export writes: llama | qwen2 | mixtral | qwen2_moe, or megavq (its own modelling code)
+    where none of them holds the model and remote_code allows it."""
+    try:
+        return hf_model_type(model)
+    except MegavqError:
+        if not remote_code:
+            raise
+    check_remote(model.cfg)
+    return "megavq"
+
+
+def native_config(model, model_type: str, special_ids: dict):
+    """The transformers config (LlamaConfig, Qwen2Config, MixtralConfig, Qwen2MoeConfig) of the export."""
+    from transformers import AutoConfig
+    fields = {k: v for k, v in hf_config(model, model_type).items() if k not in ("model_type", "torch_dtype")}
+    return AutoConfig.for_model(model_type, **fields, **special_ids)
+
+
+def special_ids(tokenizer: str | Path | None) -> dict:
+    """The bos/eos ids a config records: the tokenizer's (none without a tokenizer)."""
+    if tokenizer is None:
+        return {}
+    from megavq.data.tokenizer import Tokenizer
+    tok = Tokenizer(tokenizer)
+    bos = tok.sp.bos_id()
+    return {"bos_token_id": bos if bos >= 0 else None, "eos_token_id": tok.eos_id}
+
+
+def check_tokenizer(model, tokenizer: str | Path) -> None:
+    from megavq.data.tokenizer import Tokenizer
+    tok = Tokenizer(tokenizer)
+    if tok.vocab_size != model.cfg.model.vocab_size:
+        raise MegavqError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's vocabulary is "
+                          f"{model.cfg.model.vocab_size}: pass the model's own tokenizer")
+
+
+def clear_weights(out_dir: Path) -> None:
+    """Remove the weight files of an earlier export, so that a single file and shards never mix."""
+    for file in [*out_dir.glob("model*.safetensors"), out_dir / SAFETENSORS_INDEX]:
+        file.unlink(missing_ok=True)
+
+
+def save_hf(model, out_dir: str | Path, tokenizer: str | Path | None = None, remote_code: bool = False,
+            max_shard_size: int | str = "5GB") -> Path:
+    """Write `model` (a megavq Transformer) as a Hugging Face Llama, Qwen2, Mixtral or Qwen2-MoE directory, or
+    (remote_code) with its own modelling code where none of them holds it; with `tokenizer` (a SentencePiece
+    model), its tokenizer files and a generation config beside it. Weights in shards of at most max_shard_size."""
+    model_type = export_kind(model, remote_code)
+    require_transformers()
+    from huggingface_hub import save_torch_state_dict
+    from megavq.hf_tokenizer import save_generation_config, save_hf_tokenizer
+    if tokenizer is not None:
+        check_tokenizer(model, tokenizer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(model, model_type), str(out_dir / SAFETENSORS), metadata={"format": "pt"})
-    (out_dir / HF_CONFIG).write_text(json.dumps(hf_config(model, model_type), indent=2) + "\n")
+    clear_weights(out_dir)
+    if model_type == "megavq":
+        save_remote(model, out_dir, special_ids(tokenizer), max_shard_size)
+    else:
+        native_config(model, model_type, special_ids(tokenizer)).save_pretrained(out_dir)
+        save_torch_state_dict(hf_state_dict(model, model_type), out_dir, max_shard_size=max_shard_size,
+                              metadata={"format": "pt"})
+    if tokenizer is not None:
+        save_hf_tokenizer(tokenizer, out_dir, model.cfg.model.seq_len)
+        save_generation_config(tokenizer, out_dir)
     return out_dir

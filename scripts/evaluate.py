@@ -3,8 +3,10 @@
     python scripts/evaluate.py --checkpoint RUN_OR_CHECKPOINT [--data builtin|DIR] [--split test] [--out DIR]
         [--max_batches N] [--compare CHECKPOINT_OR_RUN]
 
-Writes eval.json, eval.md and PNG figures into --out (default: <checkpoint>/eval). With --compare, the
-routing consistency with another checkpoint, or with every checkpoint of a run directory. See docs/evaluation.md.
+--data defaults to the data the checkpoint was trained on (its config's data.source); data encoded with
+another tokenizer than the checkpoint's is refused. Runs on a GPU when there is one. Writes eval.json, eval.md
+and PNG figures into --out (default: <checkpoint>/eval). With --compare, the routing consistency with another
+checkpoint, or with every checkpoint of a run directory. See docs/evaluation.md.
 """
 import sys
 from pathlib import Path
@@ -19,7 +21,8 @@ from megavq.train.launch import user_errors  # noqa: E402
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model, checkpoint or run directory (newest checkpoint)")
-    p.add_argument("--data", default="builtin", help="'builtin' or a directory made by scripts/tokenize.py")
+    p.add_argument("--data", default=None, help="'builtin' or a directory made by scripts/tokenize.py "
+                                                  "(default: the checkpoint's data.source)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/eval)")
     p.add_argument("--max_batches", type=int, default=None, help="evaluate on this many batches (default: all)")
@@ -50,7 +53,7 @@ def main():
         result = evaluate(model_dir, args.data, args.split, args.max_batches, args.batch_size, args.diag_tokens,
                           args.noise, args.seed, compare=args.compare)
         paths = write_report(result, args.out or model_dir / "eval")
-        print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+        print(f"{result['data']} ({result['split']}): loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
               f"bits/byte {result['bits_per_byte']:.4f}")
         print("wrote " + ", ".join(str(p) for p in paths))
 

@@ -4,7 +4,8 @@
         [--prompts_file FILE] [--max_new_tokens 64] [--temperature 0.8] [--top_k 50] [--top_p 0.95]
         [--seed 0] [--greedy] [--tokenizer PATH]
 
---tokenizer defaults to the tokenizer of the data the checkpoint was trained on. The same seed gives the
+--tokenizer defaults to the checkpoint's own (the copy its manifest records; for older checkpoints the
+tokenizer of the data it was trained on). The same seed gives the
 same text. Runs on a GPU when there is one.
 """
 import sys
@@ -28,7 +29,7 @@ def parse_args():
     p.add_argument("--top_p", type=float, default=0.95, help="... and the most likely ones reaching this probability")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--greedy", action="store_true", help="always the most likely token")
-    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the checkpoint's data's)")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the checkpoint's own)")
     return p.parse_args()
 
 
@@ -47,11 +48,14 @@ def main():
         from megavq.data import Tokenizer
         from megavq.errors import MegavqError
         from megavq.generate import checkpoint_tokenizer
+        from megavq.hf import is_hf_dir
+        from megavq.io import model_tokenizer
         prompts = read_prompts(args)
         if not prompts:
             raise MegavqError("no prompt: pass --prompt TEXT or --prompts_file FILE")
         model = megavq.load_model(args.checkpoint).to("cuda" if torch.cuda.is_available() else "cpu")
-        tok = Tokenizer(args.tokenizer or checkpoint_tokenizer(model.cfg))
+        recorded = None if is_hf_dir(args.checkpoint) else model_tokenizer(args.checkpoint)
+        tok = Tokenizer(args.tokenizer or checkpoint_tokenizer(model.cfg, recorded))
         if tok.vocab_size != model.cfg.model.vocab_size:
             raise MegavqError(f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model "
                               f"{model.cfg.model.vocab_size}: pass the right one with --tokenizer")

@@ -233,8 +233,8 @@ def test_deepspeed_version_range_is_the_tested_one():
     """pyproject pins the range the suite ran on; anything else gets one warning at start-up."""
     import re
     from conftest import ROOT
-    pin = re.search(r'"deepspeed>=([\d.]+),<=([\d.]+)"', (ROOT / "pyproject.toml").read_text())
-    assert pin and pin.groups() == ds_compat.TESTED
-    assert ds_compat.is_tested("0.19.4") and ds_compat.is_tested("0.19.8+cpu")
-    assert not ds_compat.is_tested("0.18.9") and not ds_compat.is_tested("0.20.0")
+    pin = re.search(r'"deepspeed==([\d.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin and (pin[1], pin[1]) == ds_compat.TESTED
+    assert ds_compat.is_tested("0.19.8") and ds_compat.is_tested("0.19.8+cpu")
+    assert not ds_compat.is_tested("0.19.4") and not ds_compat.is_tested("0.20.0")
     assert ds_compat.is_tested(ds_compat.check_version())  # the installed one: no warning here

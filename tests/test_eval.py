@@ -275,3 +275,28 @@ def test_write_report_without_moe_layers(tmp_path):
     paths = write_report(result, tmp_path / "out")
     assert result["layers"] == [] and result["topk_sweep"] is None
     assert [p.name for p in paths] == ["eval.json", "eval.md", "robustness.png"]
+
+
+def test_evaluate_defaults_to_the_checkpoints_data_and_refuses_another_tokenizers(tmp_path):
+    """Trained on a tokenized directory: evaluated on it unless --data says otherwise; data encoded with another
+    tokenizer than the one the checkpoint records is refused with one line."""
+    from megavq.data.dataset import BUILTIN_TOKENIZER
+    from megavq.data.tokenizer import file_sha256
+    def data_dir(path, tokenizer_sha256):  # the current format (with EOS ids), encoded by that tokenizer
+        meta = json.loads((hand_made_data(path) / "meta.json").read_text())
+        meta.update(format_version=2, eos_id=2, tokenizer_sha256=tokenizer_sha256)
+        (path / "meta.json").write_text(json.dumps(meta))
+        return path
+    data = data_dir(tmp_path / "data", file_sha256(BUILTIN_TOKENIZER))
+    model = tiny_model(f"data.source={data}")
+    save_model(model.state_dict(), model.cfg, tmp_path / "model", BUILTIN_TOKENIZER)
+    assert evaluate(tmp_path / "model", diag_tokens=64, max_batches=2)["data"] == str(data)
+    other = data_dir(tmp_path / "other", "0" * 64)  # another tokenizer
+    script = [sys.executable, "scripts/evaluate.py", "--checkpoint", str(tmp_path / "model"), "--max_batches", "2",
+              "--diag_tokens", "64", "--out", str(tmp_path / "eval")]
+    default = run_script(*script[1:])
+    assert default.stdout.startswith(f"{data} (test): loss ")
+    refused = subprocess.run([*script, "--data", str(other)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith(f"error: data {other} was encoded with the tokenizer of sha256 000000000000...")
+    assert "scripts/tokenize.py --tokenizer" in refused.stderr

@@ -175,3 +175,22 @@ def test_script_prints_the_same_text_for_the_same_seed(tmp_path):
         assert header == f"{i + 1}: 8 new tokens ---"
         assert text.startswith(prompt) and len(text[:-2]) > len(prompt)  # the prompt and a continuation
     assert len(blocks) == 2
+
+
+def test_the_tokenizer_is_the_one_the_checkpoint_records(tmp_path):
+    """The manifest's copy, even when the training data is gone; the data's tokenizer only for checkpoints that
+    record none."""
+    from megavq.data.dataset import BUILTIN_TOKENIZER
+    from megavq.io import model_tokenizer, save_model
+    cfg = load_config("tiny", [*SMALL[1:], "model.vocab_size=4096", f"data.source={tmp_path / 'gone'}"])
+    torch.manual_seed(0)
+    save_model(Transformer(cfg).state_dict(), cfg, tmp_path / "model", BUILTIN_TOKENIZER)
+    recorded = model_tokenizer(tmp_path / "model")
+    assert checkpoint_tokenizer(cfg, recorded) == tmp_path / "model" / "tokenizer.model" == recorded
+    with pytest.raises(MegavqError, match="--tokenizer"):
+        checkpoint_tokenizer(cfg)  # nothing recorded: the data's tokenizer, which is gone
+    run = subprocess.run([sys.executable, str(ROOT / "scripts/generate.py"), "--checkpoint", str(tmp_path / "model"),
+                          "--prompt", "The module", "--max_new_tokens", "4", "--greedy"], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("--- 1: 4 new tokens ---\nThe module")

@@ -170,10 +170,11 @@ def test_export_refuses_what_hugging_face_cannot_express(tmp_path, change, messa
 
 
 def test_export_script(tmp_path):
+    from megavq.data.dataset import BUILTIN_TOKENIZER
     from megavq.io import save_model
     from test_upcycle import run_script
-    model = megavq_model()
-    save_model(model.state_dict(), model.cfg, tmp_path / "moe")
+    model = megavq_model({"vocab_size": 4096})  # the shipped tokenizer's: an export writes the checkpoint's tokenizer
+    save_model(model.state_dict(), model.cfg, tmp_path / "moe", BUILTIN_TOKENIZER)
     r = run_script("export.py", "--checkpoint", tmp_path / "moe", "--out", tmp_path / "hf", "--format", "hf")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]

@@ -1,5 +1,6 @@
 """Packaging: a wheel installed into a fresh virtual environment prepares the builtin data (with the shipped
-tokenizer, package data) and loads a saved model, run from outside the repository."""
+tokenizer, package data), loads a saved model and finds the Hugging Face export's template and the
+lm-evaluation-harness task (package data), run from outside the repository."""
 import os
 import shutil
 import subprocess
@@ -35,6 +36,12 @@ save_model(model.state_dict(), cfg, "model")
 x_BS, _ = data.batch("val", step=0, batch_size=2, seq_len=16)
 with torch.no_grad():
     assert torch.equal(megavq.load_model("model")(x_BS), model(x_BS))
+from megavq.hf_remote import MODEL_FILES, TEMPLATE, routers_source
+from megavq.lm_eval_tasks import TASKS_DIR
+assert all((TEMPLATE / name).is_file() for name in MODEL_FILES)  # package data: the Hugging Face export's template
+assert "def build_router" in routers_source("vq")  # and the routers' source, copied from the installed modules
+task = TASKS_DIR / "megavq_builtin_cloze"
+assert {p.name for p in task.iterdir()} >= {"megavq_builtin_cloze.yaml", "megavq_builtin_cloze.jsonl", "utils.py"}
 print("installed check ok:", megavq.__file__, data.vocab_size)
 """
 

@@ -52,6 +52,8 @@ def test_main_job_writes_the_run_directory(builtin_data, tmp_path):
     for key in ["steps", "val_loss", "test_loss", "test_ppl", "test_bits_per_byte", "tokens_per_s"]:
         assert summary[key] is not None, key
     assert summary["steps"] == 8
+    test_tokens = json.loads((builtin_data / "meta.json").read_text())["splits"]["test"]["tokens"]
+    assert summary["test_tokens"] == (test_tokens - 1) // 32 * 32  # the whole split: every full window
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_0000004", "step_0000008"]
     assert list((out / "wandb").glob("offline-run-*")), "wandb offline run missing"
 
@@ -166,3 +168,11 @@ def test_vq_dead_code_counters_count_optimizer_steps(builtin_data, tmp_path):
     sd = read_model(out / "checkpoints" / "step_0000003")[1]
     unused = [v for k, v in sd.items() if k.endswith("router.unused_steps")]
     assert len(unused) == 2 and max(int(u.max()) for u in unused) == 3, unused
+
+
+def test_final_evaluation_is_bounded_by_final_eval_tokens(builtin_data, tmp_path):
+    out = tmp_path / "run"
+    pretrain(["--data", str(builtin_data), "--out_dir", str(out), *SMALL, "train.max_steps=2", "train.save_every=2",
+              "train.final_eval_tokens=300"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_tokens"] == summary["val_tokens"] == 384  # ceil(300 / (4 x 32)) = 3 batches of 4 x 32

@@ -17,8 +17,8 @@ def corrupt_tokens(x_BS: torch.Tensor, p: float, vocab_size: int, generator: tor
     """Each token replaced, with probability p, by a token drawn uniformly from [0, vocab_size)."""
     if p == 0:
         return x_BS
-    replace_BS = torch.rand(x_BS.shape, generator=generator) < p
-    random_BS = torch.randint(vocab_size, x_BS.shape, generator=generator)
+    replace_BS = (torch.rand(x_BS.shape, generator=generator) < p).to(x_BS.device)  # drawn on the CPU: the same
+    random_BS = torch.randint(vocab_size, x_BS.shape, generator=generator).to(x_BS.device)  # on any device
     return torch.where(replace_BS, random_BS, x_BS)
 
 

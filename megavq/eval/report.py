@@ -10,6 +10,9 @@ import math
 import sys
 from pathlib import Path
 
+import torch
+from tqdm import tqdm
+
 from megavq.errors import MegavqError
 from megavq.eval import consistency, lm, routing
 from megavq.eval.stats import bits_per_byte, load_stats
@@ -22,6 +25,26 @@ STANDARD_METRICS = ("load", "load_cv", "load_max", "entropy")  # recomputed from
 def load_data(source: str):
     from megavq.data import TokenData, prepare_data
     return TokenData(prepare_data(source))
+
+
+def eval_device() -> torch.device:
+    """A GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Batches:
+    """Evaluation batches kept on the CPU: each pass moves them to `device` one at a time, under a progress bar
+    named `desc` (shown on a terminal only)."""
+
+    def __init__(self, batches: list, device: torch.device, desc: str):
+        self.batches, self.device, self.desc = batches, device, desc
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for x_BS, y_BS in tqdm(self.batches, desc=self.desc, unit="batch", disable=None, leave=False):
+            yield x_BS.to(self.device), y_BS.to(self.device)
 
 
 def diagnostic_batches(batches: list, max_tokens: int) -> list:
@@ -69,43 +92,75 @@ def header(path, model, data, data_source: str, split: str) -> dict:
             "bytes_per_token": data.bytes_per_token(split)}
 
 
-def open_model_and_data(path, data_source: str, backend: str):
+def recorded_tokenizer_sha256(path) -> str | None:
+    """The sha256 of the tokenizer a megavq model or checkpoint directory records (None: format 0, imported from
+    Hugging Face, or a Hugging Face directory)."""
+    from megavq.hf import is_hf_dir
+    from megavq.io import MODEL_KINDS, resolve_model_dir
+    from megavq.manifest import read_manifest
+    if is_hf_dir(path):
+        return None
+    entry = read_manifest(resolve_model_dir(path), MODEL_KINDS).get("tokenizer") or {}
+    return entry.get("sha256")
+
+
+def check_data_tokenizer(path, data, data_source: str) -> None:
+    """Refuse data encoded with another tokenizer than the one the checkpoint records (when it records one)."""
+    recorded, used = recorded_tokenizer_sha256(path), data.meta.get("tokenizer_sha256")
+    if recorded is not None and used != recorded:
+        raise MegavqError(f"data {data_source} was encoded with the tokenizer of sha256 {str(used)[:12]}..., but "
+                          f"{path} was trained with the one of sha256 {recorded[:12]}...: evaluate on data encoded "
+                          f"with the checkpoint's tokenizer "
+                          f"(scripts/tokenize.py --tokenizer CHECKPOINT/tokenizer.model)")
+
+
+def open_model_and_data(path, data_source: str | None, backend: str):
+    """The model (on the evaluation device), its data (data_source, default the checkpoint's data.source) and the
+    source used."""
     from megavq.io import load_model
-    model, data = load_model(path, backend), load_data(data_source)
+    model = load_model(path, backend)
+    data_source = data_source or model.cfg.data.source
+    data = load_data(data_source)
+    check_data_tokenizer(path, data, data_source)
     if data.vocab_size > model.cfg.model.vocab_size:
         raise MegavqError(f"data vocabulary ({data.vocab_size}) is larger than the model's "
                           f"({model.cfg.model.vocab_size})")
-    return model, data
+    return model.to(eval_device()), data, data_source
 
 
-def evaluate(path, data_source: str = "builtin", split: str = "test", max_batches: int | None = None,
+def evaluate(path, data_source: str | None = None, split: str = "test", max_batches: int | None = None,
              batch_size: int = 0, diag_tokens: int = 2048, noise: float = 0.01, seed: int = 0,
              backend: str = "native", compare: str | None = None, warn=None) -> dict:
-    """All figures of one checkpoint (and, with `compare`, its routing consistency) as a JSON-ready dict."""
+    """All figures of one checkpoint (and, with `compare`, its routing consistency) as a JSON-ready dict, on a GPU
+    when there is one. data_source: 'builtin' or a tokenized data directory; default the checkpoint's own
+    (its config's data.source), whose tokenizer must be the one the checkpoint records."""
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
-    model, data = open_model_and_data(path, data_source, backend)
-    cfg = model.cfg
+    model, data, data_source = open_model_and_data(path, data_source, backend)
+    cfg, device = model.cfg, eval_device()
     batches = list(data.eval_batches(split, batch_size or cfg.data.micro_batch_size, cfg.model.seq_len, max_batches))
     diag = diagnostic_batches(batches, diag_tokens)
     result = {**header(path, model, data, data_source, split), "warnings": causality_warnings(cfg)}
     for message in result["warnings"]:
         warn(message)
-    base = lm.lm_eval(model, batches)
+    base = lm.lm_eval(model, Batches(batches, device, "loss"))
     info = data.meta["splits"][split]
     result.update(tokens=base["tokens"], loss=base["loss"], perplexity=base["perplexity"],
                   bits_per_byte=bits_per_byte(base["loss"], info["tokens"], info["bytes"]))
-    result["layers"] = layer_reports(model, base, diag, noise, seed)
-    result["robustness"] = lm.robustness(model, batches, list(ROBUSTNESS_PS), data.vocab_size, seed)
-    result["topk_sweep"] = lm.topk_sweep(model, batches)
-    result.update(lm.variant_evals(model, batches))
+    result["layers"] = layer_reports(model, base, Batches(diag, device, "routing diagnostics"), noise, seed)
+    result["robustness"] = lm.robustness(model, Batches(batches, device, "robustness"), list(ROBUSTNESS_PS),
+                                         data.vocab_size, seed)
+    result["topk_sweep"] = lm.topk_sweep(model, Batches(batches, device, "top-k sweep"))
+    result.update(lm.variant_evals(model, Batches(batches, device, "variants")))
     result["consistency"] = compare_with(path, compare, diag, model, backend) if compare else None
     return result
 
 
 def compare_with(path, other, diag: list, model, backend: str) -> dict:
+    """Routing consistency on the CPU (the other checkpoints load there)."""
     if consistency.is_run_dir(other):
         return consistency.compare_run(other, diag, backend)
-    return consistency.compare_pair(path, other, diag, model_a=model, backend=backend)
+    model_a = model if next(model.parameters()).device.type == "cpu" else None
+    return consistency.compare_pair(path, other, diag, model_a=model_a, backend=backend)
 
 
 # ---- writing ------------------------------------------------------------------------------------------------

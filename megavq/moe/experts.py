@@ -34,7 +34,11 @@ class Experts(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Each expert from its own generator, seeded by its global id: the same weights at any ep_size."""
+        """Each expert from its own generator, seeded by its global id: the same weights at any ep_size.
+
+        On the meta device (a model built only for its shapes) there is nothing to draw."""
+        if self.w_in.is_meta:
+            return
         for e in range(self.num_experts):
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.first_expert + e)
             self.w_in[e].copy_(torch.randn(self.w_in[e].shape, generator=g) * self.init_std)

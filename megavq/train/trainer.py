@@ -99,15 +99,17 @@ class Trainer:
 
     # ---- evaluation: every rank runs the same batches (safe under ZeRO-3 and expert parallelism) ------
     @torch.no_grad()
-    def evaluate(self, split: str, max_batches: int | None) -> float:
+    def evaluate(self, split: str, max_batches: int | None, progress: bool = False) -> tuple[float, int]:
+        """(mean loss, tokens) over max_batches batches spread evenly over the split (None: all of it)."""
         self.engine.eval()
         total, count = 0.0, 0
-        for x, y in self.data.eval_batches(split, self.micro, self.cfg.model.seq_len, max_batches):
+        batches = self.data.eval_batches(split, self.micro, self.cfg.model.seq_len, max_batches)
+        for x, y in tqdm(batches, desc=f"eval {split}", disable=not progress or self.rank != 0, mininterval=5):
             out = self.engine(x.to(self.engine.device), y.to(self.engine.device))
             total += out.lm_loss.float().item() * y.numel()
             count += y.numel()
         self.engine.train()
-        return total / max(count, 1)
+        return total / max(count, 1), count
 
     # ---- checkpoints (megavq.train.checkpoint) ----------------------------------------------------------
     def save(self, step: int) -> None:
@@ -176,7 +178,7 @@ class Trainer:
         record = {"step": done, **average_metrics(window), "lr": self.engine.get_lr()[0],
                   "tokens_per_s": tokens / seconds}
         if done % self.cfg.train.eval_every == 0:
-            record["val/loss"] = self.evaluate("val", self.cfg.data.eval_batches)
+            record["val/loss"], _ = self.evaluate("val", self.cfg.data.eval_batches)
             for message in self.health.check(done, record):  # router metrics of the training window
                 if self.rank == 0:
                     tqdm.write(message)
@@ -184,12 +186,19 @@ class Trainer:
         return record
 
     def final_eval(self, fit: dict) -> dict:
-        test_loss = self.evaluate("test", None)
+        """Val and test loss on at most train.final_eval_tokens tokens per split (0: the whole split), spread
+        evenly over it; bits per byte use the split's bytes per token."""
+        tokens = self.cfg.train.final_eval_tokens
+        max_batches = math.ceil(tokens / (self.micro * self.cfg.model.seq_len)) if tokens else None
+        test_loss, test_tokens = self.evaluate("test", max_batches, progress=True)
+        val_loss, val_tokens = self.evaluate("val", max_batches, progress=True)
         summary = {
             "steps": fit["steps"],
             "train_loss": fit["last"].get("train/lm_loss"),
-            "val_loss": self.evaluate("val", None),
+            "val_loss": val_loss,
+            "val_tokens": val_tokens,
             "test_loss": test_loss,
+            "test_tokens": test_tokens,
             "test_ppl": math.exp(test_loss),
             "test_bits_per_byte": test_loss / math.log(2) / self.data.bytes_per_token("test"),
             "tokens_per_s": fit["last"].get("tokens_per_s"),

@@ -115,6 +115,10 @@ class CompeteRouter(Router):
         return RouterOutput(a_win_TK.softmax(dim=-1), winners_TK, probs_TE, aux + self.distill_coef * distill,
                             metrics)
 
+    def hf_routing(self) -> dict:
+        """At evaluation it never competes: softmax top-k of the gate, renormalised when `normalize`, no jitter."""
+        return {"normalize": bool(self.normalize), "jitter": 0.0}
+
     def _metrics(self, indices_TK, probs_TE, balance, competed: bool) -> dict:
         metrics = routing_metrics(indices_TK, probs_TE)
         metrics.update(balance_loss=balance.detach(), competed=torch.tensor(float(competed)),

@@ -1,0 +1,163 @@
+"""Sizing: the anchor presets' parameter counts, the estimator's arithmetic, and the estimate against
+measurement (activations in one process here; the engine's state on 2 gloo ranks in the slow test)."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from megavq.config import load_config
+from megavq.errors import ConfigError
+from megavq.estimate import (Cluster, DeepSpeedSettings, activation_memory, all_to_all, estimate, model_params,
+                             summary_line)
+from megavq.estimate_check import saved_bytes
+from megavq.model import Transformer
+from megavq.moe.experts import Experts
+from megavq.train.launch import free_port
+
+# published total and active parameters (OLMoE: Muennighoff et al. 2024; Mixtral: Jiang et al. 2024)
+ANCHORS = {"olmoe_1b_7b": (6.92e9, 1.28e9), "mixtral_8x7b": (46.7e9, 12.9e9)}
+
+
+@pytest.mark.parametrize("preset", sorted(ANCHORS))
+def test_anchor_presets_build_on_meta_with_the_published_counts(preset):
+    t0 = time.perf_counter()
+    cfg = load_config(preset)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert time.perf_counter() - t0 < 30
+    assert all(p.is_meta for p in model.parameters())
+    total, active = ANCHORS[preset]
+    assert model.num_params() == pytest.approx(total, rel=0.01)
+    assert model.num_params(active=True) == pytest.approx(active, rel=0.01)
+
+
+def test_experts_draw_nothing_on_meta_and_the_seeded_weights_elsewhere():
+    with torch.device("meta"):
+        assert Experts(64, 2048, 1024, seed=3).w_in.is_meta
+    bank = Experts(3, 8, 16, seed=3, first_expert=1)
+    g = torch.Generator().manual_seed(3 * 100_003 + 1 + 2)  # global expert 3 = local expert 2
+    assert torch.equal(bank.w_in[2], torch.randn(bank.w_in[2].shape, generator=g) * 0.02)
+
+
+# ---- the estimator's arithmetic ------------------------------------------------------------------------
+def olmoe(*overrides):
+    return load_config("olmoe_1b_7b", list(overrides))
+
+
+def test_expert_states_partition_over_the_expert_data_parallel_group():
+    """32 GPUs, ep 8, ZeRO-2: each rank keeps 8 of 64 experts and 1/4 (32 / 8 ranks) of their fp32 state;
+    the other parameters' state is split 32 ways."""
+    params = model_params(olmoe("moe.ep_size=8"))
+    expert = sum(p.numel for p in params if p.expert) * 8  # all 64 experts
+    other = sum(p.numel for p in params if not p.expert)
+    est = estimate(olmoe("moe.ep_size=8"), DeepSpeedSettings(stage=2, dtype="bf16"), Cluster(32))
+    assert est.memory.total("params") == pytest.approx((other + expert / 8) * 2, rel=1e-4)
+    assert est.memory.total("master") == pytest.approx((other / 32 + expert / 8 / 4) * 4, rel=1e-4)
+    assert est.memory.total("optimizer") == 2 * est.memory.total("master")
+
+
+def test_zero3_partitions_everything_and_keeps_small_parameters_whole():
+    cfg = olmoe()
+    params = model_params(cfg)
+    est = estimate(cfg, DeepSpeedSettings(stage=3, dtype="bf16"), Cluster(16))
+    small = sum(p.numel for p in params if p.numel <= 100_000)
+    assert est.memory.total("params") == pytest.approx((sum(p.numel for p in params) / 16 + small) * 2, rel=1e-4)
+
+
+def test_deepspeed_settings_use_deepspeeds_defaults():
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    for stage in (0, 1, 2, 3):
+        ours, theirs = DeepSpeedSettings.from_json({"zero_optimization": {"stage": stage}}), DeepSpeedZeroConfig(stage=stage)
+        for key in ("reduce_bucket_size", "contiguous_gradients", "prefetch_bucket_size", "param_persistence_threshold",
+                    "max_live_parameters", "sub_group_size"):
+            assert getattr(ours, key) == getattr(theirs, key), key
+        assert ours.overlap == theirs.overlap_comm
+
+
+def test_all_to_all_splits_nvlink_and_infiniband():
+    cfg = olmoe("moe.ep_size=16")
+    a = all_to_all(cfg, Cluster(32, gpus_per_node=8), micro_batch=1, b=2)
+    assert a.bytes_per_exchange == 4096 * 8 * 2048 * 2  # T*K rows of D bf16 values
+    assert (a.intra_fraction, a.inter_fraction) == (7 / 16, 8 / 16)
+    assert a.exchanges_per_step == 16 * 4
+    assert a.ib_s == pytest.approx(a.bytes_per_exchange * 64 * 0.5 / 50e9)
+    one_node = all_to_all(olmoe("moe.ep_size=8"), Cluster(8), 1, 2)
+    assert one_node.inter_fraction == 0 and one_node.ib_s == 0
+    assert all_to_all(olmoe(), Cluster(8), 1, 2).exchanges_per_step == 0
+
+
+@pytest.mark.parametrize("override, stage, message", [
+    ("moe.ep_size=8", 3, "ZeRO-3 runs MoE"), ("moe.ep_size=16", 2, "must divide"),
+    ("model.vocab_size=0", 2, "model.vocab_size")])
+def test_impossible_layouts_are_config_errors(override, stage, message):
+    with pytest.raises(ConfigError, match=message):
+        estimate(olmoe(override), DeepSpeedSettings(stage=stage), Cluster(24))
+
+
+def test_summary_line_says_whether_it_fits():
+    est = estimate(load_config("mixtral_8x7b"), DeepSpeedSettings(stage=3, dtype="bf16"), Cluster(8))
+    assert not est.fits and "does not fit" in summary_line("mixtral_8x7b", est)
+    est = estimate(olmoe("moe.ep_size=8"), DeepSpeedSettings(stage=2, dtype="bf16"), Cluster(8))
+    assert est.fits and summary_line("olmoe_1b_7b", est).startswith("olmoe_1b_7b on 8 x 80 GiB (1 node of 8)")
+
+
+def test_estimate_script_prints_the_table_and_one_summary_line():
+    proc = subprocess.run([sys.executable, "scripts/estimate.py", "--config", "olmoe_1b_7b", "--ds_config",
+                           "ds_configs/zero2_bf16.json", "--gpus", "32", "moe.ep_size=8"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("olmoe_1b_7b on 32 x 80 GiB (4 nodes of 8), ZeRO-2 bf16, ep 8")
+    assert any(line.split()[:2] == ["3", "1"] for line in lines)  # a ZeRO-3 candidate row
+    bad = subprocess.run([sys.executable, "scripts/estimate.py", "--config", "olmoe_1b_7b", "--ds_config",
+                          "ds_configs/zero3.json", "--gpus", "8", "moe.ep_size=8"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ZeRO-3")
+
+
+def test_readme_quotes_the_estimators_summary_lines():
+    from megavq.train.engine import read_ds_config
+    readme = (ROOT / "README.md").read_text()
+    for preset, ds_config, gpus, ep in [("olmoe_1b_7b", "zero2_bf16", 8, 8), ("olmoe_1b_7b", "zero2_bf16", 32, 8),
+                                        ("olmoe_1b_7b", "zero2_bf16", 32, 32), ("mixtral_8x7b", "zero2_bf16", 8, 8),
+                                        ("mixtral_8x7b", "zero2_bf16", 32, 8)]:
+        ds = DeepSpeedSettings.from_json(read_ds_config(ROOT / "ds_configs" / f"{ds_config}.json"))
+        line = summary_line(preset, estimate(load_config(preset, [f"moe.ep_size={ep}"]), ds, Cluster(gpus)))
+        assert line in readme, line
+
+
+# ---- against measurement ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("overrides", [[], ["moe.every=2"], ["model.mlp=gelu"], ["model.n_kv_heads=2"],
+                                       ["moe.top_k=1", "moe.num_experts=8"]])
+def test_activation_count_equals_the_tensors_saved_for_the_backward(overrides, dtype):
+    """One process, the model alone: every tensor the forward saves, deduplicated by storage, plus the logits."""
+    cfg = load_config("tiny", ["model.vocab_size=512", "model.n_layers=2", *overrides])
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(dtype)
+    x = torch.randint(512, (3, cfg.model.seq_len))
+    out, measured = saved_bytes(model, lambda: model(x, x.roll(1)))
+    out.loss.backward()
+    b = torch.finfo(dtype).bits // 8
+    assert sum(i.bytes for i in activation_memory(cfg, 3, b)) == pytest.approx(measured, rel=0.01)
+
+
+@pytest.mark.slow
+def test_estimate_within_15_percent_of_deepspeed_engines_on_two_ranks(tmp_path):
+    """scripts/estimate_check.py under the deepspeed launcher: every case, every checked figure."""
+    out = tmp_path / "rows.json"
+    cmd = ["deepspeed", "--master_port", str(free_port()), "--num_gpus", "2", "scripts/estimate_check.py",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    checked = [r for r in rows if r["section"] in ("params", "master", "optimizer", "gradients", "activations")]
+    assert len({r["case"] for r in checked}) >= 8 and all(r["measured"] > 0 for r in checked
+                                                          if r["section"] != "master" or "zero0" not in r["case"])
+    assert all(abs(r["ratio"] - 1) <= 0.15 for r in checked), [r for r in checked if abs(r["ratio"] - 1) > 0.15]
