@@ -376,10 +376,10 @@ def test_a_kill_at_a_random_moment_resumes_to_the_uninterrupted_run(runs, tmp_pa
     print(f"random kill seed {seed} (MEGAVQ_KILL_SEED reproduces it)")
     cmd = ["deepspeed", "--master_port", str(free_port()), "--num_gpus", "2", "scripts/pretrain.py",
            *cli_args(runs, out)]
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "MEGAVQ_FAULT": "step:::sleep0.05"}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "MEGAVQ_FAULT": "step:::sleep0.2"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_step(out, rng.randint(1, 10))
-    time.sleep(rng.uniform(0, 0.3))
+    wait_for_step(out, rng.randint(1, 8))  # steps of 0.2 s or more: the kill lands before step 11
+    time.sleep(rng.uniform(0, 0.4))
     victims = rank_processes(proc)
     assert len(victims) == 2
     rng.choice(victims).kill()
@@ -388,9 +388,8 @@ def test_a_kill_at_a_random_moment_resumes_to_the_uninterrupted_run(runs, tmp_pa
     start = published_steps(out)[-1] if published_steps(out) else 0
     proc = launch(cli_args(runs, out, "--resume", "auto"), check=True)
     assert (f"resuming from {out / 'checkpoints' / f'step_{start:07d}'} " in proc.stderr) == (start > 0)
-    steps = step_losses(out)
-    assert_steps_match(steps, runs["ref"], range(start + 1, 15))
-    assert len(range(start + 1, 15)) >= 3
+    assert start <= 11, start  # at least 3 steps after the resume
+    assert_steps_match(step_losses(out), runs["ref"], range(start + 1, 15))
 
 
 def collective_timeout_job() -> dict:

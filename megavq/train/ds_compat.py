@@ -21,6 +21,10 @@ What is used and why:
   partitions are `optimizer.fp32_partitioned_groups_flat`, a parameter's views of them and of its Adam moments
   `param._z3_optimizer._get_fp32_opt_state_partition` (what the public `safe_get_local_*` return, before they
   copy them to the device under CPU offload; NVMe offload is not supported by checkpoints).
+- DeepSpeed's CPU shared-memory all-reduce (`deepspeed_shm_comm`, made when LOCAL_SIZE equals the world size,
+  i.e. under the deepspeed launcher) creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`
+  (66 MB) and never unlinks it: every such process leaked 66 MB of RAM (17 GB on a shared test machine).
+  `unlink_shm_buffer` removes the name once every rank has mapped its peers' buffers (the mappings stay valid).
 - Checkpoints (megavq.train.checkpoint) use the above: `owned_fragments`, `weight_targets`, `plain_state`,
   `ensure_adam_states`; DeepSpeed's own save_checkpoint / load_checkpoint are not used (they pickle).
 """
@@ -58,6 +62,18 @@ def check_version() -> str | None:
         warnings.warn(f"DeepSpeed {version} is untested with megavq (tested: {TESTED[0]} to {TESTED[1]}); "
                       f"install one of those if something fails", stacklevel=2)
     return version
+
+
+def unlink_shm_buffer(rank: int) -> None:
+    """Remove this rank's name of DeepSpeed's shared-memory all-reduce buffer (call after a barrier that follows
+    deepspeed.init_distributed: every rank has mapped every buffer then); a no-op where there is none."""
+    import os
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(f"/dev/shm/{name}")
+    except OSError:
+        pass
 
 
 # ---- DeepSpeed's MoE layer ----------------------------------------------------------------------------

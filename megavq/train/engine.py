@@ -32,6 +32,8 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     ds_compat.check_version()
     kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     deepspeed.init_distributed(verbose=False, **kwargs)
+    torch.distributed.barrier()
+    ds_compat.unlink_shm_buffer(torch.distributed.get_rank())  # DeepSpeed leaks it in /dev/shm otherwise
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
