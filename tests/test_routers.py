@@ -263,7 +263,7 @@ def test_vq_routes_by_brute_force_nearest_code_with_the_full_softmax_probability
         continuous, normalize):
     torch.manual_seed(0)
     router = build_router("vq", hidden_size=D, num_experts=E, top_k=2, num_codes=8, continuous=continuous,
-                          normalize=normalize).eval()
+                          normalize=normalize, continuous_weight="prob").eval()  # the first landing's form
     x = torch.randn(30, D)
     r = router(x)
     dist = torch.stack([((x[t][None] - router.codebook.detach()) ** 2).sum(-1) for t in range(30)])  # (T, codes)
