@@ -413,7 +413,8 @@ def test_vq_codebook_upkeep_keeps_ranks_identical(tmp_path):
 # ---- compete ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("affinity, winner_coef", [("softplus", 0.2), ("norm", 0.0)])
 def test_compete_step_routes_by_affinity_and_distills_in_expert_order(affinity, winner_coef):
-    opts = dict(COMPETING, affinity=affinity, winner_coef=winner_coef, balance_coef=0.0, distill_coef=0.5)
+    opts = dict(COMPETING, affinity=affinity, winner_coef=winner_coef, balance_coef=0.0, distill_coef=0.5,
+                diversity_coef=0.0, affinity_balance_coef=0.0)  # the distillation alone
     layer = make_layer("compete", opts).train()
     x = inputs()
     r = routing(layer, x)
