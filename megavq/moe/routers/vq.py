@@ -139,16 +139,26 @@ class VQRouter(Router):
         if continuous not in ("topk", "xmoe"):
             raise ConfigError(f"vq: continuous must be 'topk' or 'xmoe', got {continuous!r}")
 
+    # ---- the codebook statistics stay fp32: an EMA step of 1 - ema_decay = 0.01 is below bf16's resolution ----
+    FP32_STATE = ("codebook", "ema_count", "ema_sum")  # buffers when ema=True
+
     def _apply(self, fn, recurse=True):
-        """Module casts (model.bfloat16(), model.to(dtype), DeepSpeed's data_types.buffer_dtype) leave the EMA
-        codebook statistics fp32 and exact: an EMA step of 1 - ema_decay = 0.01 is below bf16's resolution.
-        Devices still follow."""
-        before = {k: self._buffers[k] for k in ("codebook", "ema_count", "ema_sum") if k in self._buffers}
+        """Module casts (model.bfloat16(), model.to(dtype)) leave the codebook statistics fp32 and exact; devices
+        still follow."""
+        before = {k: self._buffers[k] for k in self.FP32_STATE if k in self._buffers}
         super()._apply(fn, recurse)
         for k, b in before.items():
             if self._buffers[k].dtype != torch.float32:
                 self._buffers[k] = b.to(self._buffers[k].device, torch.float32)
         return self
+
+    def _restore_fp32(self) -> None:
+        """Back to fp32 before any update, should a cast have bypassed _apply (DeepSpeed's data_types.buffer_dtype
+        assigns buffer.data directly): the values were rounded once, the updates are not."""
+        for k in self.FP32_STATE:
+            b = self._buffers.get(k)
+            if b is not None and b.dtype != torch.float32:
+                self._buffers[k] = b.float()
 
     # ---- the discrete path --------------------------------------------------------------------------
     def project(self, x_ND: torch.Tensor) -> torch.Tensor:
@@ -226,6 +236,7 @@ class VQRouter(Router):
 
     @torch.no_grad()
     def _set_codes(self, codes: torch.Tensor, values_NC: torch.Tensor) -> None:
+        self._restore_fp32()
         codes = codes.to(self.codebook.device)
         self.codebook[codes] = values_NC.to(self.codebook.dtype)
         if self.ema:
@@ -260,6 +271,7 @@ class VQRouter(Router):
         dead_code_steps optimizer steps from recorded inputs (rank 0's), so that replicas stay identical."""
         if self.observed is None:
             return
+        self._restore_fp32()
         count_Q, sum_QC, recent_QC = self.observed
         self.observed = None
         count_Q = sum_over_ranks(count_Q)
