@@ -1,9 +1,12 @@
-"""Train each router with the same preset, data, seed and step budget; print a comparison table.
+"""Train each router with the same preset, data, step budget and seeds; print a comparison table.
 
-    python scripts/compare_routers.py [--routers topk,xmoe,compete,vq] [--config tiny] [--data builtin]
-        [--ds_config ds_configs/zero2.json] [--out_dir runs/compare] [key=value ...]
+    python scripts/compare_routers.py [--routers topk,xmoe,compete,vq] [--seeds 1,2,3] [--config tiny]
+        [--data builtin] [--ds_config ds_configs/zero2.json] [--out_dir runs/compare] [key=value ...]
 
-Writes OUT_DIR/compare.md and OUT_DIR/compare.json; each router's run directory is OUT_DIR/<router>.
+--routers: NAME[:OPTION=VALUE...][@SEED[+SEED...]], comma-separated, e.g. `topk,usmoe:selection=token,
+vq:continuous=xmoe,xmoe@1`: options for that router only, @ for a subset of --seeds. The baseline is the default
+router (moe.router's default); it runs at every seed. key=value overrides apply to every run.
+Writes OUT_DIR/compare.md and OUT_DIR/compare.json; each run's directory is OUT_DIR/<router>/seed<S>.
 """
 import sys
 from pathlib import Path
@@ -13,15 +16,21 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not scr
 import argparse  # noqa: E402
 
 from megavq.errors import ConfigError  # noqa: E402
-from megavq.config import load_config  # noqa: E402
-from megavq.moe.routers import router_class  # noqa: E402
-from megavq.train.compare import compare, markdown_table  # noqa: E402
+from megavq.train.compare import check_entries, compare, markdown_table, parse_entries  # noqa: E402
 from megavq.train.launch import free_port, user_errors  # noqa: E402
+
+
+def parse_seeds(text: str) -> list:
+    try:
+        return [int(s) for s in text.split(",")] if text else [None]  # None: the config's train.seed
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers such as 1,2,3, got {text!r}") from None
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--routers", default="topk,xmoe,compete,vq", help="comma-separated router names")
+    p.add_argument("--routers", default="topk,xmoe,compete,vq", help="comma-separated NAME[:OPTION=VALUE...][@SEEDS]")
+    p.add_argument("--seeds", default="", help="comma-separated train.seed values (default: the config's seed)")
     p.add_argument("--config", default="tiny")
     p.add_argument("--data", default="builtin")
     p.add_argument("--ds_config", default="ds_configs/zero2.json")
@@ -30,14 +39,12 @@ def main():
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
     args = p.parse_intermixed_args()
     with user_errors():
-        routers = args.routers.split(",")
-        for name in routers:
-            if not router_class(name).causal:
-                raise ConfigError(f"router '{name}' is not causal; the comparison trains causal language models")
-            load_config(args.config, args.overrides + [f"moe.router={name}"])  # fail fast on bad overrides
+        seeds = parse_seeds(args.seeds)
+        entries = parse_entries(args.routers, seeds)
+        check_entries(entries, seeds, args.config, args.data, args.overrides)  # fail fast on bad options
         launcher = ["deepspeed", "--master_port", str(free_port())] if args.launcher == "deepspeed" else [sys.executable]
-        run_args = ["--ds_config", args.ds_config, "--config", args.config, "--data", args.data, *args.overrides]
-        rows = compare(routers, Path(args.out_dir), launcher, run_args)
+        common = {"config": args.config, "data": args.data, "ds_config": args.ds_config, "overrides": args.overrides}
+        rows = compare(entries, seeds, Path(args.out_dir), launcher, common)
         print(markdown_table(rows))
 
 

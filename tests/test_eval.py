@@ -267,6 +267,62 @@ def test_evaluate_and_plot_scripts_on_a_trained_run(builtin_data, tmp_path):
     assert_png(tmp_path / "runs.png")
 
 
+# ---- the per-layer diagnostics for every router on every CPU backend, on 2 ranks ------------------------------
+CPU_BACKENDS = ("reference", "native", "deepspeed")  # megablocks needs a GPU
+
+
+def diagnostics_job() -> dict:
+    """On this rank: for every router and every CPU backend that serves its layer kind, a tiny model with the same
+    weights (expert parallel over the 2 ranks where the backend and router allow it), and evaluate.py's per-layer
+    reports (layer_reports: load, entropy, router metrics, stability, effective ranks, expert-output cosine)."""
+    from megavq.eval import report
+    from megavq.moe.dispatch import dispatcher_class
+    from megavq.moe.routers import available_routers, router_class
+    from megavq.train import ds_compat
+    from megavq.train.engine import setup_expert_parallel
+    out = {}
+    for router in available_routers():
+        kind = router_class(router).layer_kind
+        for backend in (b for b in CPU_BACKENDS if kind in dispatcher_class(b).layer_kinds):
+            ep = 2 if dispatcher_class(backend).expert_parallel and kind == "token" else 1
+            model = tiny_model(f"moe.router={router}", f"moe.backend={backend}", f"moe.ep_size={ep}",
+                               "moe.allow_noncausal=true", "moe.capacity_factor=8", "moe.eval_capacity_factor=8")
+            setup_expert_parallel(model, ep)
+            if backend == "deepspeed" and ep > 1:
+                ds_compat.set_moe_parallelism(model)
+            data = batches(2)
+            out[router, backend] = {"ep_size": ep, "layers": report.layer_reports(model.eval(), lm.lm_eval(model, data),
+                                                                                  data, noise=0.05, seed=0)}
+    return out
+
+
+def assert_same_reports(a: list, b: list, what: str) -> None:
+    for la, lb in zip(a, b, strict=True):
+        for key in ("load", "load_cv", "entropy", "experts_per_token", "routing_stability", "effective_rank",
+                    "expert_output_cosine"):
+            va, vb = la[key], lb[key]
+            if isinstance(va, dict):
+                va, vb = ({k: v for k, v in d.items() if k != "router_view_kind"} for d in (va, vb))
+            assert va == pytest.approx(vb, rel=1e-4, abs=1e-5), (what, la["layer"], key, va, vb)
+
+
+@pytest.mark.slow
+def test_layer_diagnostics_for_every_router_on_every_cpu_backend_on_two_ranks():
+    """One 2-rank job: the reports exist for every (router, backend) pair, agree between the ranks, and equal the
+    reference backend's (same weights, same inputs; capacity large enough to drop nothing)."""
+    from test_expert_parallel import run_distributed
+    from megavq.moe.routers import available_routers, router_class
+    ranks = run_distributed(diagnostics_job, 2)
+    pairs = {(r, b) for r in available_routers() for b in CPU_BACKENDS
+             if router_class(r).layer_kind == "token" or b != "deepspeed"}
+    assert set(ranks[0]) == pairs
+    for (router, backend), result in ranks[0].items():
+        assert [layer["layer"] for layer in result["layers"]] == [0, 1], (router, backend)
+        assert result["ep_size"] == (2 if backend != "reference" and router != "soft" else 1)
+        assert_same_reports(result["layers"], ranks[1][router, backend]["layers"], f"{router}/{backend} rank 1")
+        assert_same_reports(result["layers"], ranks[0][router, "reference"]["layers"], f"{router}/{backend}")
+
+
 def test_write_report_without_moe_layers(tmp_path):
     data = hand_made_data(tmp_path / "data")
     dense = tiny_model("moe.every=0")

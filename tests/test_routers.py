@@ -24,8 +24,15 @@ ROUTERS = available_routers()
 VARIANTS = [(name, {}) for name in ROUTERS] + [
     ("compete", {"rate": 1.0, "warmup_steps": 0}),  # competes on every training step
     ("compete", {"rate": 1.0, "warmup_steps": 0, "affinity": "norm", "winner_coef": 0.0}),
+    ("compete", {"rate": 1.0, "warmup_steps": 0, "weights": "linear"}),  # the 2025 code's winner weights
+    ("compete", {"rate": 1.0, "warmup_steps": 0, "affinity": "norm", "combine": 0.5, "distill_target": "topk",
+                 "winner_coef": 0.0, "distill_coef": 0.05, "diversity_coef": 0.0, "affinity_balance_coef": 0.0}),
     ("usmoe", {"selection": "token"}),
+    ("usmoe", {"normalize": False, "budget": 0.75}),
+    ("xmoe", {"mode": "torchscale"}),
     ("vq", {"discrete_only": True}),
+    ("vq", {"continuous_weight": "offset"}),
+    ("vq", {"continuous_weight": "prob"}),
     ("vq", {"ema": False, "codebook_init": "random", "beta": 0.25, "normalize": False, "dead_code_steps": 0,
             "num_codes": 8}),  # the paper's settings
     ("vq", {"continuous": "xmoe"}),
@@ -217,7 +224,13 @@ def test_reference_and_native_backends_agree(name, options):
 @pytest.mark.parametrize("name, options", [("compete", {"affinity": "l1"}), ("vq", {"codebook_init": "pca"}),
                                            ("usmoe", {"selection": "expert"}), ("expert_choice", {"group": "x"}),
                                            ("xmoe", {"temperature": 0.0}), ("soft", {"slots_per_expert": 0}),
-                                           ("vq", {"nonsense": 1}), ("vq", {"continuous": "soft"})])
+                                           ("vq", {"nonsense": 1}), ("vq", {"continuous": "soft"}),
+                                           ("vq", {"continuous_weight": "one"}), ("compete", {"weights": "cubic"}),
+                                           ("compete", {"warmup_frac": 0.1, "warmup_steps": 5}),
+                                           ("compete", {"warmup_frac": 1.0}), ("compete", {"distill_target": "x"}),
+                                           ("compete", {"combine": 0.5, "weights": "linear"}),
+                                           ("usmoe", {"budget": 0.5, "selection": "token"}),
+                                           ("usmoe", {"budget": 0.0}), ("xmoe", {"mode": "fairseq"})])
 def test_bad_options_raise(name, options):
     with pytest.raises(ConfigError):
         build_router(name, hidden_size=D, num_experts=E, top_k=K, **options)
@@ -263,7 +276,7 @@ def test_vq_routes_by_brute_force_nearest_code_with_the_full_softmax_probability
         continuous, normalize):
     torch.manual_seed(0)
     router = build_router("vq", hidden_size=D, num_experts=E, top_k=2, num_codes=8, continuous=continuous,
-                          normalize=normalize).eval()
+                          normalize=normalize, continuous_weight="prob").eval()  # the first landing's form
     x = torch.randn(30, D)
     r = router(x)
     dist = torch.stack([((x[t][None] - router.codebook.detach()) ** 2).sum(-1) for t in range(30)])  # (T, codes)
@@ -371,6 +384,52 @@ def test_vq_post_step_applies_the_observed_update_once():
     torch.testing.assert_close(router.ema_count, expected)
 
 
+def test_vq_codebook_statistics_stay_fp32_under_a_bf16_cast():
+    """model.bfloat16() (or DeepSpeed's data_types.buffer_dtype) casts parameters; the EMA statistics stay fp32 and
+    exact, so that EMA steps of 1 - decay = 0.01 are not lost to bf16 rounding."""
+    layer = make_layer("vq").train()
+    x = inputs()
+    layer(x)
+    before = {k: v.clone() for k, v in layer.router.state_dict().items()}
+    layer.to(torch.bfloat16)
+    router = layer.router
+    assert router.mix.weight.dtype == torch.bfloat16
+    for k in ("codebook", "ema_count", "ema_sum"):
+        assert getattr(router, k).dtype == torch.float32 and torch.equal(getattr(router, k), before[k]), k
+    layer(x.bfloat16())
+    router.post_step()
+    assert router.ema_sum.dtype == torch.float32 and not torch.equal(router.ema_sum, before["ema_sum"])
+
+
+@pytest.mark.slow
+def test_vq_codebook_stays_fp32_and_tracks_in_a_bf16_deepspeed_run(builtin_data, tmp_path):
+    """scripts/pretrain.py with ds_configs/zero2_bf16.json (DeepSpeed casts the parameters, not the buffers), and the
+    same with data_types.buffer_dtype=bf16 (DeepSpeed casts the buffers too): the saved codebook and EMA statistics
+    are fp32, the EMA count equals its exact recursion Q d^n + tokens (1 - d^n) after n steps to 1e-5 (in bf16 it
+    drifts by about 6e-4), and the codebook is the EMA sum over the smoothed counts."""
+    import json
+    from safetensors.torch import load_file
+    from test_train import ROOT, SMALL, pretrain
+    steps, Q, d, tokens = 6, E, 0.99, 4 * 32  # fewer steps than dead_code_steps (10): no restart resets a count
+    cast = json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())
+    cast["data_types"] = {"buffer_dtype": "bf16"}
+    (tmp_path / "buffers_bf16.json").write_text(json.dumps(cast))
+    for ds in (ROOT / "ds_configs" / "zero2_bf16.json", tmp_path / "buffers_bf16.json"):
+        out = tmp_path / ds.stem
+        pretrain(["--ds_config", str(ds), "--data", str(builtin_data), "--out_dir", str(out), *SMALL,
+                  f"train.max_steps={steps}", "train.save_every=100", "moe.router=vq"], launcher=("deepspeed",))
+        sd = load_file(out / "checkpoints" / f"step_{steps:07d}" / "model.safetensors")
+        assert sd["blocks.0.mlp.router.mix.weight"].dtype == torch.bfloat16  # parameters are bf16 in these runs
+        for layer in (0, 1):
+            key = f"blocks.{layer}.mlp.router."
+            count, total, codebook = (sd[key + k] for k in ("ema_count", "ema_sum", "codebook"))
+            assert count.dtype == total.dtype == codebook.dtype == torch.float32
+            expected = Q * d ** steps + tokens * (1 - d ** steps)
+            assert abs(count.sum().item() - expected) < 1e-5 * expected, (ds.stem, count.sum().item(), expected)
+            n = count.sum()
+            torch.testing.assert_close(codebook, total / ((count + 1e-5) / (n + Q * 1e-5) * n)[:, None])
+
+
 def _vq_rank(rank, world, store, out_dir, option_sets):
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -413,7 +472,8 @@ def test_vq_codebook_upkeep_keeps_ranks_identical(tmp_path):
 # ---- compete ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("affinity, winner_coef", [("softplus", 0.2), ("norm", 0.0)])
 def test_compete_step_routes_by_affinity_and_distills_in_expert_order(affinity, winner_coef):
-    opts = dict(COMPETING, affinity=affinity, winner_coef=winner_coef, balance_coef=0.0, distill_coef=0.5)
+    opts = dict(COMPETING, affinity=affinity, winner_coef=winner_coef, balance_coef=0.0, distill_coef=0.5,
+                diversity_coef=0.0, affinity_balance_coef=0.0)  # the distillation alone
     layer = make_layer("compete", opts).train()
     x = inputs()
     r = routing(layer, x)
@@ -458,6 +518,24 @@ def test_compete_router_follows_the_schedule_and_never_reuses_a_stale_loss():
         if not expected:
             assert aux == 0 and "distill_loss" not in metrics
     assert router.competitions == sum(competing_layers(0, s, 1, 0.5, 2, 3) == [0] for s in range(12))
+
+
+def test_compete_warmup_is_a_fraction_of_the_run_length_from_the_spec():
+    """warmup_frac * train.max_steps optimizer steps without competition; the MoE spec passes max_steps."""
+    cfg = load_config("tiny", ["model.vocab_size=32", "model.n_layers=1", "model.d_model=32", "model.n_heads=2",
+                               "model.d_ff=48", "train.max_steps=40", "moe.router=compete",
+                               "moe.router_options={rate: 1.0, warmup_frac: 0.25}"])
+    model = Transformer(cfg).train()
+    router = model.blocks[0].mlp.router
+    assert router.max_steps == 40 and router.warmup == 10
+    x = torch.randint(32, (1, 8))
+    for step, competes in [(9, False), (10, True)]:
+        model.set_step(step)
+        assert bool(model(x, x).router_metrics[0]["competed"]) == competes, step
+    orphan = make_layer("compete", {"rate": 1.0, "warmup_frac": 0.25}).train()  # built without a run length
+    with pytest.raises(ConfigError, match="warmup_frac needs the run's length"):
+        orphan(inputs())
+    assert make_layer("compete", {"rate": 1.0, "warmup_frac": 0.25}).eval()(inputs())[2]["competed"] == 0
 
 
 # ---- expert_choice, usmoe, soft ---------------------------------------------------------------------

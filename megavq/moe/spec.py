@@ -23,6 +23,7 @@ class MoESpec:
     seed: int = 0  # expert e's weights come from a generator seeded by (seed, global id e)
     layer_index: int = 0  # place among the model's MoE layers (schedules and random draws are keyed by it)
     num_moe_layers: int = 1
+    max_steps: int = 0  # the run's train.max_steps (0 = unknown): routers with schedules that are fractions of it
 
     @classmethod
     def for_block(cls, cfg, block: int) -> "MoESpec":
@@ -31,7 +32,7 @@ class MoESpec:
         blocks = moe_blocks(m.n_layers, moe.every)
         return cls(moe, m.d_model, moe.d_expert or m.d_ff, m.mlp, m.mlp_bias, m.init_std,
                    expert_out_std(m.init_std, m.n_layers), seed=cfg.train.seed * 1000 + block,
-                   layer_index=blocks.index(block), num_moe_layers=len(blocks))
+                   layer_index=blocks.index(block), num_moe_layers=len(blocks), max_steps=cfg.train.max_steps)
 
 
 def is_moe_layer(i: int, every: int) -> bool:
@@ -58,5 +59,5 @@ def build_layer_router(spec: MoESpec) -> Router:
     moe = spec.moe
     router = build_router(moe.router, hidden_size=spec.d_model, num_experts=moe.num_experts, top_k=moe.top_k,
                           **router_options(moe))
-    router.place(spec.layer_index, spec.num_moe_layers, spec.seed)
+    router.place(spec.layer_index, spec.num_moe_layers, spec.seed, spec.max_steps)
     return router

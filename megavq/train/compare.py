@@ -1,28 +1,120 @@
-"""Train several routers with the same preset, data, seed and budget, and tabulate the results.
+"""Train several routers with the same preset, data, step budget and seeds, and tabulate the results.
 
-Each router runs as its own `pretrain.py` process (so tokens/s are measured alike, one after the other in
-the same invocation); the table is read back from each run's summary.json and metrics.jsonl.
+Routers are given as `NAME[:OPTION=VALUE...][@SEED[+SEED...]]`, comma-separated, e.g.
+`topk,usmoe:selection=token,vq:continuous=xmoe:beta=0.25,xmoe@1`: the options go to `moe.router_options` of that
+router only (values are read as YAML), `@SEEDS` runs it at those of the seeds only (default: every seed).
+The baseline is the default router (`MoEConfig.router`) with no options; it runs at every seed and is added when
+the list lacks it. Each (router, seed) runs as its own `pretrain.py` process, one after the other, so tokens/s are
+measured alike; a run directory that already holds a finished run of the same resolved configuration is reused
+(an interrupted comparison continues where it stopped).
+
+The table gives, per router, the mean and sample std over its seeds of the validation loss, the test bits per
+byte and the final training loss, and the paired difference from the baseline at the same seed (router minus
+baseline: negative is better), with its mean and std. A difference is called a gain or a loss only when every
+seed agrees in sign; otherwise it is "mixed".
 """
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
-from megavq.config import MoEConfig
-from megavq.errors import MegavqError
+import yaml
 
-COLUMNS = ["router", "val_loss", "val_vs_topk", "test_bits_per_byte", "tokens_per_s", "step_time_vs_topk",
-           "load_cv", "vq_code_perplexity", "vq_dead_codes"]
+from megavq.config import MoEConfig, load_config
+from megavq.errors import ConfigError, MegavqError
+from megavq.moe.routers import router_class
+
+PRETRAIN = Path(__file__).resolve().parents[2] / "scripts" / "pretrain.py"
+RUN_FIGURES = ["val_loss", "test_bits_per_byte", "train_loss", "tokens_per_s", "load_cv", "vq_code_perplexity",
+               "vq_dead_codes"]
 
 
-def run_router(router: str, out_dir: Path, launcher: list[str], args: list[str]) -> None:
-    cmd = [*launcher, str(Path(__file__).resolve().parents[2] / "scripts" / "pretrain.py"),
-           "--out_dir", str(out_dir), "--overwrite", *args, f"moe.router={router}"]  # a comparison starts afresh
+@dataclass(frozen=True)
+class Entry:
+    """One router of the comparison: its label (as written), name, options (raw text) and seeds (None: all)."""
+    label: str
+    name: str
+    options: tuple[tuple[str, str], ...] = ()
+    seeds: tuple[int, ...] | None = None
+
+    def option_values(self) -> dict:
+        return {k: yaml.safe_load(v) for k, v in self.options}
+
+    def overrides(self, seed: int | None) -> list[str]:
+        out = [f"moe.router={self.name}", *(f"moe.router_options.{k}={v}" for k, v in self.options)]
+        return out + ([f"train.seed={seed}"] if seed is not None else [])
+
+    def run_dir(self, out_dir: Path, seed: int | None) -> Path:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.label.replace("=", "-"))
+        return out_dir / name / (f"seed{seed}" if seed is not None else "run")
+
+
+def parse_entry(text: str) -> Entry:
+    """'vq:continuous=xmoe:beta=0.25@1+2' -> Entry('vq:continuous=xmoe:beta=0.25@1+2', 'vq', (...), (1, 2))."""
+    body, _, seeds = text.strip().partition("@")
+    name, *opts = body.split(":")
+    options = []
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--routers: '{opt}' in '{text}' is not OPTION=VALUE")
+        options.append((key, value))
+    try:
+        seed_list = tuple(int(s) for s in seeds.split("+")) if seeds else None
+    except ValueError:
+        raise ConfigError(f"--routers: '@{seeds}' in '{text}' is not a list of seeds such as @1 or @1+2") from None
+    return Entry(text.strip(), name, tuple(options), seed_list)
+
+
+def parse_entries(routers: str, seeds: list[int | None]) -> list[Entry]:
+    """The entries of --routers, the baseline first (added when missing), seeds resolved against --seeds."""
+    entries = [parse_entry(t) for t in routers.split(",") if t.strip()]
+    for e in entries:
+        if e.seeds is not None and not set(e.seeds) <= set(seeds):
+            raise ConfigError(f"--routers: {e.label} asks for seeds outside --seeds {seeds}")
+    base = next((e for e in entries if e.name == MoEConfig.router and not e.options), None)
+    entries = [e for e in entries if e is not base]
+    return [Entry(MoEConfig.router, MoEConfig.router)] + entries  # the baseline runs at every seed
+
+
+def seeds_of(entry: Entry, seeds: list[int | None]) -> list[int | None]:
+    return list(entry.seeds) if entry.seeds is not None else list(seeds)
+
+
+def check_entries(entries: list[Entry], seeds: list, config: str, data: str, overrides: list[str]) -> None:
+    """Fail before training on a bad option or a non-causal router (the comparison trains causal LMs)."""
+    for e in entries:
+        cfg = load_config(config, [*overrides, *e.overrides(seeds[0]), f"data.source={data}"])
+        if not router_class(cfg.moe.router).is_causal(cfg.moe.router_options):
+            raise ConfigError(f"router '{e.label}' is not causal; the comparison trains causal language models")
+
+
+# ---- running ---------------------------------------------------------------------------------------------
+def finished(run_dir: Path, expected: dict) -> bool:
+    """A finished run (summary.json) of the same resolved configuration (vocab_size as the data resolved it)."""
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.json").is_file():
+        return False
+    saved = json.loads((run_dir / "config.json").read_text())
+    if expected["model"]["vocab_size"] == 0:
+        expected = {**expected, "model": {**expected["model"], "vocab_size": saved["model"]["vocab_size"]}}
+    return saved == expected
+
+
+def train(entry: Entry, seed, run_dir: Path, launcher: list[str], common: dict) -> None:
+    overrides = [*common["overrides"], *entry.overrides(seed)]
+    expected = load_config(common["config"], [*overrides, f"data.source={common['data']}"]).to_dict()
+    if finished(run_dir, expected):
+        print(f"= {entry.label} seed {seed}: reusing the finished run in {run_dir}", flush=True)
+        return
+    cmd = [*launcher, str(PRETRAIN), "--out_dir", str(run_dir), "--overwrite", "--ds_config", common["ds_config"],
+           "--config", common["config"], "--data", common["data"], *overrides]  # an unfinished run starts afresh
     print("+", " ".join(cmd), flush=True)
     if subprocess.run(cmd).returncode != 0:
-        raise MegavqError(f"training with moe.router={router} failed (command: {' '.join(cmd)})")
+        raise MegavqError(f"training {entry.label} (seed {seed}) failed (command: {' '.join(cmd)})")
 
 
 def layer_mean(record: dict, name: str) -> float | None:
@@ -30,44 +122,82 @@ def layer_mean(record: dict, name: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def read_result(router: str, out_dir: Path) -> dict:
-    summary = json.loads((out_dir / "summary.json").read_text())
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+def read_run(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in records[1:]] or [records[0]["tokens_per_s"]]  # first window warms up
     last = records[-1]
-    return {"router": router, "val_loss": summary["val_loss"], "test_bits_per_byte": summary["test_bits_per_byte"],
-            "tokens_per_s": statistics.median(speeds), "load_cv": layer_mean(last, "load_cv"),
-            "vq_code_perplexity": layer_mean(last, "code_perplexity"), "vq_dead_codes": layer_mean(last, "dead_codes")}
+    return {"val_loss": summary["val_loss"], "test_bits_per_byte": summary["test_bits_per_byte"],
+            "train_loss": summary.get("train_loss"), "tokens_per_s": statistics.median(speeds),
+            "load_cv": layer_mean(last, "load_cv"), "vq_code_perplexity": layer_mean(last, "code_perplexity"),
+            "vq_dead_codes": layer_mean(last, "dead_codes")}
 
 
-def add_ratios(rows: list[dict]) -> list[dict]:
-    """Ratios against the baseline: the default router (moe.router's default, softmax top-k), else the first."""
-    base = next((r for r in rows if r["router"] == MoEConfig.router), rows[0])
-    for r in rows:
-        r["val_vs_topk"] = r["val_loss"] / base["val_loss"]
-        r["step_time_vs_topk"] = base["tokens_per_s"] / r["tokens_per_s"]
-    return rows
+# ---- the table -------------------------------------------------------------------------------------------
+def mean_std(values: list) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
 
 
-def fmt(value) -> str:
-    if value is None:
+def verdict(diffs: list[float]) -> str:
+    """'gain' (lower for every seed), 'loss' (higher for every seed), else 'mixed'."""
+    if diffs and all(d < 0 for d in diffs):
+        return "gain"
+    if diffs and all(d > 0 for d in diffs):
+        return "loss"
+    return "mixed"
+
+
+def summarize(label: str, runs: list[dict], base: dict) -> dict:
+    """One row: mean/std per figure over seeds, and the paired differences from the baseline (same seed)."""
+    row = {"router": label, "seeds": [r["seed"] for r in runs]}
+    for key in RUN_FIGURES:
+        row[key] = mean_std([r[key] for r in runs])
+    for key in ("val_loss", "test_bits_per_byte"):
+        diffs = [r[key] - base[r["seed"]][key] for r in runs if r["seed"] in base]
+        row[f"{key}_diff"] = {**mean_std(diffs), "values": diffs, "verdict": verdict(diffs)}
+    row["train_over_val"] = mean_std([r["train_loss"] / r["val_loss"] for r in runs if r["train_loss"] is not None])
+    row["step_time_ratio"] = mean_std([base[r["seed"]]["tokens_per_s"] / r["tokens_per_s"] for r in runs
+                                       if r["seed"] in base])
+    return row
+
+
+def fmt(stat: dict, spec: str = ".4f") -> str:
+    """'mean ± std' (std with one seed omitted) in the format spec, e.g. '.4f' or '+.4f'."""
+    if stat["mean"] is None:
         return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return f"{stat['mean']:{spec}}" + (f" ± {stat['std']:{spec.lstrip('+')}}" if stat["std"] is not None else "")
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    base = rows[0]["router"]
+    head = ["router", "seeds", "val loss", "test bits/byte", f"Δ val loss vs {base}", f"Δ bits/byte vs {base}",
+            "train loss", "train/val", f"step time vs {base}", "tokens/s", "load_cv", "vq code perplexity"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, r in enumerate(rows):
+        diffs = ["-", "-"] if i == 0 else [f"{fmt(r[k], '+.4f')} ({r[k]['verdict']})"
+                                           for k in ("val_loss_diff", "test_bits_per_byte_diff")]
+        cells = [r["router"], ",".join(str(s) for s in r["seeds"]), fmt(r["val_loss"]), fmt(r["test_bits_per_byte"]),
+                 *diffs, fmt(r["train_loss"]), fmt(r["train_over_val"], ".3f"), fmt(r["step_time_ratio"], ".2f"),
+                 fmt(r["tokens_per_s"], ".0f"), fmt(r["load_cv"], ".3f"), fmt(r["vq_code_perplexity"], ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def compare(routers: list[str], out_dir: Path, launcher: list[str], args: list[str]) -> list[dict]:
+def compare(entries: list[Entry], seeds: list, out_dir: Path, launcher: list[str], common: dict) -> list[dict]:
+    """Train every (entry, seed) not yet trained, then write out_dir/compare.json and compare.md; the rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for router in routers:
-        run_router(router, out_dir / router, launcher, args)
-        rows.append(read_result(router, out_dir / router))
-    rows = add_ratios(rows)
-    (out_dir / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    runs = {}
+    for e in entries:
+        for seed in seeds_of(e, seeds):
+            train(e, seed, e.run_dir(out_dir, seed), launcher, common)
+            runs.setdefault(e.label, []).append({"seed": seed, **read_run(e.run_dir(out_dir, seed))})
+    base = {r["seed"]: r for r in runs[entries[0].label]}
+    rows = [summarize(e.label, runs[e.label], base) for e in entries]
+    (out_dir / "compare.json").write_text(json.dumps({"baseline": entries[0].label, "rows": rows, "runs": runs},
+                                                     indent=2) + "\n")
     (out_dir / "compare.md").write_text(markdown_table(rows))
     return rows

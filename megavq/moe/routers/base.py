@@ -21,6 +21,8 @@ forward observed (only in training mode, and not while a forward is recomputed f
 `observing`), and `post_step()` applies it once per optimizer step on every rank. A one-time lazy
 initialisation before first use (vq's k-means start) is allowed. Random draws in forward come from
 `generator()`, keyed by (seed, step, layer, micro-batch): a recomputed forward draws the same numbers.
+`place()` tells a router its layer, the seed and the run's length (train.max_steps, through the MoESpec), so that
+a schedule can be a fraction of the run (compete's warmup_frac); `set_step()` the step about to run.
 """
 from __future__ import annotations
 
@@ -116,7 +118,7 @@ class Router(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ConfigError(f"top_k must be in [1, {num_experts}], got {top_k}")
         self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
-        self.layer_index, self.num_moe_layers, self.seed = 0, 1, 0
+        self.layer_index, self.num_moe_layers, self.seed, self.max_steps = 0, 1, 0, 0
         self.step, self.micro_batch = 0, 0
 
     @classmethod
@@ -134,10 +136,12 @@ class Router(nn.Module):
             kwargs["expert_fn"] = expert_fn
         return self(x_TD, **kwargs)
 
-    def place(self, layer_index: int, num_moe_layers: int, seed: int) -> None:
-        """Its index among the model's MoE layers, their number, and the seed of its random draws."""
+    def place(self, layer_index: int, num_moe_layers: int, seed: int, max_steps: int = 0) -> None:
+        """Its index among the model's MoE layers, their number, the seed of its random draws, and the run's length
+        in optimizer steps (train.max_steps; 0 = unknown), for schedules given as fractions of the run."""
         assert 0 <= layer_index < num_moe_layers, (layer_index, num_moe_layers)
         self.layer_index, self.num_moe_layers, self.seed = layer_index, num_moe_layers, seed
+        self.max_steps = max_steps
 
     def set_step(self, step: int, micro_batch: int = 0) -> None:
         """The optimizer step about to run and the global index of this rank's micro-batch within it."""

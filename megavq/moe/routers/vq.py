@@ -6,11 +6,21 @@ A codebook of Q codes, code j pointing to expert j mod E, assigns each token one
 k_c = top_k - 1 experts (compute-matched with `topk` at the same top_k), and a two-way gate
 [g_c, g_d] = softmax(Linear(D, 2)(x)) mixes the paths, as one routing of k_c + 1 slots:
     indices = [continuous top-k_c ..., expert(code)],  weights = [g_c * w_cont ..., g_d].
-With k_c = 1 the continuous weight is the full-softmax probability (not renormalised: a softmax over one
-score is always 1 and that router would never learn). With `normalize=True` (the default) the k_c + 1 slot
-weights are then divided by their sum, so that they sum to 1 as they do for k_c > 1; the continuous router
-still learns through the ratio of its probability to g_d. With top_k = 1 there is no continuous slot
-(k_c = 0): the router is the discrete path alone, weight 1, as with `discrete_only`.
+With k_c > 1, w_cont are the continuous router's top-k_c weights renormalised to sum 1. With k_c = 1 a softmax
+over one score is always 1 and that router would never learn (the official code's bug), so w_cont stands for 1
+with a gradient, `continuous_weight` (p = the full-softmax probability of the chosen expert):
+    "ratio" (default)  p / p.detach():     value 1 (the paper's g_c * 1), gradient g_c * grad(p) / p = g_c * grad(log p)
+    "offset"           1 + p - p.detach(): value 1, gradient g_c * grad(p) (Switch's size: falls as 1/E)
+    "prob"             p:                  the first landing; with `normalize=True` the two slot weights are then
+                                           divided by their sum (the continuous slot gets about 1/E of it)
+"ratio" was chosen by measuring the router's gradient at initialisation (docs/routers.md): it matches `topk`'s
+at the same top_k for E = 4, 16 and 64, where "offset" falls as 1/E. The slot weights of "ratio" and "offset"
+sum to 1 already, so `normalize` only acts with "prob". With top_k = 1 there is no continuous slot (k_c = 0):
+the router is the discrete path alone, weight 1, as with `discrete_only`.
+Gradients: the experts read x, not the quantised vector, so the LM loss reaches neither the codebook nor z through
+the discrete path (the discrete expert's weight g_d does not depend on them either); it trains the experts, the
+mixing gate and the continuous router. The codebook learns from EMA updates (or its loss with `ema=False`), z
+from the commitment term only.
 Losses: codebook MSE(c, z.detach()) + beta * commitment MSE(c.detach(), z), times vq_coef; the continuous
 router's balance and z-losses. With `ema=True` (the default) the codebook is a buffer updated by exponential
 moving averages of its tokens instead of the codebook loss.
@@ -38,6 +48,9 @@ from megavq.moe.routers.base import (FP32Linear, HealthLimits, Router, RouterOut
                                      routing_metrics, sum_over_ranks)
 from megavq.moe.routers.topk import TopKRouter
 from megavq.moe.routers.xmoe import XMoERouter
+
+
+CONTINUOUS_WEIGHTS = ("ratio", "offset", "prob")
 
 
 def nearest_code(z_NC: torch.Tensor, codebook_QC: torch.Tensor) -> torch.Tensor:
@@ -77,9 +90,12 @@ class VQRouter(Router):
                  discrete_only: bool = False, vq_coef: float = 0.08, beta: float = 0.0, ema: bool = True,
                  ema_decay: float = 0.99, dead_code_steps: int = 10, restart_dead_codes: bool = True,
                  codebook_init: str = "kmeans", continuous: str = "topk", normalize: bool = True,
-                 balance_coef: float = 0.01, z_loss_coef: float = 1e-3):
+                 balance_coef: float = 0.01, z_loss_coef: float = 1e-3, continuous_weight: str = "ratio"):
         super().__init__(hidden_size, num_experts, top_k)
         self._check_options(num_codes, code_dim, ema_decay, dead_code_steps, codebook_init, continuous)
+        if continuous_weight not in CONTINUOUS_WEIGHTS:
+            raise ConfigError(f"vq: continuous_weight must be one of {CONTINUOUS_WEIGHTS}, got {continuous_weight!r}")
+        self.continuous_weight = continuous_weight
         Q, C = num_codes or num_experts, code_dim or hidden_size
         self.num_codes, self.discrete_only = Q, discrete_only
         self.vq_coef, self.beta, self.ema, self.ema_decay = vq_coef, beta, ema, ema_decay
@@ -123,13 +139,35 @@ class VQRouter(Router):
         if continuous not in ("topk", "xmoe"):
             raise ConfigError(f"vq: continuous must be 'topk' or 'xmoe', got {continuous!r}")
 
+    # ---- the codebook statistics stay fp32: an EMA step of 1 - ema_decay = 0.01 is below bf16's resolution ----
+    FP32_STATE = ("codebook", "ema_count", "ema_sum")  # buffers when ema=True
+
+    def _apply(self, fn, recurse=True):
+        """Module casts (model.bfloat16(), model.to(dtype)) leave the codebook statistics fp32 and exact; devices
+        still follow."""
+        before = {k: self._buffers[k] for k in self.FP32_STATE if k in self._buffers}
+        super()._apply(fn, recurse)
+        for k, b in before.items():
+            if self._buffers[k].dtype != torch.float32:
+                self._buffers[k] = b.to(self._buffers[k].device, torch.float32)
+        return self
+
+    def _restore_fp32(self) -> None:
+        """Back to fp32 before any update, should a cast have bypassed _apply (DeepSpeed's data_types.buffer_dtype
+        assigns buffer.data directly): the values were rounded once, the updates are not."""
+        for k in self.FP32_STATE:
+            b = self._buffers.get(k)
+            if b is not None and b.dtype != torch.float32:
+                self._buffers[k] = b.float()
+
     # ---- the discrete path --------------------------------------------------------------------------
     def project(self, x_ND: torch.Tensor) -> torch.Tensor:
         x = x_ND.float()
         return x if self.proj is None else self.proj(x)
 
     def quantize(self, z_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(codes_N, z_q with the straight-through estimator, codebook + beta * commitment loss)."""
+        """(codes_N, z_q, codebook + beta * commitment loss). z_q has the code's value and an identity gradient into
+        z, but nothing downstream reads it (the experts read x): it only gives the metric quant_error."""
         codes_N = nearest_code(z_NC, self.codebook)
         c_NC = self.codebook.float()[codes_N]
         loss = self.beta * F.mse_loss(c_NC.detach(), z_NC)
@@ -166,14 +204,25 @@ class VQRouter(Router):
     def _mixed_routing(self, x_TD: torch.Tensor, expert_T: torch.Tensor) -> RouterOutput:
         cont = self.continuous(x_TD)
         g_T2 = self.mix(x_TD).softmax(dim=-1)  # [g_c, g_d]
-        weights_TK = torch.cat([g_T2[:, :1] * cont.weights, g_T2[:, 1:]], dim=1)
-        if self.normalize:
+        weights_TK = torch.cat([g_T2[:, :1] * self._continuous_weights(cont.weights), g_T2[:, 1:]], dim=1)
+        if self.normalize and self.continuous_weight == "prob":  # the other forms sum to 1 already
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         indices_TK = torch.cat([cont.indices, expert_T[:, None]], dim=1)
         metrics = routing_metrics(indices_TK, cont.scores)
         metrics.update({k: v for k, v in cont.metrics.items() if k in ("balance_loss", "z_loss", "temperature")},
                        gate_discrete=g_T2[:, 1].mean().detach())
         return RouterOutput(weights_TK, indices_TK, cont.scores, cont.aux_loss, metrics)
+
+    def _continuous_weights(self, w_TK: torch.Tensor) -> torch.Tensor:
+        """What multiplies g_c in the continuous slots. With k_c > 1: the continuous router's top-k_c weights
+        (renormalised, summing to 1). With k_c = 1 its single weight is the full-softmax probability p of the
+        chosen expert, and `continuous_weight` says what stands in for it: "ratio" p / p.detach() (value 1, the
+        gradient of log p), "offset" 1 + p - p.detach() (value 1, the gradient of p), "prob" p itself."""
+        if self.num_continuous > 1 or self.continuous_weight == "prob":
+            return w_TK
+        if self.continuous_weight == "ratio":
+            return w_TK / w_TK.detach()
+        return 1 + w_TK - w_TK.detach()
 
     # ---- codebook upkeep -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -187,6 +236,7 @@ class VQRouter(Router):
 
     @torch.no_grad()
     def _set_codes(self, codes: torch.Tensor, values_NC: torch.Tensor) -> None:
+        self._restore_fp32()
         codes = codes.to(self.codebook.device)
         self.codebook[codes] = values_NC.to(self.codebook.dtype)
         if self.ema:
@@ -221,6 +271,7 @@ class VQRouter(Router):
         dead_code_steps optimizer steps from recorded inputs (rank 0's), so that replicas stay identical."""
         if self.observed is None:
             return
+        self._restore_fp32()
         count_Q, sum_QC, recent_QC = self.observed
         self.observed = None
         count_Q = sum_over_ranks(count_Q)
