@@ -18,7 +18,7 @@ import yaml
 from megavq.errors import ConfigError
 from megavq.moe.dispatch import available_dispatchers, dispatcher_class, dispatchers_where
 from megavq.moe.layer import check_causal, check_layer
-from megavq.moe.routers import available_routers, build_router
+from megavq.moe.routers import available_routers, build_router, recorded_options
 from megavq.moe.spec import router_options
 from megavq.plugins import load_plugins
 
@@ -110,7 +110,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The configuration as saved (config.json, manifests): every router option recorded with its value,
+        so that a default changed later does not change what a saved run means."""
+        out = dataclasses.asdict(self)
+        if self.moe.every and self.moe.router in available_routers():
+            out["moe"]["router_options"] = recorded_options(self.moe.router, self.moe.router_options)
+        return out
 
 
 def available_presets() -> list[str]:
@@ -212,6 +217,17 @@ def config_from_dict(data: dict) -> Config:
     _apply(cfg, data)
     validate(cfg)
     return cfg
+
+
+def saved_config(data: dict) -> Config:
+    """The Config of a saved run, checkpoint or model (its config.json). Router options it does not record (it
+    was saved before options were recorded in full) take the value they had then (Router.legacy_options)."""
+    moe = data.get("moe", {})
+    if moe.get("every", MoEConfig.every) and moe.get("router", MoEConfig.router) in available_routers():
+        name = moe.get("router", MoEConfig.router)
+        data = {**data, "moe": {**moe, "router_options": recorded_options(name, moe.get("router_options", {}),
+                                                                          saved=True)}}
+    return config_from_dict(data)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from megavq.errors import MegavqError
-from megavq.config import Config, ModelConfig, config_from_dict
+from megavq.config import Config, ModelConfig, config_from_dict, saved_config
 from megavq.hf_remote import check_remote, megavq_state_dict, save_remote
 from megavq.moe.routers import hf_router_name
 
@@ -141,7 +141,7 @@ def load_hf(path: str | Path) -> tuple[Config, dict]:
 def megavq_export_config(hf: dict, path: Path) -> Config:
     if not isinstance(hf.get("megavq_config"), dict):
         raise MegavqError(f"{path / HF_CONFIG} (model_type megavq) lacks megavq_config")
-    return config_from_dict(hf["megavq_config"])
+    return saved_config(hf["megavq_config"])
 
 
 def _need(hf: dict, key: str):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from megavq.errors import MegavqError
-from megavq.config import Config, config_from_dict
+from megavq.config import Config, saved_config
 from megavq.manifest import read_manifest, write_manifest
 from megavq.shards import MODEL_KINDS as SHARD_KINDS, is_sharded, open_checkpoint, published
 
@@ -77,7 +77,7 @@ def resolve_model_dir(path: str | Path) -> Path:
 def load_config_file(model_dir: Path) -> Config:
     read_manifest(model_dir, MODEL_KINDS)  # refuses a format this megavq does not read
     try:
-        return config_from_dict(json.loads((model_dir / CONFIG_FILE).read_text()))
+        return saved_config(json.loads((model_dir / CONFIG_FILE).read_text()))
     except FileNotFoundError:
         raise MegavqError(f"{model_dir / CONFIG_FILE} is missing") from None
 

@@ -124,6 +124,8 @@ def upgrade(directory: str | Path) -> list[Path]:
 def _upgrade_one(directory: Path, kind: str) -> Path:
     version = read_manifest(directory, (kind,)).get("format_version", 0) if (directory / MANIFEST).is_file() else 0
     if version < FORMATS[kind]:
-        config = json.loads((directory / "config.json").read_text())
+        from megavq.config import saved_config  # config imports the router registry: only the converter needs it
+        config = saved_config(json.loads((directory / "config.json").read_text())).to_dict()  # every option recorded
+        write_json(directory / "config.json", config)
         write_manifest(directory, kind, config, upgraded_from=version)
     return directory

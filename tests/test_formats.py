@@ -53,7 +53,8 @@ def test_upgrade_writes_manifests_and_keeps_the_model(tmp_path):
     assert fixture_logits(run) == 0.0
 
 
-@pytest.mark.parametrize("version, message", [(FORMATS["model"] + 1, r"newer than this megavq reads \(0-1\): update megavq"),
+@pytest.mark.parametrize("version, message", [(FORMATS["model"] + 1,
+                                               r"newer than this megavq reads \(0-1\): update megavq"),
                                               (FORMATS["model"] - 2, "convert it with: python scripts/upgrade.py")])
 def test_unreadable_versions_are_refused_with_what_to_do(tmp_path, version, message):
     model = megavq.load_model(FIXTURES / "run")
@@ -113,13 +114,15 @@ def resume_fixture(run: str, steps: int) -> dict:
     from megavq.config import load_config
     cfg = load_config(f"{run}/config.json", [f"train.max_steps={steps}", "train.save_every=2"])
     trainer.run(cfg, ROOT / "ds_configs" / "zero2.json", run, resume="strict")
-    return {r["step"]: r["train/lm_loss"] for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines())}
+    records = map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["train/lm_loss"] for r in records}
 
 
 @pytest.mark.slow
 def test_format_1_checkpoint_resumes_as_it_is_like_the_upgraded_one(tmp_path):
     """The previous checkpoint format (model.safetensors + train_state.*, here the ec4c2b2 checkpoint given a
     version-1 manifest) resumes without conversion, and continues exactly as its format-2 conversion does."""
+    from megavq.config import saved_config
     from test_expert_parallel import jobs, run_distributed
     shutil.copytree(FIXTURES / "data", tmp_path / "data")
     runs = {}
@@ -128,6 +131,8 @@ def test_format_1_checkpoint_resumes_as_it_is_like_the_upgraded_one(tmp_path):
         shutil.copytree(FIXTURES / "run", run)
         config = json.loads((run / "config.json").read_text())
         config["data"]["source"] = str(tmp_path / "data")
+        if name == "v1":  # format 1 records every router option, with the values the run was trained with
+            config = saved_config(config).to_dict()
         (run / "config.json").write_text(json.dumps(config))
     ckpt = runs["v1"] / "checkpoints" / "step_0000004"
     (ckpt / "manifest.json").write_text(json.dumps({"format": "megavq-checkpoint", "format_version": 1,
@@ -136,3 +141,15 @@ def test_format_1_checkpoint_resumes_as_it_is_like_the_upgraded_one(tmp_path):
     out = run_distributed(jobs, 1, [(n, resume_fixture, {"run": str(r), "steps": 7}) for n, r in runs.items()])[0]
     assert sorted(out["v1"]) == list(range(1, 8)) and all(v == v for v in out["v1"].values())
     assert all(abs(out["v1"][s] - out["v2"][s]) < 1e-6 for s in (5, 6, 7)), out
+
+
+def test_saved_configs_record_every_router_option_and_older_ones_keep_their_meaning(tmp_path):
+    """A default changed since (vq's continuous_weight) does not change what a saved run means: today's saves
+    record every option; a config.json that does not record it gets the value it was trained with."""
+    from megavq.config import load_config, saved_config
+    saved = load_config("tiny", ["moe.router=vq"]).to_dict()["moe"]["router_options"]
+    assert saved["continuous_weight"] == "ratio" and "dead_code_steps" in saved and "balance_coef" not in saved
+    old = json.loads((FIXTURES / "run" / "config.json").read_text())
+    assert "continuous_weight" not in old["moe"]["router_options"]
+    assert saved_config(old).moe.router_options["continuous_weight"] == "prob"
+    assert saved_config({**old, "moe": {**old["moe"], "router_options": saved}}).moe.router_options == saved

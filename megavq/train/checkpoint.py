@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megavq.config import Config, save_config
+from megavq.config import Config, save_config, saved_config
 from megavq.errors import CheckpointError, ConfigError, MegavqError
 from megavq.manifest import MANIFEST, TOKENIZER_FILE, read_manifest, upgrade as upgrade_manifests, write_json, \
     write_manifest
@@ -478,7 +478,7 @@ def upgrade_checkpoint(directory: Path) -> Path:
         m = ck.meta
     finally:
         ck.close()
-    config = json.loads((directory / "config.json").read_text())
+    config = saved_config(json.loads((directory / "config.json").read_text())).to_dict()  # every option recorded
     new = directory.with_name(f".tmp-{directory.name}")
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir()

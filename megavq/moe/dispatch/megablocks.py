@@ -4,15 +4,15 @@ Legend: B batch, S sequence, T = B*S tokens, D hidden, H expert hidden, E expert
 
 The layer's experts are MegaBlocks' dMoE module. It builds its own `LearnedRouter` in its constructor; that
 is replaced by `RouterSeam`, which runs the megavq router and returns what MegaBlocks' router returns:
-(scores[T,E], weights[T,K], indices[T,K]). MegaBlocks' load-balancing loss is off (moe_loss_weight=0, moe_zloss_weight=0): the
-router's own aux loss is used, and MegaBlocks' module-level loss lists are cleared at every forward. Unused
-slots (-1) become expert 0 with weight 0 (MegaBlocks' kernels need an expert per slot). The slot count K
-of each routing is given to MegaBlocks per forward (expert_choice and usmoe have K = E).
+(scores[T,E], weights[T,K], indices[T,K]). MegaBlocks' load-balancing loss is off (moe_loss_weight=0,
+moe_zloss_weight=0): the router's own aux loss is used, and MegaBlocks' module-level loss lists are cleared at
+every forward. Unused slots (-1) become expert 0 with weight 0 (MegaBlocks' kernels need an expert per slot).
+The slot count K of each routing is given to MegaBlocks per forward (expert_choice and usmoe have K = E).
 
 Expert weights: MegaBlocks keeps w1, v1, w2 as (E*H, D) (state-dict keys `experts.mlp.w1` inside the dMoE);
 canonical `experts.w_in[e]` = [w1[e]^T, v1[e]^T] (swiglu) or [w1[e]^T] (gelu), `experts.w_out[e]` = w2[e].
-Experts are re-initialised by global expert id (the native dispatcher's weights for the same seed). moe.ep_size must be 1; per-expert biases are not
-supported. Install: `pip install 'megavq[megablocks]'` on a CUDA machine (it builds CUDA extensions).
+Experts are re-initialised by global expert id (the native dispatcher's weights for the same seed).
+moe.ep_size must be 1; per-expert biases are not supported. Install: `pip install 'megavq[megablocks]'` on a CUDA machine (it builds CUDA extensions).
 """
 from __future__ import annotations
 

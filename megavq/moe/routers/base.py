@@ -111,6 +111,8 @@ class Router(nn.Module):
     state: ClassVar[tuple[str, ...]] = ()
     eval_variants: ClassVar[dict[str, dict]] = {}
     hf_import: ClassVar[bool] = False
+    legacy_options: ClassVar[dict] = {}  # options whose default changed, with the value saved runs that do not
+    #                                      record them were trained with (see recorded_options)
     init_from_data_needed: ClassVar[bool] = False  # upcycling must give calibration data (init_from_data)
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int):
@@ -263,6 +265,21 @@ def option_names(name: str) -> list[str]:
     """The options a router takes (its constructor's parameters beyond the shape)."""
     params = inspect.signature(router_class(name).__init__).parameters
     return [p for p in params if p not in ("self", "hidden_size", "num_experts", "top_k")]
+
+
+DERIVED_OPTIONS = ("balance_coef", "z_loss_coef")  # taken from moe.aux_loss_coef / moe.z_loss_coef unless given
+
+
+def recorded_options(name: str, options: dict, saved: bool = False) -> dict:
+    """Every option of router `name` with its value: `options`, else the default. A saved configuration records
+    them all, so that changing a default later does not change what a saved run means. With saved=True
+    (`options` read from a run saved before options were recorded in full) a missing option whose default has
+    changed since takes the value it had then (the router's `legacy_options`)."""
+    params = inspect.signature(router_class(name).__init__).parameters
+    defaults = {k: params[k].default for k in option_names(name) if k not in DERIVED_OPTIONS}
+    if saved:
+        defaults.update(router_class(name).legacy_options)
+    return {**defaults, **options}
 
 
 def build_router(name: str, hidden_size: int, num_experts: int, top_k: int, **options) -> Router:

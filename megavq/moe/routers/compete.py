@@ -107,6 +107,7 @@ class CompeteRouter(Router):
     needs_expert_outputs = True
     needs_seq_len = True  # the affinity balance loss is per sequence
     state = ("competitions",)
+    legacy_options = {"diversity_coef": 0.0, "affinity_balance_coef": 0.0}  # runs saved before the 2025 losses
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, affinity: str = "softplus",
                  rate: float = 0.07, warmup_steps: int | None = None, max_competing: int = 3,

@@ -84,6 +84,7 @@ def kmeans(z_NC: torch.Tensor, num_codes: int, iters: int = 10, seed: int = 0) -
 class VQRouter(Router):
     state = ("codebook", "ema_count", "ema_sum", "unused_steps", "initialized")
     eval_variants = {"discrete_only": {"discrete_only": True}}  # one expert per token, by code
+    legacy_options = {"continuous_weight": "prob"}  # runs saved before the option existed
     init_from_data_needed = True  # k-means codebook from the dense model's hidden states when upcycling
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, num_codes: int = 0, code_dim: int = 0,
