@@ -22,6 +22,9 @@ FIXTURES = ROOT / "tests" / "fixtures" / "ec4c2b2"
 
 
 def fixture_logits(run_dir):
+    """The largest difference from the logits the fixture's code computed. The same weights and the same code
+    path give the same values on one machine; across CPUs (AVX2 or AVX-512 kernels of the same product) fp32
+    results differ in the last bits, about 3e-8 here, so the tests allow 1e-6 and no more."""
     ref = load_file(FIXTURES / "logits.safetensors")
     with torch.no_grad():
         return (megavq.load_model(run_dir)(ref["tokens"]) - ref["logits"]).abs().max().item()
@@ -29,7 +32,7 @@ def fixture_logits(run_dir):
 
 def test_run_of_format_0_loads_with_its_logits():
     assert not (FIXTURES / "run" / "manifest.json").exists()
-    assert fixture_logits(FIXTURES / "run") == 0.0
+    assert fixture_logits(FIXTURES / "run") < 1e-6
 
 
 def upgrade(run):
@@ -50,7 +53,7 @@ def test_upgrade_writes_manifests_and_keeps_the_model(tmp_path):
     assert ckpt["format_version"] == FORMATS["checkpoint"] == 2 and ckpt["step"] == 4
     assert sorted(p.name for p in (run / "checkpoints" / "step_0000004").iterdir()) == [
         "config.json", "manifest.json", "rank_00000.safetensors"]
-    assert fixture_logits(run) == 0.0
+    assert fixture_logits(run) < 1e-6
 
 
 @pytest.mark.parametrize("version, message", [(FORMATS["model"] + 1,

@@ -408,7 +408,8 @@ def test_vq_codebook_stays_fp32_and_tracks_in_a_bf16_deepspeed_run(builtin_data,
     are fp32, the EMA count equals its exact recursion Q d^n + tokens (1 - d^n) after n steps to 1e-5 (in bf16 it
     drifts by about 6e-4), and the codebook is the EMA sum over the smoothed counts."""
     import json
-    from safetensors.torch import load_file
+    from megavq.io import load_state_dict
+    from megavq.manifest import read_manifest
     from test_train import ROOT, SMALL, pretrain
     steps, Q, d, tokens = 6, E, 0.99, 4 * 32  # fewer steps than dead_code_steps (10): no restart resets a count
     cast = json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())
@@ -418,8 +419,9 @@ def test_vq_codebook_stays_fp32_and_tracks_in_a_bf16_deepspeed_run(builtin_data,
         out = tmp_path / ds.stem
         pretrain(["--ds_config", str(ds), "--data", str(builtin_data), "--out_dir", str(out), *SMALL,
                   f"train.max_steps={steps}", "train.save_every=100", "moe.router=vq"], launcher=("deepspeed",))
-        sd = load_file(out / "checkpoints" / f"step_{steps:07d}" / "model.safetensors")
-        assert sd["blocks.0.mlp.router.mix.weight"].dtype == torch.bfloat16  # parameters are bf16 in these runs
+        ckpt = out / "checkpoints" / f"step_{steps:07d}"
+        assert read_manifest(ckpt, ("checkpoint",))["layout"]["dtype"] == "torch.bfloat16"  # bf16 parameters
+        sd = load_state_dict(ckpt)  # the buffers as the run held them (and the fp32 master weights)
         for layer in (0, 1):
             key = f"blocks.{layer}.mlp.router."
             count, total, codebook = (sd[key + k] for k in ("ema_count", "ema_sum", "codebook"))
