@@ -11,10 +11,10 @@ import time
 import torch
 
 from megavq.config import load_config
+from megavq.flops import device_peak_tflops, flops_per_token, utilisation
 from megavq.train import ds_compat
 
 PHASES = ("router", "dispatch", "experts", "combine", "comm")
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
 
 class Clock:
@@ -97,15 +97,27 @@ def own_megablocks_router(layer) -> None:
 VARIANTS = {  # name: (backend, capacity_factor, own gate)
     "native": ("native", None, False), "ds-1.25": ("deepspeed", 1.25, False), "ds-2.0": ("deepspeed", 2.0, False),
     "dsgate-1.25": ("deepspeed", 1.25, True), "dsgate-2.0": ("deepspeed", 2.0, True),
-    "megablocks": ("megablocks", None, False), "mb-learned": ("megablocks", None, True)}
+    "megablocks": ("megablocks", None, False), "mb-learned": ("megablocks", None, True),
+    "native-ac": ("native", None, False),  # activation checkpointing of every block
+    "dense": ("native", None, False)}  # no MoE layer: MLPs of hidden top_k x d_expert (the same active FLOPs)
+
+
+def variant_overrides(args, name: str) -> list[str]:
+    backend, factor, _ = VARIANTS[name]
+    extra = [f"moe.backend={backend}"] + ([f"moe.capacity_factor={factor}"] if factor else [])
+    if name == "native-ac":
+        extra.append("train.activation_checkpointing=1")
+    if name == "dense":
+        cfg = load_config(args.config, list(args.overrides))
+        extra += ["moe.every=0", f"model.d_ff={cfg.moe.top_k * (cfg.moe.d_expert or cfg.model.d_ff)}"]
+    return extra
 
 
 def build(args, name):
     from megavq.model import Transformer
     from megavq.train.engine import setup_expert_parallel
-    backend, factor, own = VARIANTS[name]
-    extra = [f"moe.backend={backend}"] + ([f"moe.capacity_factor={factor}"] if factor else [])
-    cfg = load_config(args.config, [*args.overrides, *extra])
+    backend, _, own = VARIANTS[name]
+    cfg = load_config(args.config, [*args.overrides, *variant_overrides(args, name)])
     cfg.model.vocab_size = cfg.model.vocab_size or 4096
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg)
@@ -203,17 +215,14 @@ def measure(args, names: list[str], world: int) -> list[dict]:
         fwd, step = median([t[0] for t in times[n]]), median([t[1] for t in times[n]])
         phases = {k: v / args.steps * 1e3 for k, v in clocks[n].totals.items()}
         results.append({"name": n, "tok_s": B * S * world / step, "mem_mb": mem[n], "step_ms": step * 1e3,
-                        "forward_ms": fwd * 1e3, "phases_ms": phases, "active": model.num_params(active=True),
+                        "forward_ms": fwd * 1e3, "phases_ms": phases, "flops_token": flops_per_token(model),
                         "world": world})
     return results
 
 
 def mfu(result, args) -> float | None:
-    peak = args.peak_tflops
-    if peak is None and args.device == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    return None if peak is None else 6 * result["active"] * result["tok_s"] / result["world"] / (peak * 1e12)
+    peak = device_peak_tflops(args.peak_tflops or 0.0)
+    return utilisation(result["flops_token"], result["tok_s"], result["world"], peak).get("mfu")
 
 
 def row(r: dict, base: float, args) -> list[str]:
@@ -238,7 +247,12 @@ def table(results: list[dict], args) -> str:
 
 
 def ratios(results: list[dict]) -> list[str]:
-    by = {r["name"]: r["tok_s"] for r in results}
-    pairs = [("ds-1.25", "native"), ("ds-2.0", "native"), ("dsgate-1.25", "ds-1.25"), ("dsgate-2.0", "ds-2.0"),
+    by = {r["name"]: r for r in results}
+    pairs = [("native", "ds-1.25"), ("native", "ds-2.0"), ("dsgate-1.25", "ds-1.25"), ("dsgate-2.0", "ds-2.0"),
              ("megablocks", "native"), ("mb-learned", "megablocks")]
-    return [f"{a} / {b}: {by[a] / by[b]:.2f}x tokens/s" for a, b in pairs if a in by and b in by]
+    lines = [f"{a} / {b}: {by[a]['tok_s'] / by[b]['tok_s']:.2f}x tokens/s" for a, b in pairs if a in by and b in by]
+    for a, b, what in [("native", "dense", "MoE step / dense step"), ("native-ac", "native", "checkpointed / not")]:
+        if a in by and b in by:
+            lines.append(f"{what}: {by[a]['step_ms'] / by[b]['step_ms']:.2f}x step time, "
+                         f"{by[a]['mem_mb'] / by[b]['mem_mb']:.2f}x memory")
+    return lines

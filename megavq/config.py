@@ -85,6 +85,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     grad_accum_steps: int = 1
+    activation_checkpointing: int = 0  # recompute every n-th block in the backward (1: every block; 0: off)
+    peak_tflops: float = 0.0  # the device's dense peak for the mfu metric; 0: the known table (megavq.flops)
     seed: int = 1337
     log_every: int = 10
     eval_every: int = 100
@@ -271,7 +273,8 @@ def _check_train(t: TrainConfig, data: DataConfig) -> None:
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _check(t.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {t.dist_timeout_s}")
-    for key in ("warmup_steps", "weight_decay", "grad_clip", "max_time_s", "stop_at_step", "final_eval_tokens"):
+    for key in ("warmup_steps", "weight_decay", "grad_clip", "max_time_s", "stop_at_step", "final_eval_tokens",
+                "activation_checkpointing", "peak_tflops"):
         _check(getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}")
     _check(0 < t.collapse_share <= 1, f"train.collapse_share must be in (0, 1], got {t.collapse_share}")
     _check(0 < t.dead_code_frac <= 1, f"train.dead_code_frac must be in (0, 1], got {t.dead_code_frac}")

@@ -51,8 +51,8 @@ activations  the tensors the forward saves for the backward, per micro-batch, co
              (SwiGLU: both projections, silu and product; GELU: input and output), with SwiGLU a copy of
              each local expert's input weight (Experts.forward flattens w_in[e].transpose(0,1), which
              copies), the expert outputs twice (before
-             and after the route weights) and the routing indices; the log-softmax of the logits in fp32;
-             and the logits the model returns (model dtype, held by the trainer through the backward).
+             and after the route weights) and the routing indices; the output head's loss is chunked
+             (megavq/model/loss.py): its gradients (T, D) and (V, D) are kept, no (T, V) logits.
              With activation checkpointing of every block: the block inputs plus one block's saved
              tensors during its recompute, plus everything outside the blocks.
              The deepspeed backend counts E*C capacity rows (C = ceil(capacity_factor * T*K / E)) instead
@@ -423,9 +423,9 @@ def block_bytes(s: Shape, is_moe: bool) -> float:
 
 def outside_blocks(s: Shape) -> list[Item]:
     return [Item("token ids and targets", s.T * 16, "int64"),
-            Item("final norm", norm_bytes(s), "fp32 input, x*rsqrt, output, rsqrt"),
-            Item("log-softmax of the logits", s.T * s.V * 4, "fp32, for the loss"),
-            Item("logits returned", s.T * s.V * s.b, "model dtype, held by the trainer"),
+            Item("final norm", norm_bytes(s, output=False), "fp32 input, x*rsqrt, rsqrt"),
+            Item("loss gradients of the head", (s.T + s.V) * s.D * s.b, "(T, D) and (V, D): chunked loss, "
+                 "no logits kept"),
             Item("RoPE tables", s.S * (s.D // s.nh) * 4, "cos, sin")]
 
 
@@ -596,8 +596,8 @@ def report(name: str, est: Estimate, rows: list[dict]) -> str:
         lines += [f"  {i.name:<52} {gib(i.bytes):>8}  {i.counts}" for i in getattr(est.memory, section)]
     ck = sum(i.bytes for i in est.checkpointed)
     lines.append(f"{'total':<12} {gib(est.memory.total()):>8}  of {est.cluster.gpu_memory_gib:g} GiB")
-    lines.append(f"activations with checkpointing of every block: {gib(ck)} GiB (analytic; the trainer has no "
-                 f"activation checkpointing yet); total {gib(total_bytes(est, True))} GiB")
+    lines.append(f"activations with checkpointing of every block: {gib(ck)} GiB (analytic; "
+                 f"train.activation_checkpointing=1); total {gib(total_bytes(est, True))} GiB")
     lines += ["", *a2a_lines(est), "", "candidates (largest power-of-two micro-batch that fits):",
               f"{'ZeRO':>4} {'ep':>4} {'ckpt':>5} {'micro-batch':>11} {'GiB/GPU':>8} {'fits':>5} {'a2a ms/step':>12}"]
     lines += [f"{r['stage']:>4} {r['ep']:>4} {'yes' if r['checkpointing'] else 'no':>5} {r['micro_batch']:>11} "

@@ -7,11 +7,14 @@
 Variants (all in one invocation, so their ratios compare): `native` (dropless), `ds-1.25` / `ds-2.0`
 (DeepSpeed MoE at capacity factor 1.25 / 2.0 driven by the megavq router), `dsgate-1.25` / `dsgate-2.0` (the
 same with DeepSpeed's own TopKGate holding the same weights), on a GPU `megablocks` (megavq router) and
-`mb-learned` (MegaBlocks' own LearnedRouter). Columns: tokens/s of a forward+backward step (all ranks), memory
+`mb-learned` (MegaBlocks' own LearnedRouter), `native-ac` (native with activation checkpointing of every block)
+and `dense` (no MoE layer: MLPs of hidden top_k x d_expert, the MoE model's active FLOPs).
+Columns: tokens/s of a forward+backward step (all ranks), memory
 (GPU: peak allocated; CPU: activations saved for the backward), the forward time of the MoE layers split
 into router (gate: routing plus capacity bookkeeping), dispatch, experts, combine and communication
-(all-to-all, including the wait for the other ranks), the backward, and MFU = 6 x active parameters x
-tokens/s per device / peak FLOP/s (with --peak_tflops, or on a known GPU). Native's dispatch is the sort by
+(all-to-all, including the wait for the other ranks), the backward, and MFU = model FLOPs per token (6 x active
+matrix parameters + attention, megavq/flops.py) x tokens/s per device / peak FLOP/s (with --peak_tflops, or on
+a known GPU). Native's dispatch is the sort by
 expert and its combine the gather, weighting and scatter-add around the experts.
 """
 import sys

@@ -16,10 +16,11 @@ def test_benchmark_prints_table_with_ratios():
                            *TINY], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for variant in ["native", "ds-1.25", "ds-2.0", "dsgate-1.25", "dsgate-2.0"]:
+    for variant in ["native", "ds-1.25", "ds-2.0", "dsgate-1.25", "dsgate-2.0", "native-ac", "dense"]:
         assert variant in out, variant
     assert "megablocks" not in out  # GPU only
-    assert "ds-1.25 / native:" in out and "dsgate-1.25 / ds-1.25:" in out, out
+    assert "native / ds-1.25:" in out and "dsgate-1.25 / ds-1.25:" in out, out
+    assert "MoE step / dense step:" in out and "checkpointed / not:" in out, out
 
 
 def test_benchmark_rejects_unknown_variant():

@@ -3,9 +3,10 @@
 Training runs go through `megavq.train.trainer.run` inside spawned ranks (one process group, several runs),
 so a world of 2 ranks pays the start-up once. A 2-rank run with micro-batch 4 and moe.ep_size=2 sees the
 same global batch as a 1-rank run with 2 accumulation steps and moe.ep_size=1; their losses agree to 1e-4
-(measured: 1e-6 or better). Gradient clipping is off in these runs (train.grad_clip=0): with expert
-parallelism DeepSpeed averages the gradient norm over ranks instead of summing the experts' squares, so a
-clipped run differs from the ep_size=1 run. The deepspeed backend runs with capacity large enough to drop nothing.
+(measured: 1e-6 or better). Gradient clipping is off in these runs (train.grad_clip=0) but in the clipping
+runs, which show that ZeRO-0 and ZeRO-2 clip by the norm of all gradients with every expert counted once
+(megavq.train.ds_compat.clip_by_global_norm). The deepspeed backend runs with capacity large enough to drop
+nothing.
 """
 from __future__ import annotations
 
@@ -86,8 +87,8 @@ def logits_batch(vocab_size: int = 4096) -> torch.Tensor:
     return torch.randint(vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
 
 
-def train_job(data: str, out_dir: str, overrides: list[str], ds_config: str = "zero2", resume: bool = False) -> dict:
-    """One pre-training run through trainer.run; returns the losses and the trained model's logits (eval)."""
+def trained_model(data: str, out_dir: str, overrides: list[str], ds_config: str = "zero2", resume: bool = False):
+    """One pre-training run through trainer.run (tiny preset, EP_SMALL); returns the trained model."""
     import megavq.train.trainer as trainer
     from megavq.config import load_config
     models, build = [], trainer.build_engine
@@ -101,8 +102,14 @@ def train_job(data: str, out_dir: str, overrides: list[str], ds_config: str = "z
         trainer.run(cfg, ROOT / "ds_configs" / f"{ds_config}.json", out_dir, resume=resume)
     finally:
         trainer.build_engine = build
+    return models[0]
+
+
+def train_job(data: str, out_dir: str, overrides: list[str], ds_config: str = "zero2", resume: bool = False) -> dict:
+    """One pre-training run; returns the losses and the trained model's logits (eval)."""
+    model = trained_model(data, out_dir, overrides, ds_config, resume)
     with torch.no_grad():
-        logits = models[0].eval()(logits_batch())
+        logits = model.eval()(logits_batch())
     return {"logits": logits, "losses": losses(out_dir)}
 
 
@@ -134,11 +141,15 @@ def ep_runs(builtin_data, tmp_path_factory):
     data, tmp = str(builtin_data), tmp_path_factory.mktemp("ep")
     first = [named(f"ref/{r}", one_rank(data, tmp / f"ref-{r}", x)) for r, x in ROUTERS.items()]
     first.append(named("part/ep1", one_rank(data, tmp / "part-ep1", ["train.stop_at_step=5", "train.save_every=5"])))
+    first.append(named("clip/ref", one_rank(data, tmp / "clip-ref", ["train.grad_clip=1.0"])))
     second = [named(f"{b}/{r}", two_ranks(data, tmp / f"{b}-{r}", [f"moe.backend={b}", *x]))
               for b in ("native", "deepspeed") for r, x in ROUTERS.items()]
     second += [named(f"part/{b}", two_ranks(data, tmp / f"part-{b}", [f"moe.backend={b}", "train.stop_at_step=5",
                                                                      "train.save_every=5"]))
                for b in ("native", "deepspeed")]
+    for stage in ("zero0", "zero2"):
+        second.append(named(f"clip/{stage}", two_ranks(data, tmp / f"clip-{stage}", ["train.grad_clip=1.0"])))
+        second[-1][2]["ds_config"] = stage
     second.append(named("resume/ep1->ep2", two_ranks(data, tmp / "part-ep1", ["train.save_every=5"])))
     second[-1][2]["resume"] = True
     third = [named(f"resume/{b}:ep2->ep1", one_rank(data, tmp / f"part-{b}", [f"moe.backend={b}",
@@ -155,6 +166,16 @@ def ep_runs(builtin_data, tmp_path_factory):
 def assert_losses_match(a: list[float], b: list[float]) -> None:
     assert len(a) == len(b), (a, b)
     assert max(abs(x - y) for x, y in zip(a, b)) < TOL, (a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero0", "zero2"])
+def test_clipping_at_ep2_uses_the_global_norm(ep_runs, stage):
+    """train.grad_clip=1.0: 2 ranks at ep 2 equal 1 rank at ep 1, and clipping acted (the losses differ from the
+    unclipped run's)."""
+    clipped, unclipped = ep_runs["clip/ref"]["losses"], ep_runs["ref/topk"]["losses"]
+    assert max(abs(a - b) for a, b in zip(clipped, unclipped)) > 1e-3
+    assert_losses_match(ep_runs[f"clip/{stage}"]["losses"], clipped)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import torch
 from megavq.config import ModelConfig, MoEConfig
 from megavq.model.layers import MLP
 from megavq.moe.dispatch import dispatcher_class
-from megavq.moe.dispatch.native import native_moe, sort_by_expert
+from megavq.moe.dispatch.native import grouped_moe, native_moe, sort_by_expert
 from megavq.moe.dispatch.reference import reference_moe
 from megavq.moe.experts import Experts
 from megavq.moe.layer import MoELayer
@@ -48,6 +48,73 @@ def test_native_equals_reference(mlp, bias, unused):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def backend_results(backends, x, r, experts):
+    """Each backend's output and the gradients of x, the weights and the expert parameters."""
+    results = []
+    for backend in backends:
+        y = backend(x, r, experts)
+        y.pow(2).sum().backward()
+        results.append([y.detach()] + [t.grad.clone() for t in (x, r.weights, *experts.parameters())])
+        for t in (x, r.weights, *experts.parameters()):
+            t.grad = None
+    return results
+
+
+needs_grouped_mm = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("mlp, bias", [("swiglu", False), ("gelu", True)])
+@pytest.mark.parametrize("unused", [0.0, 0.3])
+def test_grouped_products_equal_the_loop(mlp, bias, unused):
+    """The sync-free grouped path (CUDA's by default) on CPU fp32: unused slots and an empty expert included."""
+    torch.manual_seed(0)
+    T, D, H, E, K = 37, 16, 24, 6, 2
+    experts = Experts(E, D, H, mlp, bias, seed=3)
+    if bias:
+        torch.nn.init.normal_(experts.b_in)
+        torch.nn.init.normal_(experts.b_out)
+    x = torch.randn(T, D, requires_grad=True)
+    indices, weights = random_routing(T, E - 1, K, unused=unused)  # expert E - 1 gets no rows
+    r = RouterOutput(weights.detach().float().requires_grad_(), indices, None, None, {})
+    loop, grouped = backend_results((native_moe, grouped_moe), x, r, experts)
+    for a, b in zip(loop, grouped):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@needs_grouped_mm
+@pytest.mark.gpu
+@pytest.mark.parametrize("unused", [0.0, 0.3])
+def test_grouped_products_equal_the_loop_on_cuda_bf16(unused):
+    from megavq.moe.experts import grouped_products
+    T, D, H, E, K = 512, 64, 128, 8, 2
+    experts = Experts(E, D, H, seed=3).cuda().to(torch.bfloat16)
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert grouped_products(x, experts)
+    indices, weights = random_routing(T, E, K, unused=unused)
+    r = RouterOutput(weights.detach().cuda().float().requires_grad_(), indices.cuda(), None, None, {})
+    grouped = backend_results([grouped_moe], x, r, experts)[0]
+    loop = backend_results([lambda x, r, e: reference_moe(x, r, e)], x, r, experts)[0]
+    for a, b in zip(loop, grouped):
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_native_layer_runs_without_host_sync_on_cuda():
+    """The whole native layer at ep_size 1 in bf16: no device-to-host synchronisation in forward or backward."""
+    spec = MoESpec(MoEConfig(num_experts=8, top_k=2), d_model=64, d_hidden=128)
+    layer = MoELayer(spec).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x)  # warm-up: lazy initialisation may read the device once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, aux, _ = layer(x)
+        (y.float().square().sum() + aux).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_native_equals_reference_fp32_layer():
     torch.manual_seed(0)
     spec = MoESpec(MoEConfig(num_experts=6, top_k=2), d_model=32, d_hidden=48)
@@ -71,7 +138,7 @@ def test_native_equals_reference_fp32_layer():
 def test_sort_by_expert_groups_slots():
     indices = torch.tensor([[2, 0], [1, -1], [2, 1]])
     token, slot, counts = sort_by_expert(indices, 3)
-    assert counts.tolist() == [1, 2, 2]
+    assert counts == [1, 2, 2]
     assert indices.reshape(-1)[slot].tolist() == [0, 1, 1, 2, 2]
     assert token.tolist() == [0, 1, 2, 0, 2]
 

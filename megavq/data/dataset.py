@@ -213,12 +213,14 @@ class TokenData:
                             f"seq_len + 1 = {seq_len + 1}")
         return data
 
-    def batch(self, split: str, step: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple:
-        """Random windows (x_BS, y_BS), int64, y = x shifted by one; a pure function of (seed, step)."""
+    def batch(self, split: str, step: int, batch_size: int, seq_len: int, seed: int = 0,
+              rows: slice = slice(None)) -> tuple:
+        """Random windows (x_BS, y_BS), int64, y = x shifted by one; a pure function of (seed, step). `rows`:
+        only those rows of the batch are read (a rank's micro-batch; the others' windows are drawn, not read)."""
         data = self._checked(split, seq_len)
         rng = np.random.default_rng([seed, step])
         starts_B = rng.integers(0, len(data) - seq_len, size=batch_size)
-        return windows(data, starts_B, seq_len)
+        return windows(data, starts_B[rows], seq_len)
 
     def eval_batches(self, split: str, batch_size: int, seq_len: int, max_batches: int | None = None) -> Iterator:
         """(x_BS, y_BS) over consecutive non-overlapping windows covering the split (the last batch may be

@@ -30,11 +30,43 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return RMSNorm(cfg.d_model, cfg.norm_eps)
 
 
-def rope_tables(seq_len: int, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(seq_len: int, head_size: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, (S, hs/2), in the half-split (Llama / Hugging Face) layout."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32, device=device) / head_size)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return angles.cos(), angles.sin()
+
+
+class Rope(nn.Module):
+    """The rotary tables as non-persistent fp32 buffers: they move with the model (no copy per step), are
+    not in checkpoints, and are rebuilt in fp32 when the model is cast (a bf16 engine)."""
+
+    def __init__(self, seq_len: int, head_size: int, theta: float):
+        super().__init__()
+        self.shape = (seq_len, head_size, theta)
+        cos, sin = rope_tables(*self.shape)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        return self._fp32()
+
+    def _fp32(self) -> "Rope":
+        """Rebuilt after a cast (also one that bypassed _apply: DeepSpeed's buffer_dtype assigns .data)."""
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = rope_tables(*self.shape, device=self.cos.device)
+        return self
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (S_max, hs/2) tables of training and scoring."""
+        self._fp32()
+        return self.cos, self.sin
+
+    def at(self, pos_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row tables (B, 1, S, hs/2) of the positions pos_BS (generation)."""
+        cos, sin = self()
+        return cos[pos_BS][:, None], sin[pos_BS][:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -67,7 +99,7 @@ class CausalSelfAttention(nn.Module):
         k = self.k_proj(x).view(B, S, self.n_kv, self.head_size).transpose(1, 2)  # (B, nkv, S, hs)
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_size).transpose(1, 2)
         if self.use_rope:
-            cos, sin = rope if kv is not None else (t[:S].to(x.device) for t in rope)
+            cos, sin = rope if kv is not None else (t[:S] for t in rope)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv != self.n_heads
         if kv is None:

@@ -2,26 +2,31 @@
 
 Legend: B batch, S sequence, D hidden, V vocabulary.
 The MLP of every `moe.every`-th block (zero-based index i with (i + 1) % every == 0) is an MoE layer.
+With train.activation_checkpointing = n > 0, every n-th block (i % n == 0) keeps only its input for the
+backward and runs its forward again there (non-reentrant torch.utils.checkpoint; routers observe nothing in
+the recompute, megavq.moe.routers.recomputing).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megavq.config import Config, ModelConfig
 from megavq.model.kv_cache import KVCache, LayerKV
-from megavq.model.layers import MLP, CausalSelfAttention, make_norm, rope_tables
+from megavq.model.layers import MLP, CausalSelfAttention, Rope, make_norm
+from megavq.model.loss import head_cross_entropy
 from megavq.moe.experts import expert_out_std
 from megavq.moe.layer import MoELayer, build_moe_layer
-from megavq.moe.routers import Router
+from megavq.moe.routers import Router, recomputing
 from megavq.moe.spec import MoESpec, is_moe_layer
 
 
 class LMOutput(NamedTuple):
-    logits: torch.Tensor  # (B, S, V)
+    logits: None  # not made: the loss is computed from the hidden states in chunks (megavq.model.loss)
     loss: torch.Tensor  # lm_loss + aux_loss: what is optimised
     lm_loss: torch.Tensor
     aux_loss: torch.Tensor
@@ -46,6 +51,21 @@ class Block(nn.Module):
         return x + y, aux, metrics
 
 
+class LMHead(nn.Linear):
+    """The output projection; given targets, it returns the loss without making the (N, V) logits (inside
+    its own forward, so that ZeRO-3 gathers its weight for it)."""
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return head_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1))
+
+
+def _recompute_contexts():
+    """torch.utils.checkpoint's context_fn: nothing around the first forward, `recomputing()` around the recompute."""
+    return contextlib.nullcontext(), recomputing()
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
@@ -57,11 +77,11 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(m.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(m.n_layers))
         self.norm = make_norm(m)
-        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.lm_head = LMHead(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        rope = rope_tables(m.seq_len, m.d_model // m.n_heads, m.rope_theta) if m.pos == "rope" else None
-        self.rope = rope
+        self.rope = Rope(m.seq_len, m.d_model // m.n_heads, m.rope_theta) if m.pos == "rope" else None
+        self.checkpoint_every = cfg.train.activation_checkpointing
         self._init_weights(m)
 
     def _init_weights(self, m: ModelConfig) -> None:
@@ -78,7 +98,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=out_std if is_residual_out else m.init_std)
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, cache: KVCache | None = None):
-        """Logits (B, S, V) for token ids; with targets, an LMOutput with the losses. With a cache
+        """Logits (B, S, V) for token ids; with targets, an LMOutput with the losses (and no logits). With a cache
         (generation), idx_BS holds the next tokens of each row and the cache is read and extended."""
         if cache is not None:
             return self._forward_cached(idx_BS, cache)
@@ -87,18 +107,26 @@ class Transformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(S, device=idx_BS.device))
         x = self.drop(x)
+        rope = None if self.rope is None else self.rope()
         aux_losses, metrics = [], []
-        for block in self.blocks:
-            x, aux, met = block(x, self.rope)
+        for i, block in enumerate(self.blocks):
+            if self.checkpointed(i):
+                x, aux, met = checkpoint(block, x, rope, use_reentrant=False, context_fn=_recompute_contexts)
+            else:
+                x, aux, met = block(x, rope)
             if aux is not None:
                 aux_losses.append(aux)
                 metrics.append(met)
-        logits = self.lm_head(self.norm(x))
         if targets_BS is None:
-            return logits
-        lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1))
+            return self.lm_head(self.norm(x))
+        lm_loss = self.lm_head(self.norm(x), targets_BS)
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else lm_loss.new_zeros(())
-        return LMOutput(logits, lm_loss + aux_loss, lm_loss, aux_loss, metrics)
+        return LMOutput(None, lm_loss + aux_loss, lm_loss, aux_loss, metrics)
+
+    def checkpointed(self, i: int) -> bool:
+        """Whether block i recomputes its forward in the backward (activation checkpointing, training only)."""
+        n = self.checkpoint_every
+        return n > 0 and i % n == 0 and self.training and torch.is_grad_enabled()
 
     def _forward_cached(self, idx_BS: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, S, V) of the next S tokens of every row; positions and padding come from the cache."""
@@ -107,7 +135,7 @@ class Transformer(nn.Module):
         x = self.embed(idx_BS)
         if self.pos_embed is not None:
             x = x + self.pos_embed(pos_BS)
-        rope = None if self.rope is None else tuple(t.to(x.device)[pos_BS][:, None] for t in self.rope)
+        rope = None if self.rope is None else self.rope.at(pos_BS)
         for block, kv in zip(self.blocks, cache.layers):  # rope: (B, 1, S, hs/2) each
             x, _, _ = block(x, rope, kv, mask)
         return self.lm_head(self.norm(x))

@@ -2,7 +2,8 @@
 
 Legend: N routed rows (tokens sorted by expert), D hidden, H expert hidden, E experts.
 `forward(x_ND, counts_E)` runs each expert on its contiguous chunk of rows (one matrix product per
-expert); `expert(e, x)` runs one expert and serves the reference backend and weight conversion.
+expert, or three grouped products on CUDA); `grouped(x_ND, ends_E)` takes the chunk ends as a device tensor
+(no host read); `expert(e, x)` runs one expert and serves the reference backend and weight conversion.
 """
 from __future__ import annotations
 
@@ -54,15 +55,50 @@ class Experts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: list[int]) -> torch.Tensor:
         """Rows sorted by expert; counts_E[e] rows belong to expert e. One product per non-empty expert."""
-        bias = self.b_in is not None
-        outs = [expert_mlp(x, self.w_in[e], self.w_out[e], self.b_in[e] if bias else None,
-                           self.b_out[e] if bias else None, self.mlp)
+        if grouped_products(x_ND, self):
+            ends = torch.tensor(counts_E, dtype=torch.long).cumsum(0).to(x_ND.device, non_blocking=True)
+            return self.grouped(x_ND, ends)
+        # unbind, not w_in[e]: the backward of E selects would zero-fill and add E full-size gradients
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
+        no_bias = [None] * len(w_in)
+        b_in, b_out = (self.b_in.unbind(0), self.b_out.unbind(0)) if self.b_in is not None else (no_bias, no_bias)
+        outs = [expert_mlp(x, w_in[e], w_out[e], b_in[e], b_out[e], self.mlp)
                 for e, x in enumerate(torch.split(x_ND, counts_E)) if x.shape[0]]
         return torch.cat(outs) if outs else x_ND.new_zeros(0, self.w_out.shape[-1])
+
+    def grouped(self, x_ND: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert, expert e's rows ending at ends_E[e] (a device tensor): three grouped products
+        (`torch._grouped_mm`) on views of the stored weights. Rows past ends_E[-1] give zeros and no gradient."""
+        offs = ends_E.to(torch.int32)
+        valid = (torch.arange(x_ND.shape[0], device=x_ND.device) < ends_E[-1])[:, None]
+        # grouped products leave rows past the last chunk unwritten, forward and backward: mask what enters them
+        x = torch.where(valid, x_ND, 0)
+        h = torch.stack([torch._grouped_mm(x, self.w_in[:, i], offs=offs) for i in range(self.w_in.shape[1])], 1)
+        h = torch.where(valid[:, None], h, 0)
+        if self.b_in is not None:
+            h = h + self.b_in[expert_of_row(ends_E, x_ND.shape[0])]
+        y = torch._grouped_mm(torch.where(valid, activation(h, self.mlp), 0), self.w_out, offs=offs)
+        if self.b_out is not None:
+            y = y + self.b_out[expert_of_row(ends_E, x_ND.shape[0])]
+        return torch.where(valid, y, 0)
 
     def all_experts(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, (E, T, D): the dense mode of competition routing."""
         return every_expert(self, self.num_experts, x_TD)
+
+
+def grouped_products(x_ND: torch.Tensor, experts: Experts) -> bool:
+    """Whether `Experts` runs its products grouped: on CUDA in bf16 where `torch._grouped_mm` exists (a private
+    API) and every row stride is a multiple of 16 bytes; elsewhere the loop over experts is faster."""
+    D, H = experts.w_out.shape[-1], experts.w_out.shape[-2]
+    return (x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and D % 8 == 0 and H % 8 == 0)
+
+
+def expert_of_row(ends_E: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) the expert of each row sorted by expert, from the chunk ends; rows past the last end get E - 1."""
+    rows = torch.arange(n, device=ends_E.device)
+    return torch.bucketize(rows, ends_E, right=True).clamp(max=ends_E.numel() - 1)
 
 
 def activation(h: torch.Tensor, mlp: str) -> torch.Tensor:

@@ -131,6 +131,26 @@ def expert_parallel_group(ep_size: int) -> tuple[str, object]:
     return name, groups._get_expert_parallel_group(name)
 
 
+def clip_by_global_norm(engine, ep_group) -> None:
+    """ZeRO-0 fp32 engines clip by the norm of every gradient with each expert counted once, the same
+    coefficient on every rank. DeepSpeed's `clip_fp32_gradients` (runtime/utils.py clip_grad_norm_) averages
+    the ranks' norms, each over its own experts only; ZeRO-1/2 (get_grad_norm_direct sums the squares over all
+    ranks) and the bf16 optimizer (get_norm_with_moe_layers) already count every expert once."""
+    import torch.distributed as dist
+
+    def clip() -> None:
+        grads = {True: [], False: []}  # allreduce: shared (equal on every rank) / this rank's experts
+        for p in engine.module.parameters():
+            if p.grad is not None:
+                grads[getattr(p, "allreduce", True)].append(p.grad)
+        sq = [torch.stack([g.float().pow(2).sum() for g in gs]).sum() if gs else torch.zeros(())
+              for gs in (grads[True], grads[False])]
+        dist.all_reduce(sq[1], group=ep_group)  # the experts of the whole EP group, each once
+        coef = (engine.gradient_clipping() / ((sq[0] + sq[1]).sqrt() + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads[True] + grads[False], coef)
+    engine.clip_fp32_gradients = clip
+
+
 def mark_expert_parameters(params: list, group_name: str) -> None:
     """Gradients of these parameters are reduced over their expert-data-parallel group, not all ranks."""
     for p in params:

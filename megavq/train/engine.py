@@ -108,31 +108,34 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def setup_expert_parallel(model: torch.nn.Module, ep_size: int) -> None:
+def setup_expert_parallel(model: torch.nn.Module, ep_size: int):
     """Layers whose experts megavq shards itself (not DeepSpeed's MoE): DeepSpeed's EP groups, and their expert
-    parameters marked as MoE parameters.
+    parameters marked as MoE parameters; returns the EP group (None without such layers).
 
     Expert gradients are then averaged over the expert-data-parallel group (ranks with the same EP rank), the
     rest over all ranks, and the optimizer gets separate MoE parameter groups (param_groups).
     """
     layers = [layer for _, layer in model.moe_layers() if not layer.dispatcher.deepspeed_moe]
     if ep_size == 1 or not layers:
-        return
+        return None
     name, group = ds_compat.expert_parallel_group(ep_size)
     for layer in layers:
         layer.set_ep_group(group)
         ds_compat.mark_expert_parameters(layer.expert_parameters(), name)
     model.add_module("expert_parallel_tag", ds_compat.expert_parallel_tag(model.cfg.moe.num_experts, ep_size, name))
+    return group
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):
     """deepspeed.initialize with megavq's AdamW and warmup-cosine schedule. `ds` is already reconciled."""
     import deepspeed
     t = cfg.train
-    setup_expert_parallel(model, cfg.moe.ep_size)
+    ep_group = setup_expert_parallel(model, cfg.moe.ep_size)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    if ep_group is not None and zero_stage(ds) == 0 and model_dtype(ds) == torch.float32:
+        ds_compat.clip_by_global_norm(engine, ep_group)  # clipping by the true global norm (see there)
     return engine
 
 

@@ -25,16 +25,34 @@ def flatten_router_metrics(per_layer: list[dict], layer_ids: list[int]) -> dict:
     return out
 
 
-def average_metrics(dicts: list[dict]) -> dict:
-    """Mean of each key over the dicts that have it (lists averaged element-wise)."""
-    out = {}
-    for key in dict.fromkeys(k for d in dicts for k in d):
-        values = [d[key] for d in dicts if key in d]
-        if isinstance(values[0], list):
-            out[key] = [sum(col) / len(col) for col in zip(*values)]
-        else:
-            out[key] = sum(values) / len(values)
-    return out
+class MetricSums:
+    """Router metrics summed on the device over the micro-batches of a logging window, read once at its end
+    (one host sync per log step instead of one per metric and micro-batch)."""
+
+    def __init__(self):
+        self.sums, self.counts = {}, {}
+
+    def add(self, per_layer: list[dict], layer_ids: list[int]) -> None:
+        for i, metrics in zip(layer_ids, per_layer):
+            for name, value in metrics.items():
+                key = f"moe/L{i}/{name}"
+                value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+                self.sums[key] = value if key not in self.sums else self.sums[key] + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def read(self) -> dict:
+        """The window's means ({'moe/L1/load': [...], 'moe/L1/load_cv': 0.1, ...}), and a new window."""
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        values = torch.cat([self.sums[k].flatten() / self.counts[k] for k in keys]).cpu().tolist()
+        out, at = {}, 0
+        for k in keys:
+            n = self.sums[k].numel()
+            out[k] = values[at] if n == 1 else [round(v, 6) for v in values[at:at + n]]
+            at += n
+        self.sums, self.counts = {}, {}
+        return out
 
 
 def _step_of(line: str) -> float:

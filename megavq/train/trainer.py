@@ -1,8 +1,12 @@
 """Pre-training loop: orchestrates data, the DeepSpeed engine, evaluation, checkpoints and logging.
 
 Step numbers count optimizer steps done. The batch of step s is a pure function of (seed, s), and every
-rank draws the same global batch and takes its rows, so a resumed run and a run on any number of ranks
+rank draws the same global batch and reads only its rows, so a resumed run and a run on any number of ranks
 see the same data in the same order.
+
+Nothing in a step waits on the host but the step's end: one all_reduce of the stop signal and the non-finite
+flag, read by the host (megavq.train.preempt.step_end_agreed). Losses and router metrics accumulate on the
+device and are reduced and read at log steps.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from tqdm import tqdm
 from megavq.errors import ConfigError, FatalError, MegavqError, RetryableError, TrainingError
 from megavq.config import Config, save_config
 from megavq.eval.health import CollapseMonitor
+from megavq.flops import device_peak_tflops, flops_per_token, utilisation
 from megavq.io import load_weights
 from megavq.manifest import write_manifest
 from megavq.model import Transformer
@@ -26,8 +31,8 @@ from megavq.train.checkpoint import Checkpointer, clear_run, holds_run, read_run
 from megavq.train.engine import build_engine, read_ds_config, reconcile_ds_config
 from megavq.train.faults import fault, wants
 from megavq.train.launch import exit_code
-from megavq.train.logging import RunLogger, average_metrics, flatten_router_metrics
-from megavq.train.preempt import StopSignals, stop_agreed
+from megavq.train.logging import MetricSums, RunLogger
+from megavq.train.preempt import StopSignals, step_end_agreed
 
 
 def load_data(source: str, rank: int):
@@ -64,38 +69,31 @@ class Trainer:
         self.health = CollapseMonitor.for_model(model, cfg.train)
         self.checkpoints = Checkpointer(engine, model, cfg, out_dir, rank, world)
         self.saved, self.current_step = None, 0
+        self.router_metrics = MetricSums()
+        self.flops_token, self.peak_tflops = flops_per_token(model), device_peak_tflops(cfg.train.peak_tflops)
         if wants("step"):  # MEGAVQ_FAULT=step...: fail in the middle of a step (megavq.train.faults)
             model.register_forward_pre_hook(lambda m, _: m.training and fault("step", self.current_step))
 
     # ---- one optimizer step -------------------------------------------------------------------------
-    def train_step(self, step: int) -> dict:
-        """One optimizer step over grad_accum_steps micro-batches, then the routers' post_step."""
-        cfg = self.cfg
-        x, y = self.data.batch("train", step, self.global_batch, cfg.model.seq_len, cfg.train.seed)
-        x, y = x.to(self.engine.device), y.to(self.engine.device)
-        totals, metrics = torch.zeros(3), []
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step over grad_accum_steps micro-batches, then the routers' post_step. Returns this
+        rank's sums over its micro-batches of (lm loss, aux loss, non-finite losses), on the device, unread."""
+        cfg, device = self.cfg, self.engine.device
+        totals = torch.zeros(3, device=device)
         for m in range(cfg.train.grad_accum_steps):
             micro = m * self.world + self.rank  # this micro-batch's index in the global batch
             self.model.set_step(step, micro)
             rows = slice(micro * self.micro, (micro + 1) * self.micro)
-            out = self.engine(x[rows], y[rows])
-            stats = torch.stack([out.lm_loss.detach().float(), out.aux_loss.detach().float(),
-                                 (~torch.isfinite(out.loss.detach())).float()])
-            dist.all_reduce(stats)
-            if stats[2] > 0:
-                raise TrainingError(f"non-finite loss at step {step + 1} (lm_loss {stats[0] / self.world:.4g}); "
-                                    f"nothing was saved after it: resume from {self.ckpt_dir} with --resume, "
-                                    f"perhaps with a lower train.lr")
+            x, y = self.data.batch("train", step, self.global_batch, cfg.model.seq_len, cfg.train.seed, rows)
+            out = self.engine(x.to(device), y.to(device))
+            loss = out.loss.detach()
+            totals += torch.stack([out.lm_loss.detach().float(), out.aux_loss.detach().float(),
+                                   (~torch.isfinite(loss)).float()])
             self.engine.backward(out.loss)
             self.engine.step()
-            totals += stats.cpu()
-            metrics.append(flatten_router_metrics(out.router_metrics, self.moe_layer_ids))
+            self.router_metrics.add(out.router_metrics, self.moe_layer_ids)
         self.model.post_step()  # router state (vq's codebook) changes after the optimizer step, on every rank
-        n = cfg.train.grad_accum_steps * self.world
-        record = {"train/lm_loss": totals[0].item() / n, "train/aux_loss": totals[1].item() / n}
-        record["train/loss"] = record["train/lm_loss"] + record["train/aux_loss"]
-        record.update(average_metrics(metrics) if metrics[0] else {})
-        return record
+        return totals
 
     # ---- evaluation: every rank runs the same batches (safe under ZeRO-3 and expert parallelism) ------
     @torch.no_grad()
@@ -139,16 +137,16 @@ class Trainer:
         end = min(t.stop_at_step or t.max_steps, t.max_steps)
         bar = tqdm(range(start, end), initial=start, total=t.max_steps, disable=self.rank != 0,
                    desc="train", dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
-        t_start, t_window, window, last, done, stopped = time.time(), time.time(), [], {}, start, False
+        t_start, t_window, last, done, stopped = time.time(), time.time(), {}, start, False
+        window, window_steps = torch.zeros(3, device=self.engine.device), 0
         for step in bar:
             self.current_step = step + 1
-            window.append(self.train_step_checked(step, start))
-            done = step + 1
+            window += self.train_step_checked(step, start, stop)
+            done, window_steps = step + 1, window_steps + 1
             if done % t.log_every == 0 or done % t.eval_every == 0 or done == end:
-                last = self.log_window(done, window, time.time() - t_window, logger)
+                last = self.log_window(done, window, window_steps, time.time() - t_window, logger)
                 bar.set_postfix(loss=f"{last['train/lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
-                window, t_window = [], time.time()
-            stop.signal = stop_agreed(stop.requested, self.engine.device)
+                window, window_steps, t_window = torch.zeros_like(window), 0, time.time()
             stopped = stop.signal is not None
             if done % t.save_every == 0 or stopped:
                 self.save(done)
@@ -157,26 +155,35 @@ class Trainer:
         bar.close()
         return {"steps": done, "train_time_s": time.time() - t_start, "last": last, "stopped": stopped}
 
-    def train_step_checked(self, step: int, start: int) -> dict:
-        """train_step; a non-finite loss at a step that already failed before this resume is fatal (exit 3):
-        a requeue must not retry it forever."""
-        try:
-            return self.train_step(step)
-        except TrainingError:  # every rank raises it at the same step (the loss is all-reduced)
-            failed = read_run_state(self.out_dir).get("nonfinite_step")
-            dist.barrier()
-            if self.rank == 0:
-                update_run_state(self.out_dir, nonfinite_step=step + 1)
-            if failed == step + 1 and start < step + 1:
-                raise FatalError(f"non-finite loss at step {step + 1} again after resuming from step {start}: "
-                                 f"it is not a transient fault; lower train.lr (or train.grad_clip) and resume, or "
-                                 f"restart from an earlier checkpoint") from None
-            raise
+    def train_step_checked(self, step: int, start: int, stop: StopSignals) -> torch.Tensor:
+        """train_step, then the ranks agree on a stop signal and on the loss being finite. A non-finite loss raises
+        TrainingError before anything is saved after it; at a step that already failed before this resume it is
+        fatal (exit 3): a requeue must not retry it forever."""
+        totals = self.train_step(step)
+        stop.signal, nonfinite = step_end_agreed(stop.requested, totals[2])
+        if not nonfinite:
+            return totals
+        lm_loss = totals[0].item() / self.cfg.train.grad_accum_steps
+        failed = read_run_state(self.out_dir).get("nonfinite_step")
+        dist.barrier()
+        if self.rank == 0:
+            update_run_state(self.out_dir, nonfinite_step=step + 1)
+        if failed == step + 1 and start < step + 1:
+            raise FatalError(f"non-finite loss at step {step + 1} again after resuming from step {start}: "
+                             f"it is not a transient fault; lower train.lr (or train.grad_clip) and resume, or "
+                             f"restart from an earlier checkpoint")
+        raise TrainingError(f"non-finite loss at step {step + 1} (lm_loss {lm_loss:.4g} on rank {self.rank}); "
+                            f"nothing was saved after it: resume from {self.ckpt_dir} with --resume, "
+                            f"perhaps with a lower train.lr")
 
-    def log_window(self, done: int, window: list, seconds: float, logger: RunLogger) -> dict:
-        tokens = self.global_batch * self.cfg.model.seq_len * len(window)
-        record = {"step": done, **average_metrics(window), "lr": self.engine.get_lr()[0],
-                  "tokens_per_s": tokens / seconds}
+    def log_window(self, done: int, window: torch.Tensor, steps: int, seconds: float, logger: RunLogger) -> dict:
+        """Reduce the window's loss sums over the ranks, read them with the router metrics, evaluate on eval steps."""
+        dist.all_reduce(window)
+        lm, aux, _ = (window / (steps * self.cfg.train.grad_accum_steps * self.world)).tolist()
+        tokens_per_s = self.global_batch * self.cfg.model.seq_len * steps / seconds
+        record = {"step": done, "train/lm_loss": lm, "train/aux_loss": aux, "train/loss": lm + aux,
+                  **self.router_metrics.read(), "lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s,
+                  **utilisation(self.flops_token, tokens_per_s, self.world, self.peak_tflops)}
         if done % self.cfg.train.eval_every == 0:
             record["val/loss"], _ = self.evaluate("val", self.cfg.data.eval_batches)
             for message in self.health.check(done, record):  # router metrics of the training window
@@ -202,6 +209,7 @@ class Trainer:
             "test_ppl": math.exp(test_loss),
             "test_bits_per_byte": test_loss / math.log(2) / self.data.bytes_per_token("test"),
             "tokens_per_s": fit["last"].get("tokens_per_s"),
+            **{k: fit["last"][k] for k in ("tflops_per_device", "mfu") if k in fit["last"]},
             "train_time_s": fit["train_time_s"],
             "params": self.model.num_params(),
             "active_params": self.model.num_params(active=True),

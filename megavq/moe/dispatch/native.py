@@ -14,28 +14,42 @@ import torch.distributed as dist
 from megavq.errors import ConfigError
 from megavq.moe.dispatch.base import BankDispatcher, register_dispatcher
 from megavq.moe.dispatch.expert_parallel import ShardedExperts, ep_rank_of, gather_experts
-from megavq.moe.experts import Experts, every_expert
+from megavq.moe.experts import Experts, every_expert, grouped_products
 from megavq.moe.routers.base import RouterOutput
 
 
 def sort_by_expert(indices_TK: torch.Tensor, num_experts: int):
-    """Flatten the routed (token, slot) pairs and sort them by expert; unused slots (-1) are dropped.
+    """Flatten the routed (token, slot) pairs and sort them by expert; unused slots (-1) sort last and are dropped.
 
-    Returns (token_N, flat_slot_N, counts_E) with N routed pairs in expert order.
+    Returns (token_N, flat_slot_N, counts_E) with N routed pairs in expert order; counts_E is a list, the one
+    host read of the layer (the loop over experts splits by it).
     """
     flat_e = indices_TK.reshape(-1)
-    flat_slot = (flat_e >= 0).nonzero().squeeze(-1)
-    order = torch.argsort(flat_e[flat_slot], stable=True)
-    flat_slot = flat_slot[order]
-    counts_E = torch.bincount(flat_e[flat_slot], minlength=num_experts)
+    keyed = torch.where(flat_e >= 0, flat_e, num_experts)
+    order = torch.argsort(keyed, stable=True)
+    counts_E = torch.bincount(keyed, minlength=num_experts + 1).tolist()[:num_experts]
+    flat_slot = order[:sum(counts_E)]
     return flat_slot // indices_TK.shape[1], flat_slot, counts_E
+
+
+def grouped_moe(x_TD: torch.Tensor, r: RouterOutput, experts: Experts) -> torch.Tensor:
+    """native_moe without a host read: every (token, slot) pair is kept, unused slots (-1) sorted last, and the
+    experts run grouped products on device chunk ends (Experts.grouped zeroes the rows past them)."""
+    flat_e = r.indices.reshape(-1)
+    keyed = torch.where(flat_e >= 0, flat_e, experts.num_experts)
+    slot_N = torch.argsort(keyed, stable=True)
+    token_N = slot_N // r.indices.shape[1]
+    ends_E = torch.bincount(keyed, minlength=experts.num_experts + 1)[:experts.num_experts].cumsum(0)
+    y_ND = experts.grouped(x_TD[token_N], ends_E)
+    y_ND = y_ND * r.weights.reshape(-1)[slot_N, None].to(y_ND.dtype)
+    return torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
 
 
 def native_moe(x_TD: torch.Tensor, r: RouterOutput, bank) -> torch.Tensor:
     """y_TD = sum_k w_tk * expert_{i_tk}(x_t); `bank(x_ND, counts_E)` runs its `num_experts` experts on rows
     sorted by expert (an Experts module, or ShardedExperts under expert parallelism)."""
     token_N, slot_N, counts_E = sort_by_expert(r.indices, bank.num_experts)
-    y_ND = bank(x_TD[token_N], counts_E.tolist())
+    y_ND = bank(x_TD[token_N], counts_E)
     y_ND = y_ND * r.weights.reshape(-1)[slot_N, None].to(y_ND.dtype)
     return torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
 
@@ -63,6 +77,8 @@ class NativeDispatcher(BankDispatcher):
         return ShardedExperts(experts, self.num_experts, self.ep_size, self.ep_group)
 
     def run(self, x_TD, r, experts):
+        if self.ep_size == 1 and grouped_products(x_TD, experts):
+            return grouped_moe(x_TD, r, experts)
         return native_moe(x_TD, r, self.bank(experts))
 
     def all_experts(self, x_TD, experts):

@@ -295,13 +295,18 @@ def hf_router_name() -> str:
     return next(name for name, cls in sorted(_REGISTRY.items()) if cls.hf_import)
 
 
+def expert_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routed (token, slot) pairs per expert, float (E,); unused slots (-1) not counted. No host sync (a
+    boolean-mask index would wait for the mask's count)."""
+    keyed = torch.where(indices_TK >= 0, indices_TK, num_experts).reshape(-1)
+    return torch.bincount(keyed, minlength=num_experts + 1)[:num_experts].float()
+
+
 def load_balance_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
     """Switch balance loss E * sum_e f_e * P_e; f_e over routed (token, slot) pairs, P_e mean probability."""
     E = probs_TE.shape[-1]
-    valid = indices_TK >= 0
-    counts_E = torch.zeros(E, device=probs_TE.device).index_add_(
-        0, indices_TK[valid], torch.ones_like(indices_TK[valid], dtype=torch.float32))
-    f_E = counts_E / valid.sum().clamp(min=1)
+    counts_E = expert_counts(indices_TK, E)
+    f_E = counts_E / (indices_TK >= 0).sum().clamp(min=1)
     return E * (f_E * probs_TE.float().mean(0)).sum()
 
 
@@ -321,6 +326,5 @@ def load_metrics(load_E: torch.Tensor, probs: torch.Tensor) -> dict:
 def routing_metrics(indices_TK: torch.Tensor, probs_TE: torch.Tensor) -> dict:
     """load_metrics with the load counted over routed (token, slot) pairs."""
     with torch.no_grad():
-        valid = indices_TK >= 0
-        counts_E = torch.bincount(indices_TK[valid], minlength=probs_TE.shape[-1]).float()
+        counts_E = expert_counts(indices_TK, probs_TE.shape[-1])
         return load_metrics(counts_E / counts_E.sum().clamp(min=1), probs_TE)

@@ -114,6 +114,7 @@ class VQRouter(Router):
         self.register_buffer("code_map", torch.arange(Q) % num_experts)
         self.register_buffer("unused_steps", torch.zeros(Q, dtype=torch.long))  # optimizer steps since last use
         self.register_buffer("initialized", torch.tensor(codebook_init == "random"))
+        self.initialized_seen = False  # `initialized` was found True (reset when a state dict is loaded)
         self.observed = None  # (code counts (Q,), code sums (Q, C), Q random inputs (Q, C)) since the last post_step
         self.num_continuous, self.normalize = top_k - 1, normalize
         if self.num_continuous > 0:  # kept under discrete_only too, so checkpoints load either way
@@ -142,6 +143,10 @@ class VQRouter(Router):
 
     # ---- the codebook statistics stay fp32: an EMA step of 1 - ema_decay = 0.01 is below bf16's resolution ----
     FP32_STATE = ("codebook", "ema_count", "ema_sum")  # buffers when ema=True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.initialized_seen = False
 
     def _apply(self, fn, recurse=True):
         """Module casts (model.bfloat16(), model.to(dtype)) leave the codebook statistics fp32 and exact; devices
@@ -180,8 +185,10 @@ class VQRouter(Router):
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         x_TD = x_TD.float()
         z_TC = self.project(x_TD)
-        if self.training and not self.initialized:
-            self._init_codebook(z_TC.detach())
+        if self.training and not self.initialized_seen:  # the flag read once, not at every forward (a host sync)
+            if not self.initialized:
+                self._init_codebook(z_TC.detach())
+            self.initialized_seen = True
         codes_T, z_q, vq_loss = self.quantize(z_TC)
         if self.observing:
             self._observe(z_TC.detach(), codes_T)
@@ -284,10 +291,15 @@ class VQRouter(Router):
             n = self.ema_count.sum()
             smoothed_Q = (self.ema_count + 1e-5) / (n + self.num_codes * 1e-5) * n  # Laplace smoothing
             self.codebook.copy_(self.ema_sum / smoothed_Q[:, None])
-        if self.restart_dead_codes and self.dead_code_steps:
-            dead = (self.unused_steps >= self.dead_code_steps).nonzero().squeeze(-1)  # the same on every rank
-            if dead.numel():
-                self._set_codes(dead, from_rank0(recent_QC.contiguous())[:dead.numel()])
+        if self.restart_dead_codes and self.dead_code_steps:  # masked, not indexed: no host sync
+            dead_Q = self.unused_steps >= self.dead_code_steps  # the same on every rank
+            nth_Q = (dead_Q.long().cumsum(0) - 1).clamp(min=0)  # the n-th dead code takes the n-th recorded input
+            values_QC = from_rank0(recent_QC.contiguous())[nth_Q].to(self.codebook.dtype)
+            self.codebook.copy_(torch.where(dead_Q[:, None], values_QC, self.codebook))
+            if self.ema:
+                self.ema_sum.copy_(torch.where(dead_Q[:, None], values_QC.to(self.ema_sum.dtype), self.ema_sum))
+                self.ema_count.masked_fill_(dead_Q, 1.0)
+            self.unused_steps.masked_fill_(dead_Q, 0)
 
     def _code_metrics(self, codes_T: torch.Tensor) -> dict:
         with torch.no_grad():
