@@ -12,14 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from megavq.errors import ConfigError
-from megavq.moe.dispatch import available_dispatchers, dispatcher_class, dispatchers_where
-from megavq.moe.layer import check_causal, check_layer
-from megavq.moe.routers import available_routers, build_router, recorded_options
-from megavq.moe.spec import router_options
+from megavq.files import write_json
+from megavq.moe.config import MoEConfig
+from megavq.moe.routers import available_routers, recorded_options
 from megavq.plugins import load_plugins
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -45,26 +43,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
-
-
-@dataclass
-class MoEConfig:
-    router: str = "topk"
-    backend: str = "native"  # reference | native | deepspeed | megablocks
-    num_experts: int = 4
-    top_k: int = 2
-    every: int = 1  # 1 = every layer, 2 = every other starting with the second, 0 = dense
-    d_expert: int = 0  # hidden size of one expert; 0 = model.d_ff
-    ep_size: int = 1
-    capacity_factor: float = 1.25  # capacity backends only
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 4
-    drop_tokens: bool = True
-    drop_policy: str = "position"  # capacity backends: position (first slots, then token order) | probs
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 1e-3
-    allow_noncausal: bool = False
-    router_options: dict = field(default_factory=dict)
+    init_seed: int = -1  # seeds the experts' initialisation; -1: train.seed (what configs saved without it used)
 
 
 @dataclass
@@ -86,7 +65,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum_steps: int = 1
     activation_checkpointing: int = 0  # recompute every n-th block in the backward (1: every block; 0: off)
-    peak_tflops: float = 0.0  # the device's dense peak for the mfu metric; 0: the known table (megavq.flops)
+    peak_tflops: float = 0.0  # the device's dense peak for the mfu metric; 0: the known table (megavq.model.flops)
     seed: int = 1337
     log_every: int = 10
     eval_every: int = 100
@@ -96,7 +75,7 @@ class TrainConfig:
     final_eval_tokens: int = 4_194_304  # end-of-run val and test evaluation: at most this many tokens per split
     stop_at_step: int = 0  # stop (checkpoint, evaluate) after this step; the schedule still spans max_steps
     collapse_share: float = 0.9  # warn when one expert gets more than this share of a layer's tokens ...
-    collapse_patience: int = 3  # ... for this many consecutive evaluations (see megavq/eval/health.py)
+    collapse_patience: int = 3  # ... for this many consecutive evaluations (see megavq/train/health.py)
     dead_code_frac: float = 0.5  # vq: warn when more than this fraction of the codes are dead (same patience)
     code_usage_min: float = 0.5  # vq: ... or when the code perplexity is below this fraction of the codes
     wandb: bool = False
@@ -209,14 +188,20 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] = ()) -> Config
     _apply(cfg, _read_file(resolve_source(name_or_path)))
     for text in overrides:
         _apply(cfg, parse_override(text))
-    validate(cfg)
-    return cfg
+    return resolved(cfg)
 
 
 def config_from_dict(data: dict) -> Config:
     load_plugins()
     cfg = Config()
     _apply(cfg, data)
+    return resolved(cfg)
+
+
+def resolved(cfg: Config) -> Config:
+    """cfg with the defaults that depend on other keys filled in (model.init_seed), validated."""
+    if cfg.model.init_seed < 0:
+        cfg.model.init_seed = cfg.train.seed
     validate(cfg)
     return cfg
 
@@ -243,7 +228,7 @@ def validate(cfg: Config, zero_stage: int | None = None) -> None:
     the launch adds the checks that need the world size (megavq.train.engine.check_world)."""
     _check_model(cfg.model)
     _check_train(cfg.train, cfg.data)
-    _check_moe(cfg, zero_stage)
+    cfg.moe.check(cfg.model.d_model, cfg.model.mlp_bias, zero_stage)
 
 
 def _check_positive(pairs: list) -> None:
@@ -281,31 +266,5 @@ def _check_train(t: TrainConfig, data: DataConfig) -> None:
     _check(0 <= t.code_usage_min <= 1, f"train.code_usage_min must be in [0, 1], got {t.code_usage_min}")
 
 
-def _check_moe(cfg: Config, zero_stage: int | None) -> None:
-    moe = cfg.moe
-    _check_positive([("moe.num_experts", moe.num_experts), ("moe.top_k", moe.top_k), ("moe.ep_size", moe.ep_size)])
-    _check(moe.every >= 0, f"moe.every must be >= 0, got {moe.every}")
-    _check(moe.top_k <= moe.num_experts, f"moe.top_k ({moe.top_k}) exceeds moe.num_experts ({moe.num_experts})")
-    _check(moe.num_experts % moe.ep_size == 0,
-           f"moe.num_experts ({moe.num_experts}) must be divisible by moe.ep_size ({moe.ep_size})")
-    _check(moe.drop_policy in ("position", "probs"),
-           f"moe.drop_policy must be position or probs, got {moe.drop_policy!r}")
-    _check(moe.router in available_routers(), f"unknown moe.router '{moe.router}' (valid: {available_routers()})")
-    _check(moe.backend in available_dispatchers(),
-           f"unknown moe.backend '{moe.backend}' (valid: {available_dispatchers()})")
-    if moe.every == 0:
-        return
-    check_layer(moe, cfg.model.mlp_bias)
-    check_causal(cfg)
-    with torch.device("meta"):  # the router's own checks of its options, without allocating anything
-        build_router(moe.router, cfg.model.d_model, moe.num_experts, moe.top_k, **router_options(moe))
-    if zero_stage == 3 and (moe.ep_size != 1 or not dispatcher_class(moe.backend).zero3):
-        zero3 = dispatchers_where(lambda d: d.zero3)
-        choices = zero3[0] + "".join(f" (or {n})" for n in zero3[1:])
-        raise ConfigError(f"ZeRO-3 runs MoE with moe.backend={choices} and moe.ep_size=1 only, got "
-                          f"moe.backend={moe.backend} moe.ep_size={moe.ep_size}; for expert parallelism or the "
-                          f"other backends use ZeRO-0/1/2 (ds_configs/zero2.json)")
-
-
 def save_config(cfg: Config, path: Path) -> None:
-    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_json(Path(path), cfg.to_dict())

@@ -12,16 +12,12 @@ plateau after the step (negative: the resume peaks below the training plateau); 
 then holds the saved fp32 weights, moments and Adam step (sums compared). The limit is 1.2 x the bytes of state
 the rank owns (the fp32 master weights and Adam moments it writes, and the buffers) + 256 MB.
 """
-import sys
+import argparse
+import gc
+import os
+import shutil
+import time
 from pathlib import Path
-
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
 
 MODEL = ["model.n_layers=4", "model.d_model=512", "model.n_heads=8", "model.seq_len=64", "model.vocab_size=4096",
          "moe.num_experts=16", "moe.d_expert=1024", "moe.top_k=2", "data.micro_batch_size=2"]
@@ -51,9 +47,9 @@ def rank_main(rank: int, world: int, port: int, args, results) -> None:
     import torch.distributed as dist
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
+    from megavq.compat import deepspeed as ds_compat
     from megavq.config import load_config
     from megavq.model import Transformer
-    from megavq.train import ds_compat
     from megavq.train.checkpoint import Checkpointer, owned_entries
     from megavq.train.engine import build_engine, init_distributed, read_ds_config, reconcile_ds_config
     init_distributed()
@@ -110,6 +106,7 @@ def rank_main(rank: int, world: int, port: int, args, results) -> None:
 
 def run(world: int, args) -> list[dict]:
     import multiprocessing as mp
+
     from megavq.train.launch import free_port
     shutil.rmtree(args.out, ignore_errors=True)
     ctx = mp.get_context("spawn")

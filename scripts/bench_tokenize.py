@@ -9,22 +9,19 @@ news.en-000NN-of-00100 files of sentences drawn from the words of the builtin te
 file. Then, per thread count: `Tokenizer.encode_batch` on the first train file held in memory, and the whole
 `encode_corpus` (read, encode, write all splits) of the corpus. MB = 10^6 bytes of UTF-8 text.
 """
+import argparse
+import collections
+import hashlib
 import os
+import re
 import sys
+import time
+from pathlib import Path
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, as in tokenize.py
+import numpy as np
 
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import hashlib  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from megavq.data import TokenData, Tokenizer, encode_corpus, train_tokenizer  # noqa: E402
-from megavq.data.corpus import LM1B_HELDOUT, builtin_text  # noqa: E402
+from megavq.data import TokenData, Tokenizer, encode_corpus, train_tokenizer
+from megavq.data.corpus import LM1B_HELDOUT, builtin_text
 
 TRAIN_FILES = 10
 HELDOUT_MB = 1

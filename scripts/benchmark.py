@@ -13,22 +13,19 @@ Columns: tokens/s of a forward+backward step (all ranks), memory
 (GPU: peak allocated; CPU: activations saved for the backward), the forward time of the MoE layers split
 into router (gate: routing plus capacity bookkeeping), dispatch, experts, combine and communication
 (all-to-all, including the wait for the other ranks), the backward, and MFU = model FLOPs per token (6 x active
-matrix parameters + attention, megavq/flops.py) x tokens/s per device / peak FLOP/s (with --peak_tflops, or on
+matrix parameters + attention, megavq/model/flops.py) x tokens/s per device / peak FLOP/s (with --peak_tflops, or on
 a known GPU). Native's dispatch is the sort by
 expert and its combine the gather, weighting and scatter-add around the experts.
 """
-import sys
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import argparse  # noqa: E402
+import argparse
 
-import torch  # noqa: E402
+import torch
 
-from megavq.bench import VARIANTS, measure, ratios, table  # noqa: E402
-from megavq.errors import ConfigError  # noqa: E402
-from megavq.train.launch import single_process_env, user_errors  # noqa: E402
+from megavq.errors import ConfigError
+from megavq.tools.bench import VARIANTS, measure, ratios, table
+from megavq.train.launch import single_process_env, user_errors
 
 
 def parse_args():

@@ -8,16 +8,13 @@ vq:continuous=xmoe,xmoe@1`: options for that router only, @ for a subset of --se
 router (moe.router's default); it runs at every seed. key=value overrides apply to every run.
 Writes OUT_DIR/compare.md and OUT_DIR/compare.json; each run's directory is OUT_DIR/<router>/seed<S>.
 """
+import argparse
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not scripts/ (tokenize.py is there)
-
-import argparse  # noqa: E402
-
-from megavq.errors import ConfigError  # noqa: E402
-from megavq.train.compare import check_entries, compare, markdown_table, parse_entries  # noqa: E402
-from megavq.train.launch import free_port, user_errors  # noqa: E402
+from megavq.errors import ConfigError
+from megavq.tools.compare import check_entries, compare, markdown_table, parse_entries
+from megavq.train.launch import free_port, user_errors
 
 
 def parse_seeds(text: str) -> list:

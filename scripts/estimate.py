@@ -7,19 +7,15 @@
 Prints, per GPU (the most loaded rank): parameters, fp32 master weights, AdamW states, gradients, DeepSpeed's
 buffers and the activations of one micro-batch, each with the tensors it counts; the all-to-all volume and
 its time at the stated bandwidths; a table of ZeRO stage / ep_size / micro-batch candidates marking which fit
-in --gpu_memory; and one summary line. The formulas and their DeepSpeed sources: megavq/estimate.py.
+in --gpu_memory; and one summary line. The formulas and their DeepSpeed sources: megavq/tools/estimate.py.
 """
-import sys
+import argparse
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse  # noqa: E402
-
-from megavq.config import load_config  # noqa: E402
-from megavq.estimate import Cluster, DeepSpeedSettings, candidates, estimate, report, summary_line  # noqa: E402
-from megavq.train.engine import read_ds_config  # noqa: E402
-from megavq.train.launch import user_errors  # noqa: E402
+from megavq.config import load_config
+from megavq.tools.estimate import Cluster, DeepSpeedSettings, candidates, estimate, report, summary_line
+from megavq.train.engine import read_ds_config
+from megavq.train.launch import user_errors
 
 
 def parse_args():

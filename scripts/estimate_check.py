@@ -2,23 +2,20 @@
 
     deepspeed --num_gpus 2 scripts/estimate_check.py [--cases "tiny zero2,lm1b_base zero3"] [--out rows.json]
 
-For every case (megavq/estimate_check.py: presets tiny and lm1b_base at vocabulary 8000 and micro-batch 4;
+For every case (megavq/tools/estimate_check.py: presets tiny and lm1b_base at vocabulary 8000 and micro-batch 4;
 ZeRO 0/1/2/3; ep_size 1 and 2; fp32 and bf16; the native and deepspeed backends) each rank builds the
 engine as the trainer does, trains two steps and measures
 what it holds: parameters, fp32 master weights, AdamW states, gradients, DeepSpeed's reduce bucket, ZeRO-3's
 gathered weights and the activations saved for the backward. Rank 0 prints a table (estimate, measured,
 ratio) and exits with status 1 when a checked figure is more than 15% off.
 """
+import argparse
+import json
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-from megavq.estimate_check import CASES, compare, failures, table  # noqa: E402
-from megavq.train.launch import single_process_env, user_errors  # noqa: E402
+from megavq.tools.estimate_check import CASES, compare, failures, table
+from megavq.train.launch import single_process_env, user_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 

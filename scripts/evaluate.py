@@ -8,20 +8,16 @@ another tokenizer than the checkpoint's is refused. Runs on a GPU when there is 
 and PNG figures into --out (default: <checkpoint>/eval). With --compare, the routing consistency with another
 checkpoint, or with every checkpoint of a run directory. See docs/evaluation.md.
 """
-import sys
+import argparse
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not scripts/
-
-import argparse  # noqa: E402
-
-from megavq.train.launch import user_errors  # noqa: E402
+from megavq.train.launch import user_errors
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model, checkpoint or run directory (newest checkpoint)")
-    p.add_argument("--data", default=None, help="'builtin' or a directory made by scripts/tokenize.py "
+    p.add_argument("--data", default=None, help="'builtin' or a directory made by scripts/prepare_data.py "
                                                   "(default: the checkpoint's data.source)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/eval)")
@@ -41,9 +37,8 @@ def main():
     with user_errors():
         from megavq.errors import MegavqError
         from megavq.eval import evaluate, write_report
-        from megavq.hf import is_hf_dir
-        from megavq.io import resolve_model_dir
         from megavq.plugins import load_plugins
+        from megavq.store.model_dir import is_hf_dir, resolve_model_dir
         load_plugins(args.plugin)
         if args.max_batches is not None and args.max_batches < 1:
             raise MegavqError(f"--max_batches must be >= 1, got {args.max_batches}")

@@ -14,12 +14,8 @@ PATH: a run directory (newest checkpoint), a checkpoint or model directory, or a
 The tokenizer is the checkpoint's own (its manifest); --tokenizer gives one where the checkpoint records none.
 """
 import argparse
-import sys
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not scripts/ (tokenize.py is there)
-
-from megavq.train.launch import user_errors  # noqa: E402
+from megavq.train.launch import user_errors
 
 
 def parse_args():
@@ -38,17 +34,18 @@ def parse_args():
 
 def export_tokenizer(args, hf_input: bool):
     """--tokenizer, else the checkpoint's own (None for a Hugging Face input or a checkpoint without one)."""
-    from megavq.io import model_tokenizer
+    from megavq.store.model_dir import model_tokenizer
     return args.tokenizer or (None if hf_input else model_tokenizer(args.checkpoint))
 
 
 def main():
     args = parse_args()
     with user_errors():
+        from megavq.convert.hf.export import export_kind, save_hf
+        from megavq.convert.load import load_model
         from megavq.errors import MegavqError
-        from megavq.hf import export_kind, is_hf_dir, save_hf
-        from megavq.io import load_config_file, load_model, resolve_model_dir, save_model
         from megavq.plugins import load_plugins
+        from megavq.store.model_dir import is_hf_dir, load_config_file, resolve_model_dir, save_model
         load_plugins(args.plugin)
         model = load_model(args.checkpoint)
         hf_input = is_hf_dir(args.checkpoint)

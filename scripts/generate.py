@@ -8,14 +8,10 @@
 tokenizer of the data it was trained on). The same seed gives the
 same text. Runs on a GPU when there is one.
 """
-import sys
+import argparse
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not scripts/
-
-import argparse  # noqa: E402
-
-from megavq.train.launch import user_errors  # noqa: E402
+from megavq.train.launch import user_errors
 
 
 def parse_args():
@@ -44,12 +40,11 @@ def main():
     args = parse_args()
     with user_errors():
         import torch
+
         import megavq
         from megavq.data import Tokenizer
         from megavq.errors import MegavqError
-        from megavq.generate import checkpoint_tokenizer
-        from megavq.hf import is_hf_dir
-        from megavq.io import model_tokenizer
+        from megavq.store.model_dir import checkpoint_tokenizer, is_hf_dir, model_tokenizer
         prompts = read_prompts(args)
         if not prompts:
             raise MegavqError("no prompt: pass --prompt TEXT or --prompts_file FILE")

@@ -7,12 +7,8 @@ The builtin text changes a little between Python versions: the shipped file was 
 megavq/lm_eval_tasks/megavq_builtin_cloze/README.md.
 """
 import argparse
-import sys
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not scripts/
-
-from megavq.train.launch import user_errors  # noqa: E402
+from megavq.train.launch import user_errors
 
 
 def main():

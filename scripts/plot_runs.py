@@ -3,14 +3,11 @@ over training (from each run's metrics.jsonl).
 
     python scripts/plot_runs.py RUN_DIR [RUN_DIR ...] [--out runs.png]
 """
-import sys
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not scripts/
 
-import argparse  # noqa: E402
+import argparse
 
-from megavq.train.launch import user_errors  # noqa: E402
+from megavq.train.launch import user_errors
 
 
 def main():

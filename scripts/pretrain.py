@@ -7,18 +7,15 @@ Exit codes: 0 finished; 2 bad input (or a first non-finite loss); 3 fatal (a che
 or read, a non-finite loss again after a resume); 75 retryable: stopped by SIGTERM/SIGUSR1 after saving, a lost
 rank, a collective timeout (continue with --resume auto).
 """
+import argparse
+import json
 import sys
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not scripts/ (tokenize.py is there)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-from megavq.config import load_config  # noqa: E402
-from megavq.io import resolve_model_dir  # noqa: E402
-from megavq.plugins import load_plugins  # noqa: E402
-from megavq.train.launch import single_process_env, user_errors  # noqa: E402
+from megavq.config import load_config
+from megavq.plugins import load_plugins
+from megavq.store.model_dir import resolve_model_dir
+from megavq.train.launch import single_process_env, user_errors
 
 
 def parse_args():
@@ -26,7 +23,7 @@ def parse_args():
     p.add_argument("--ds_config", default="ds_configs/zero2.json", help="DeepSpeed JSON config")
     p.add_argument("--config", default=None,
                    help="preset name or YAML/JSON path (default: tiny, or the config.json of --init_from)")
-    p.add_argument("--data", default=None, help="'builtin' or a directory made by scripts/tokenize.py")
+    p.add_argument("--data", default=None, help="'builtin' or a directory made by scripts/prepare_data.py")
     p.add_argument("--out_dir", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", choices=("strict", "auto"), default=None,
                    help="`--resume`: continue from the newest checkpoint in out_dir (it must exist and be intact); "

@@ -8,12 +8,8 @@ copies; the router is new (vq: k-means codebook from the dense model's hidden st
 Continue with: deepspeed scripts/pretrain.py --ds_config ds_configs/zero2.json --init_from DIR
 """
 import argparse
-import sys
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not scripts/ (tokenize.py is there)
-
-from megavq.train.launch import user_errors  # noqa: E402
+from megavq.train.launch import user_errors
 
 
 def parse_args():
@@ -33,10 +29,15 @@ def parse_args():
 def main():
     args = parse_args()
     with user_errors():
-        from megavq.hf import is_hf_dir
-        from megavq.io import load_model, model_tokenizer, save_model
-        from megavq.upcycle import (calibration_batches, needs_calibration, preserves_function, upcycle,
-                                    upcycle_config)
+        from megavq.convert.load import load_model
+        from megavq.convert.upcycle import (
+            calibration_batches,
+            needs_calibration,
+            preserves_function,
+            upcycle,
+            upcycle_config,
+        )
+        from megavq.store.model_dir import is_hf_dir, model_tokenizer, save_model
         dense = load_model(args.dense)
         cfg = upcycle_config(dense.cfg, args.num_experts, args.top_k, args.router, args.every, args.overrides)
         batches = None

@@ -4,15 +4,11 @@
 
 megavq reads the current format and the previous one; older directories are refused with this command.
 Checkpoints of format 0 and 1 (model.safetensors + train_state.*, beside DeepSpeed's pickled files) become
-sharded format-2 checkpoints (the DeepSpeed files are deleted), so that the run resumes. See megavq/manifest.py.
+sharded format-2 checkpoints (the DeepSpeed files are deleted), so that the run resumes. See megavq/store/manifest.py.
 """
 import argparse
-import sys
-from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not scripts/
-
-from megavq.train.launch import user_errors  # noqa: E402
+from megavq.train.launch import user_errors
 
 
 def main():

@@ -7,13 +7,13 @@ import dataclasses
 import pytest
 import torch
 
+from megavq.compat import deepspeed as ds_compat
 from megavq.config import MoEConfig
 from megavq.errors import ConfigError
 from megavq.moe.dispatch.deepspeed import DeepSpeedDispatcher, RouterGate
 from megavq.moe.layer import build_moe_layer
 from megavq.moe.routers import available_routers, build_router, router_class
 from megavq.moe.spec import MoESpec
-from megavq.train import ds_compat
 
 TOKEN_ROUTERS = [r for r in available_routers() if router_class(r).layer_kind == "token"]
 OPTIONS = {"compete": {"rate": 1.0, "warmup_steps": 0}}
@@ -210,10 +210,11 @@ def test_megablocks_router_seam_equals_learned_router():
 @pytest.mark.gpu
 def test_megablocks_model_loads_native_weights():
     """A whole model with MegaBlocks MoE layers loads native weights (from_canonical) and gives close logits."""
-    from megavq.config import load_config
-    from megavq.io import load_weights, save_model
-    from megavq.model import Transformer
     import tempfile
+
+    from megavq.config import load_config
+    from megavq.model import Transformer
+    from megavq.store.model_dir import load_weights, save_model
     cfg = load_config("tiny", ["model.vocab_size=256", "model.n_layers=2", "model.d_model=64"])
     torch.manual_seed(0)
     native = Transformer(cfg)
@@ -232,9 +233,10 @@ def test_megablocks_model_loads_native_weights():
 def test_deepspeed_version_range_is_the_tested_one():
     """pyproject pins the range the suite ran on; anything else gets one warning at start-up."""
     import re
+
     from conftest import ROOT
     pin = re.search(r'"deepspeed==([\d.]+)"', (ROOT / "pyproject.toml").read_text())
     assert pin and (pin[1], pin[1]) == ds_compat.TESTED
     assert ds_compat.is_tested("0.19.8") and ds_compat.is_tested("0.19.8+cpu")
     assert not ds_compat.is_tested("0.19.4") and not ds_compat.is_tested("0.20.0")
-    assert ds_compat.is_tested(ds_compat.check_version())  # the installed one: no warning here
+    assert ds_compat.is_tested(ds_compat.check_deepspeed_version())  # the installed one: no warning here

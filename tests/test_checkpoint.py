@@ -20,15 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
+from test_expert_parallel import EP_SMALL, jobs, run_distributed
+from test_train import last_line, pretrain
 from torch import nn
 
-from conftest import ROOT
 from megavq.moe.dispatch.base import BankDispatcher, register_dispatcher
 from megavq.moe.dispatch.native import native_moe
 from megavq.moe.experts import Experts, every_expert, expert_mlp
 from megavq.train.launch import free_port
-from test_expert_parallel import EP_SMALL, jobs, run_distributed
-from test_train import last_line, pretrain
 
 TOL = 1e-5
 ODD = ["model.d_model=33", "model.n_heads=3", "model.pos=learned", "model.vocab_size=4097"]
@@ -48,17 +48,19 @@ def assert_steps_match(got: dict, ref: dict, steps) -> None:
 
 
 def published_steps(run_dir) -> list[int]:
-    from megavq.shards import published
+    from megavq.store.shards import published
     return [int(p.name.removeprefix("step_")) for p in published(Path(run_dir) / "checkpoints")]
 
 
 # ---- the file format ---------------------------------------------------------------------------------------
 def test_rank_files_are_plain_safetensors_read_by_range(tmp_path):
     from safetensors import safe_open
-    from megavq.shards import TensorFile, file_sha256, write_tensors
+
+    from megavq.files import file_entry
+    from megavq.store.shards import TensorFile, write_tensors
     a, b = torch.randn(7, 3), torch.arange(5)
     info = write_tensors(tmp_path / "f.safetensors", [("fp32/a@0", a.view(-1)), ("buffer/b@2", b)], {"rank": 0})
-    assert info == {"bytes": (tmp_path / "f.safetensors").stat().st_size, "sha256": file_sha256(tmp_path / "f.safetensors")}
+    assert info == file_entry(tmp_path / "f.safetensors")
     with safe_open(tmp_path / "f.safetensors", "pt") as f:
         torch.testing.assert_close(f.get_tensor("fp32/a@0"), a.view(-1))
         torch.testing.assert_close(f.get_tensor("buffer/b@2"), b)
@@ -70,7 +72,7 @@ def test_rank_files_are_plain_safetensors_read_by_range(tmp_path):
 
 def test_fragments_cover_each_tensor_once_and_read_across_files(tmp_path):
     from megavq.errors import CheckpointError
-    from megavq.shards import Fragments, TensorFile, write_tensors
+    from megavq.store.shards import Fragments, TensorFile, write_tensors
     w = torch.randn(11)
     write_tensors(tmp_path / "r0.safetensors", [("fp32/w@0", w[:4]), ("fp32/w@9", w[9:])])
     write_tensors(tmp_path / "r1.safetensors", [("fp32/w@4", w[4:9])])
@@ -193,6 +195,7 @@ def fork_run(src: str, dst: str, step: int) -> None:
 def fragments_job(data: str, ds: str, overrides: list[str]) -> list:
     """[(kind, canonical name, start, numel)] of what this rank writes, and the canonical shapes (no training)."""
     import torch.distributed as dist
+
     from megavq.config import load_config
     from megavq.model import Transformer
     from megavq.train.checkpoint import build_layout, owned_entries
@@ -320,7 +323,7 @@ def test_every_fault_point_resumes_to_the_uninterrupted_run(runs, tmp_path):
     """2 ranks. Killed while writing its rank file, after every file but before publishing, while pruning,
     mid-step; then a rank's disk is full at the last save (fatal, the previous checkpoint intact). After each,
     `--resume auto` continues from the newest complete checkpoint and its steps equal the reference run's."""
-    from megavq.shards import open_checkpoint
+    from megavq.store.shards import open_checkpoint
     out, ref = tmp_path / "run", runs["ref"]
     chain = [("save.write:1:4:kill", None, 2), ("save.publish:0:6:kill", 2, 4), ("save.prune:0:8:kill", 4, 8),
              ("step:1:12:kill", 8, 10), ("save.enospc:1:14", 10, 12), (None, 12, 14)]
@@ -395,7 +398,9 @@ def test_a_kill_at_a_random_moment_resumes_to_the_uninterrupted_run(runs, tmp_pa
 def collective_timeout_job() -> dict:
     """Rank 0 waits in an all_reduce that rank 1 never joins, on a group with a 2 s timeout."""
     import datetime
+
     import torch.distributed as dist
+
     from megavq.train.launch import lost_rank
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=2))
     if dist.get_rank() == 1:
@@ -538,7 +543,7 @@ def test_auto_resume_falls_back_past_a_truncated_checkpoint(one_rank_run, tmp_pa
     assert f"warning: {shard} has" in proc.stderr and "falling back to the previous checkpoint" in proc.stderr
     assert f"resuming from {out / 'checkpoints' / 'step_0000004'} (step 4)" in proc.stderr
     assert_steps_match(step_losses(out), one_rank_run["losses"], range(1, 7))  # 5 and 6 re-done from step 4
-    from megavq.shards import open_checkpoint
+    from megavq.store.shards import open_checkpoint
     open_checkpoint(out / "checkpoints" / "step_0000006").close()  # rewritten whole
 
 

@@ -1,15 +1,15 @@
-"""scripts/compare_routers.py and megavq.train.compare: per-router options and seeds, the baseline, the table."""
+"""scripts/compare_routers.py and megavq.tools.compare: per-router options and seeds, the baseline, the table."""
 import json
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from megavq.config import MoEConfig
 from megavq.errors import ConfigError
 from megavq.moe.routers import recorded_options
-from megavq.train.compare import Entry, check_entries, markdown_table, parse_entries, parse_entry, summarize
+from megavq.tools.compare import Entry, check_entries, markdown_table, parse_entries, parse_entry, summarize
 
 
 def test_entries_carry_their_own_options_and_seeds():

@@ -12,12 +12,24 @@ import numpy as np
 import pytest
 import torch
 
-from megavq.errors import MegavqError
 from megavq.data import DataError, TokenData, Tokenizer, encode_corpus, prepare_data, read_corpus
-from megavq.data.corpus import (SPLITS, Piece, block_split, blocks, builtin_documents, builtin_text,
-                                 builtin_topics, hf_rows, interleaved, joined, load_hf)
+from megavq.data.corpus import (
+    SPLITS,
+    Piece,
+    block_split,
+    blocks,
+    builtin_documents,
+    builtin_text,
+    builtin_topics,
+    hf_rows,
+    interleaved,
+    joined,
+    load_hf_dataset,
+)
 from megavq.data.dataset import BUILTIN_TOKENIZER, FORMAT_VERSION
-from megavq.data.tokenizer import file_sha256, train_tokenizer
+from megavq.data.tokenizer import train_tokenizer
+from megavq.errors import MegavqError
+from megavq.files import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "ec4c2b2" / "data"  # format 1, written before EOS ids
@@ -186,7 +198,7 @@ def test_hf_sources_stream_and_equal_the_loaded_dataset(tmp_path, monkeypatch):
         (files / f"{name}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in split_rows))
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train})}).save_to_disk(str(tmp_path / "saved"))
     for path in (files / "train.jsonl", files, tmp_path / "saved"):
-        assert all(isinstance(d, datasets.IterableDataset) for d in load_hf(str(path), None).values())
+        assert all(isinstance(d, datasets.IterableDataset) for d in load_hf_dataset(str(path), None).values())
     source = f"hf:{files}"
     assert next(read_corpus(source, "train")) == Piece(train[0] + "\n", True)
     assert arrow_files(tmp_path / "cache") == []  # streamed: nothing converted or cached
@@ -289,7 +301,7 @@ def test_encoding_gives_the_same_tokens_on_any_thread_count(data_dir, text_file,
 
 def test_format_1_fixture_loads_with_a_one_line_warning():
     with pytest.warns(UserWarning, match=r"format 1, with no end-of-document ids .* max_new_tokens; rebuild it "
-                                         r"with: python scripts/tokenize.py --source /tmp/fx/text.txt") as record:
+                                         r"with: python scripts/prepare_data.py --source /tmp/fx/text.txt") as record:
         data = TokenData(FIXTURE_DATA)
     assert len(record) == 1 and "\n" not in str(record[0].message)
     assert data.eos_id is None and data.vocab_size == 384 and data.tokens("val") == 1454
@@ -310,7 +322,7 @@ def test_the_warning_command_rebuilds_a_format_1_directory_with_its_tokenizer(tm
     with pytest.warns(UserWarning, match="rebuild it with: ") as record:
         TokenData(old)
     command = shlex.split(str(record[0].message).split("rebuild it with: ")[1])
-    assert command[:2] == ["python", "scripts/tokenize.py"]
+    assert command[:2] == ["python", "scripts/prepare_data.py"]
     result = run_script(*command[2:])
     assert result.returncode == 0, result.stderr
     with warnings.catch_warnings():
@@ -416,7 +428,7 @@ def test_prepare_unknown_source_is_one_line_error():
 
 def run_script(*args):
     env = dict(os.environ, PYTHONPATH="")
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "tokenize.py"), *args], capture_output=True,
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_data.py"), *args], capture_output=True,
                           text=True, env=env, timeout=120)
 
 

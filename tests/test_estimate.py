@@ -8,15 +8,22 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from megavq.config import load_config
 from megavq.errors import ConfigError
-from megavq.estimate import (Cluster, DeepSpeedSettings, activation_memory, all_to_all, estimate, model_params,
-                             summary_line)
-from megavq.estimate_check import saved_bytes
 from megavq.model import Transformer
 from megavq.moe.experts import Experts
+from megavq.tools.estimate import (
+    Cluster,
+    DeepSpeedSettings,
+    activation_memory,
+    all_to_all,
+    estimate,
+    model_params,
+    summary_line,
+)
+from megavq.tools.estimate_check import saved_bytes
 from megavq.train.launch import free_port
 
 # published total and active parameters (OLMoE: Muennighoff et al. 2024; Mixtral: Jiang et al. 2024)

@@ -7,16 +7,22 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
+
 from megavq.config import load_config
-from megavq.eval import CollapseMonitor, evaluate, write_report
-from megavq.eval import consistency, lm, routing
-from megavq.eval.stats import (agreement, bits_per_byte, effective_rank, load_stats, mean_pairwise_cosine,
-                               router_entropy, top1_expert)
-from megavq.io import save_model
+from megavq.eval import CollapseMonitor, consistency, evaluate, lm, routing, write_report
+from megavq.eval.stats import (
+    agreement,
+    bits_per_byte,
+    effective_rank,
+    load_stats,
+    mean_pairwise_cosine,
+    router_entropy,
+    top1_expert,
+)
 from megavq.model import Transformer
 from megavq.moe.routers import build_router
+from megavq.store.model_dir import save_model
 from megavq.train.logging import flatten_router_metrics
 
 VOCAB, SEQ = 64, 8
@@ -275,10 +281,10 @@ def diagnostics_job() -> dict:
     """On this rank: for every router and every CPU backend that serves its layer kind, a tiny model with the same
     weights (expert parallel over the 2 ranks where the backend and router allow it), and evaluate.py's per-layer
     reports (layer_reports: load, entropy, router metrics, stability, effective ranks, expert-output cosine)."""
+    from megavq.compat import deepspeed as ds_compat
     from megavq.eval import report
     from megavq.moe.dispatch import dispatcher_class
     from megavq.moe.routers import available_routers, router_class
-    from megavq.train import ds_compat
     from megavq.train.engine import setup_expert_parallel
     out = {}
     for router in available_routers():
@@ -311,6 +317,7 @@ def test_layer_diagnostics_for_every_router_on_every_cpu_backend_on_two_ranks():
     """One 2-rank job: the reports exist for every (router, backend) pair, agree between the ranks, and equal the
     reference backend's (same weights, same inputs; capacity large enough to drop nothing)."""
     from test_expert_parallel import run_distributed
+
     from megavq.moe.routers import available_routers, router_class
     ranks = run_distributed(diagnostics_job, 2)
     pairs = {(r, b) for r in available_routers() for b in CPU_BACKENDS
@@ -337,7 +344,7 @@ def test_evaluate_defaults_to_the_checkpoints_data_and_refuses_another_tokenizer
     """Trained on a tokenized directory: evaluated on it unless --data says otherwise; data encoded with another
     tokenizer than the one the checkpoint records is refused with one line."""
     from megavq.data.dataset import BUILTIN_TOKENIZER
-    from megavq.data.tokenizer import file_sha256
+    from megavq.files import file_sha256
     def data_dir(path, tokenizer_sha256):  # the current format (with EOS ids), encoded by that tokenizer
         meta = json.loads((hand_made_data(path) / "meta.json").read_text())
         meta.update(format_version=2, eos_id=2, tokenizer_sha256=tokenizer_sha256)
@@ -355,4 +362,4 @@ def test_evaluate_defaults_to_the_checkpoints_data_and_refuses_another_tokenizer
     refused = subprocess.run([*script, "--data", str(other)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert refused.stderr.startswith(f"error: data {other} was encoded with the tokenizer of sha256 000000000000...")
-    assert "scripts/tokenize.py --tokenizer" in refused.stderr
+    assert "scripts/prepare_data.py --tokenizer" in refused.stderr

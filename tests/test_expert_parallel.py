@@ -5,7 +5,7 @@ so a world of 2 ranks pays the start-up once. A 2-rank run with micro-batch 4 an
 same global batch as a 1-rank run with 2 accumulation steps and moe.ep_size=1; their losses agree to 1e-4
 (measured: 1e-6 or better). Gradient clipping is off in these runs (train.grad_clip=0) but in the clipping
 runs, which show that ZeRO-0 and ZeRO-2 clip by the norm of all gradients with every expert counted once
-(megavq.train.ds_compat.clip_by_global_norm). The deepspeed backend runs with capacity large enough to drop
+(megavq.compat.deepspeed.clip_by_global_norm). The deepspeed backend runs with capacity large enough to drop
 nothing.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from megavq.train.launch import free_port
 
 TOL = 1e-4
@@ -229,6 +229,7 @@ def layer_job(router: str, options: dict) -> dict:
     """Rank r runs rows r of a batch through a native layer sharded over 2 ranks; returns outputs and local
     expert grads."""
     import torch.distributed as dist
+
     from megavq.config import MoEConfig
     from megavq.moe.dispatch.expert_parallel import new_ep_group
     from megavq.moe.layer import build_moe_layer
@@ -291,8 +292,8 @@ def test_received_rows_are_grouped_by_local_expert():
 
 
 def test_ep_size_must_divide_the_ranks_and_zero3_names_what_works():
-    from megavq.errors import ConfigError
     from megavq.config import load_config
+    from megavq.errors import ConfigError
     from megavq.train.engine import reconcile_ds_config
     zero3 = {"zero_optimization": {"stage": 3}}
     with pytest.raises(ConfigError, match=r"moe.ep_size=2 must divide the number of ranks, got 3"):

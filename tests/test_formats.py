@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
+from test_train import last_line, losses, pretrain
 
 import megavq
-from conftest import ROOT
 from megavq.errors import MegavqError
-from megavq.io import model_tokenizer, save_model
-from megavq.manifest import FORMATS, read_manifest
-from test_train import last_line, losses, pretrain
+from megavq.store.manifest import FORMATS, read_manifest
+from megavq.store.model_dir import model_tokenizer, save_model
 
 FIXTURES = ROOT / "tests" / "fixtures" / "ec4c2b2"
 
@@ -125,8 +125,9 @@ def resume_fixture(run: str, steps: int) -> dict:
 def test_format_1_checkpoint_resumes_as_it_is_like_the_upgraded_one(tmp_path):
     """The previous checkpoint format (model.safetensors + train_state.*, here the ec4c2b2 checkpoint given a
     version-1 manifest) resumes without conversion, and continues exactly as its format-2 conversion does."""
-    from megavq.config import saved_config
     from test_expert_parallel import jobs, run_distributed
+
+    from megavq.config import saved_config
     shutil.copytree(FIXTURES / "data", tmp_path / "data")
     runs = {}
     for name in ("v1", "v2"):

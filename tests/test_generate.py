@@ -8,10 +8,11 @@ import torch
 
 from megavq.config import load_config
 from megavq.errors import ConfigError, MegavqError
-from megavq.generate import checkpoint_tokenizer, router_is_causal, top_k_filter, top_p_filter
 from megavq.model import Transformer
+from megavq.model.generate import router_is_causal, top_k_filter, top_p_filter
 from megavq.model.kv_cache import KVCache
 from megavq.moe.routers import available_routers
+from megavq.store.model_dir import checkpoint_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN = 16
@@ -155,7 +156,7 @@ def test_checkpoint_tokenizer_is_the_datas(tmp_path):
 
 
 def test_script_prints_the_same_text_for_the_same_seed(tmp_path):
-    from megavq.io import save_model
+    from megavq.store.model_dir import save_model
     cfg = load_config("tiny", [*SMALL[1:], "model.vocab_size=4096"])
     torch.manual_seed(0)
     save_model(Transformer(cfg).state_dict(), cfg, tmp_path / "model")
@@ -181,7 +182,7 @@ def test_the_tokenizer_is_the_one_the_checkpoint_records(tmp_path):
     """The manifest's copy, even when the training data is gone; the data's tokenizer only for checkpoints that
     record none."""
     from megavq.data.dataset import BUILTIN_TOKENIZER
-    from megavq.io import model_tokenizer, save_model
+    from megavq.store.model_dir import model_tokenizer, save_model
     cfg = load_config("tiny", [*SMALL[1:], "model.vocab_size=4096", f"data.source={tmp_path / 'gone'}"])
     torch.manual_seed(0)
     save_model(Transformer(cfg).state_dict(), cfg, tmp_path / "model", BUILTIN_TOKENIZER)

@@ -4,11 +4,12 @@ import json
 import pytest
 import torch
 
-from megavq.errors import MegavqError
 from megavq.config import config_from_dict
-from megavq.hf import save_hf
-from megavq.io import load_model, resolve_model_dir
+from megavq.convert.hf.export import save_hf
+from megavq.convert.load import load_model
+from megavq.errors import MegavqError
 from megavq.model import Transformer
+from megavq.store.model_dir import resolve_model_dir
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # Qwen2-MoE's empty shared expert
@@ -170,9 +171,10 @@ def test_export_refuses_what_hugging_face_cannot_express(tmp_path, change, messa
 
 
 def test_export_script(tmp_path):
-    from megavq.data.dataset import BUILTIN_TOKENIZER
-    from megavq.io import save_model
     from test_upcycle import run_script
+
+    from megavq.data.dataset import BUILTIN_TOKENIZER
+    from megavq.store.model_dir import save_model
     model = megavq_model({"vocab_size": 4096})  # the shipped tokenizer's: an export writes the checkpoint's tokenizer
     save_model(model.state_dict(), model.cfg, tmp_path / "moe", BUILTIN_TOKENIZER)
     r = run_script("export.py", "--checkpoint", tmp_path / "moe", "--out", tmp_path / "hf", "--format", "hf")

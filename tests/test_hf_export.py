@@ -1,5 +1,5 @@
 """Hugging Face export of every causal router, with its tokenizer: megavq checkpoints (random weights, the shipped
-tokenizer) -> scripts/export.py or megavq.hf.save_hf -> transformers (AutoModelForCausalLM, AutoTokenizer,
+tokenizer) -> scripts/export.py or megavq.convert.hf.load.save_hf -> transformers (AutoModelForCausalLM, AutoTokenizer,
 generate) -> the same logits, the same greedy tokens stopping at EOS, SentencePiece's ids; and
 lm-evaluation-harness on an exported vq model."""
 import json
@@ -11,17 +11,18 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import ROOT
+from test_hf import randomize
+
 from megavq.config import load_config
+from megavq.convert.hf.export import save_hf
+from megavq.convert.load import load_model
 from megavq.data import Tokenizer, read_corpus
 from megavq.data.dataset import BUILTIN_TOKENIZER
 from megavq.errors import MegavqError
-from megavq.hf import save_hf
-from megavq.io import load_model, save_model
 from megavq.model import Transformer
 from megavq.moe.routers import available_routers, router_class
-from test_hf import randomize
+from megavq.store.model_dir import save_model
 
 transformers = pytest.importorskip("transformers")
 V = 4096  # the shipped tokenizer's vocabulary
@@ -186,7 +187,7 @@ class SigmoidRouter(Router):
 
 
 def test_a_plugin_router_exports_with_its_own_source(tmp_path):
-    from megavq.hf_remote import routers_source
+    from megavq.convert.hf.remote import routers_source
     from megavq.plugins import load_plugins
     (tmp_path / "hf_test_plugin.py").write_text(textwrap.dedent(PLUGIN))
     load_plugins([str(tmp_path / "hf_test_plugin.py")])

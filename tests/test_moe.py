@@ -23,6 +23,18 @@ def random_routing(T, E, K, seed=0, unused=0.0):
     return indices, weights.requires_grad_()
 
 
+def backend_results(backends, x, r, experts):
+    """Each backend's output and the gradients of x, the weights and the expert parameters."""
+    results = []
+    for backend in backends:
+        y = backend(x, r, experts)
+        y.pow(2).sum().backward()
+        results.append([y.detach()] + [t.grad.clone() for t in (x, r.weights, *experts.parameters())])
+        for t in (x, r.weights, *experts.parameters()):
+            t.grad = None
+    return results
+
+
 @pytest.mark.parametrize("mlp, bias", [("swiglu", False), ("gelu", True)])
 @pytest.mark.parametrize("unused", [0.0, 0.3])
 def test_native_equals_reference(mlp, bias, unused):
@@ -35,29 +47,8 @@ def test_native_equals_reference(mlp, bias, unused):
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     indices, weights = random_routing(T, E, K, unused=unused)
     r = RouterOutput(weights, indices, None, None, {})
-    outs, grads = [], []
-    for backend in (reference_moe, native_moe):
-        y = backend(x, r, experts)
-        y.pow(2).sum().backward()
-        outs.append(y.detach())
-        grads.append([t.grad.clone() for t in (x, weights, *experts.parameters())])
-        for t in (x, weights, *experts.parameters()):
-            t.grad = None
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
-    for a, b in zip(*grads):
+    for a, b in zip(*backend_results((reference_moe, native_moe), x, r, experts)):  # outputs, then gradients
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def backend_results(backends, x, r, experts):
-    """Each backend's output and the gradients of x, the weights and the expert parameters."""
-    results = []
-    for backend in backends:
-        y = backend(x, r, experts)
-        y.pow(2).sum().backward()
-        results.append([y.detach()] + [t.grad.clone() for t in (x, r.weights, *experts.parameters())])
-        for t in (x, r.weights, *experts.parameters()):
-            t.grad = None
-    return results
 
 
 needs_grouped_mm = pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch has no _grouped_mm")
@@ -94,7 +85,7 @@ def test_grouped_products_equal_the_loop_on_cuda_bf16(unused):
     indices, weights = random_routing(T, E, K, unused=unused)
     r = RouterOutput(weights.detach().cuda().float().requires_grad_(), indices.cuda(), None, None, {})
     grouped = backend_results([grouped_moe], x, r, experts)[0]
-    loop = backend_results([lambda x, r, e: reference_moe(x, r, e)], x, r, experts)[0]
+    loop = backend_results([reference_moe], x, r, experts)[0]
     for a, b in zip(loop, grouped):
         torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-2)
 

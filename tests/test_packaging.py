@@ -23,7 +23,7 @@ import torch
 import megavq
 from megavq.config import load_config
 from megavq.data import TokenData, prepare_data
-from megavq.io import save_model
+from megavq.store.model_dir import save_model
 from megavq.model import Transformer
 
 assert Path(megavq.__file__).resolve().is_relative_to(Path(sys.prefix).resolve()), megavq.__file__
@@ -36,7 +36,7 @@ save_model(model.state_dict(), cfg, "model")
 x_BS, _ = data.batch("val", step=0, batch_size=2, seq_len=16)
 with torch.no_grad():
     assert torch.equal(megavq.load_model("model")(x_BS), model(x_BS))
-from megavq.hf_remote import MODEL_FILES, TEMPLATE, routers_source
+from megavq.convert.hf.remote import MODEL_FILES, TEMPLATE, routers_source
 from megavq.lm_eval_tasks import TASKS_DIR
 assert all((TEMPLATE / name).is_file() for name in MODEL_FILES)  # package data: the Hugging Face export's template
 assert "def build_router" in routers_source("vq")  # and the routers' source, copied from the installed modules

@@ -9,14 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megavq.errors import ConfigError
 from megavq.config import MoEConfig, load_config
+from megavq.errors import ConfigError
 from megavq.model.transformer import Transformer
-from megavq.moe.layer import SoftMoELayer, build_moe_layer, check_causal
+from megavq.moe.config import check_causal
+from megavq.moe.layer import SoftMoELayer, build_moe_layer
 from megavq.moe.routers import available_routers, build_router, load_balance_loss
 from megavq.moe.routers.compete import competing_layers
 from megavq.moe.routers.xmoe import default_proj_dim
 from megavq.moe.spec import MoESpec
+from megavq.train.engine import prepare_model
 
 B, S, D, H, E, K = 2, 8, 16, 24, 4, 2
 ROUTERS = available_routers()
@@ -240,11 +242,11 @@ def test_bad_options_raise(name, options):
 def test_check_causal_refuses_noncausal_routers(name):
     if name in ("expert_choice", "usmoe", "soft"):
         with pytest.raises(ConfigError, match="allow_noncausal"):  # load_config validates: it refuses already
-            check_causal(load_config("tiny", [f"moe.router={name}"]))
-        check_causal(load_config("tiny", [f"moe.router={name}", "moe.allow_noncausal=true"]))
+            check_causal(load_config("tiny", [f"moe.router={name}"]).moe)
+        check_causal(load_config("tiny", [f"moe.router={name}", "moe.allow_noncausal=true"]).moe)
     else:
-        check_causal(load_config("tiny", [f"moe.router={name}"]))
-    check_causal(load_config("tiny", ["moe.router=usmoe", "moe.router_options.selection=token"]))
+        check_causal(load_config("tiny", [f"moe.router={name}"]).moe)
+    check_causal(load_config("tiny", ["moe.router=usmoe", "moe.router_options.selection=token"]).moe)
 
 
 # ---- xmoe -------------------------------------------------------------------------------------------
@@ -408,9 +410,11 @@ def test_vq_codebook_stays_fp32_and_tracks_in_a_bf16_deepspeed_run(builtin_data,
     are fp32, the EMA count equals its exact recursion Q d^n + tokens (1 - d^n) after n steps to 1e-5 (in bf16 it
     drifts by about 6e-4), and the codebook is the EMA sum over the smoothed counts."""
     import json
-    from megavq.io import load_state_dict
-    from megavq.manifest import read_manifest
+
     from test_train import ROOT, SMALL, pretrain
+
+    from megavq.store.manifest import read_manifest
+    from megavq.store.model_dir import load_state_dict
     steps, Q, d, tokens = 6, E, 0.99, 4 * 32  # fewer steps than dead_code_steps (10): no restart resets a count
     cast = json.loads((ROOT / "ds_configs" / "zero2_bf16.json").read_text())
     cast["data_types"] = {"buffer_dtype": "bf16"}
@@ -523,11 +527,11 @@ def test_compete_router_follows_the_schedule_and_never_reuses_a_stale_loss():
 
 
 def test_compete_warmup_is_a_fraction_of_the_run_length_from_the_spec():
-    """warmup_frac * train.max_steps optimizer steps without competition; the MoE spec passes max_steps."""
+    """warmup_frac * train.max_steps optimizer steps without competition; the training engine passes max_steps."""
     cfg = load_config("tiny", ["model.vocab_size=32", "model.n_layers=1", "model.d_model=32", "model.n_heads=2",
                                "model.d_ff=48", "train.max_steps=40", "moe.router=compete",
                                "moe.router_options={rate: 1.0, warmup_frac: 0.25}"])
-    model = Transformer(cfg).train()
+    model = prepare_model(Transformer(cfg), cfg).train()
     router = model.blocks[0].mlp.router
     assert router.max_steps == 40 and router.warmup == 10
     x = torch.randint(32, (1, 8))
@@ -605,7 +609,7 @@ def pattern_batches(vocab, batch, seq, steps, seed=0):
 def test_causal_router_trains_a_tiny_transformer(name, overrides):
     cfg = load_config("tiny", ["model.vocab_size=32", "model.n_layers=2", "model.d_model=32", "model.n_heads=2",
                                "model.seq_len=24", "model.d_ff=48", f"moe.router={name}", *overrides])
-    check_causal(cfg)
+    check_causal(cfg.moe)
     torch.manual_seed(0)
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)

@@ -8,16 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
+from test_expert_parallel import EP_SMALL, losses, run_distributed, trained_model
 from torch.overrides import TorchFunctionMode
 
 import megavq
-from conftest import ROOT
 from megavq.config import load_config
-from megavq.flops import flops_per_token, utilisation
 from megavq.model import Transformer
 from megavq.model import loss as head_loss
+from megavq.model.flops import flops_per_token, utilisation
 from megavq.moe.routers import available_routers, router_class
-from test_expert_parallel import EP_SMALL, losses, run_distributed, trained_model
+from megavq.train.engine import prepare_model
 
 CAUSAL = [r for r in available_routers() if router_class(r).causal]
 SYNCS = {"item", "tolist", "cpu", "__bool__", "nonzero", "__int__", "__float__"}
@@ -78,7 +79,7 @@ def test_activation_checkpointing_saves_less_and_keeps_gradients():
     for every in (0, 1, 2):
         cfg = load_config("tiny", ["model.vocab_size=512", f"train.activation_checkpointing={every}"])
         torch.manual_seed(0)
-        model = Transformer(cfg).train()
+        model = prepare_model(Transformer(cfg), cfg).train()
         model.set_step(0)
         g = torch.Generator().manual_seed(1)
         x, y = torch.randint(512, (4, 64), generator=g), torch.randint(512, (4, 64), generator=g)

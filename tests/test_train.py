@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from megavq.train.launch import free_port
 
 SMALL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.seq_len=32",
@@ -141,7 +141,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(builtin_data, t
     """A diverging run (infinite learning rate) stops at the first non-finite loss; earlier checkpoints stay.
     Resumed, it fails at the same step again: that is fatal (exit 3), so a requeue loop stops retrying."""
     from megavq import load_model
-    from megavq.manifest import read_manifest
+    from megavq.store.manifest import read_manifest
     out = tmp_path / "run"
     args = ["--data", str(builtin_data), "--out_dir", str(out), *SMALL, "train.lr=inf", "train.warmup_steps=1",
             "train.max_steps=4", "train.save_every=1"]
@@ -160,7 +160,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_checkpoints(builtin_data, t
 def test_vq_dead_code_counters_count_optimizer_steps(builtin_data, tmp_path):
     """With 4 accumulation steps a code unused for the whole run has been unused for 3 optimizer steps, not 12
     forwards: router state changes once per optimizer step (post_step)."""
-    from megavq.io import read_model
+    from megavq.convert.load import read_model
     out = tmp_path / "run"
     pretrain(["--data", str(builtin_data), "--out_dir", str(out), *SMALL, "train.max_steps=3", "train.save_every=3",
               "train.grad_accum_steps=4", "moe.router=vq", "moe.router_options.codebook_init=random",

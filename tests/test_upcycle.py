@@ -8,13 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from megavq.errors import MegavqError
 from megavq.config import config_from_dict
-from megavq.io import load_model, save_model
+from megavq.convert.load import load_model
+from megavq.convert.upcycle import (
+    calibration_batches,
+    mlp_inputs,
+    preserves_function,
+    upcycle,
+    upcycle_config,
+    upcycle_state_dict,
+)
+from megavq.errors import MegavqError
 from megavq.model import Transformer
 from megavq.moe.routers import available_routers
-from megavq.upcycle import (calibration_batches, mlp_inputs, preserves_function, upcycle, upcycle_config,
-                            upcycle_state_dict)
+from megavq.store.model_dir import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 V = 101
@@ -120,8 +127,9 @@ def test_upcycled_logits_equal_dense(family, router, top_k, tmp_path):
 def test_upcycled_hugging_face_model_exports_with_the_same_logits(tmp_path):
     """Llama -> upcycled (MoE every other block) -> Qwen2-MoE: transformers computes the original Llama's logits."""
     transformers = pytest.importorskip("transformers")
-    from megavq.hf import save_hf
     from test_hf import hf_logits, tiny_hf
+
+    from megavq.convert.hf.export import save_hf
     llama = tiny_hf("llama")
     llama.save_pretrained(tmp_path / "llama")
     moe, _ = upcycled(load_model(tmp_path / "llama"), "topk", 2)

@@ -213,7 +213,7 @@ def lm1b_documents(files: list) -> Iterator[Piece]:
 # ---- Hugging Face datasets ------------------------------------------------------------------------------
 
 def read_hf(name: str, config: str | None, split: str, text_column: str) -> Iterator[Piece]:
-    own = hf_splits(load_hf(name, config), name)
+    own = hf_splits(load_hf_dataset(name, config), name)
     columns = hf_columns(own["train"])
     if text_column not in columns:
         raise DataError(f"dataset {name!r} has no column {text_column!r} (columns: {', '.join(columns)})")
@@ -223,7 +223,7 @@ def read_hf(name: str, config: str | None, split: str, text_column: str) -> Iter
     return hf_rows(own[split], text_column)
 
 
-def load_hf(name: str, config: str | None) -> dict:
+def load_hf_dataset(name: str, config: str | None) -> dict:
     """{split name: datasets.IterableDataset} of a hub name, a saved dataset, a data file or a folder of them."""
     import datasets  # slow to import; only this source needs it
 

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from megavq.data.corpus import SPLITS, Piece, builtin_sha256, char_groups, read_corpus
 from megavq.data.tokenizer import Tokenizer, train_tokenizer
 from megavq.errors import DataError
-from megavq.manifest import library_versions, write_json
+from megavq.files import library_versions, publish_dir, write_json
 
 META = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -124,12 +124,12 @@ def read_meta(data_dir: Path) -> dict:
     path = data_dir / META
     if not path.is_file():
         raise DataError(f"data directory '{data_dir}' has no {META}: it is incomplete or not tokenized "
-                        "(run scripts/tokenize.py)")
+                        "(run scripts/prepare_data.py)")
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"'{path}' is not valid JSON: {e}") from None
-    version = check_version(meta, data_dir)
+    version = check_data_version(meta, data_dir)
     keys = META_KEYS + (("eos_id",) if version >= 2 else ())
     missing = [k for k in keys if k not in meta] + [s for s in SPLITS if s not in meta.get("splits", {})]
     if missing:
@@ -137,13 +137,13 @@ def read_meta(data_dir: Path) -> dict:
     return meta
 
 
-def check_version(meta: dict, data_dir: Path) -> int:
+def check_data_version(meta: dict, data_dir: Path) -> int:
     """The format version; raises for an unknown one, warns (one line) for format 1, which has no EOS ids."""
     version = meta.get("format_version", 1)  # the first directories had no version
     if type(version) is not int or version not in READABLE_VERSIONS:
         raise DataError(f"data directory '{data_dir}' has format_version {version!r}, which this megavq cannot "
                         f"read (it reads {', '.join(map(str, READABLE_VERSIONS))}): update megavq or re-run "
-                        "scripts/tokenize.py")
+                        "scripts/prepare_data.py")
     if version == 1:
         warnings.warn(f"data directory '{data_dir}' has format 1, with no end-of-document ids (EOS), so "
                       f"generation stops only at max_new_tokens; rebuild it with: {rebuild_command(meta, data_dir)}",
@@ -153,7 +153,7 @@ def check_version(meta: dict, data_dir: Path) -> int:
 
 def rebuild_command(meta: dict, data_dir: Path) -> str:
     """The command that re-encodes a data directory from its source with its own tokenizer."""
-    args = ["python", "scripts/tokenize.py", "--source", str(meta.get("source", "SOURCE")), "--out", str(data_dir),
+    args = ["python", "scripts/prepare_data.py", "--source", str(meta.get("source", "SOURCE")), "--out", str(data_dir),
             "--tokenizer", str(data_dir / meta.get("tokenizer", TOKENIZER_FILE))]
     return shlex.join(args)
 
@@ -168,7 +168,8 @@ def map_split(data_dir: Path, info: dict, dtype: np.dtype) -> np.memmap:
         raise DataError(f"meta.json of '{data_dir}' lists no tokens for '{info['file']}'")
     if actual != expected:
         raise DataError(f"token file '{path}' has {actual} bytes but meta.json says {expected} "
-                        f"({info['tokens']} tokens of {dtype.name}): truncated or corrupt, re-run scripts/tokenize.py")
+                        f"({info['tokens']} tokens of {dtype.name}): truncated or corrupt, "
+                        f"re-run scripts/prepare_data.py")
     return np.memmap(path, dtype=dtype, mode="r")
 
 
@@ -252,7 +253,7 @@ def prepare_data(source: str, cache_dir: str | Path | None = None) -> Path:
         TokenData(source)
         return Path(source)
     raise DataError(f"data source '{source}' is not 'builtin' nor a tokenized data directory "
-                    "(run scripts/tokenize.py first)")
+                    "(run scripts/prepare_data.py first)")
 
 
 def default_cache_dir() -> Path:
@@ -295,7 +296,7 @@ def publish(tmp: Path, target: Path) -> None:
     if target.exists() and not is_complete(target):
         shutil.rmtree(target, ignore_errors=True)
     try:
-        os.rename(tmp, target)
+        publish_dir(tmp, target)
     except OSError:
         if not is_complete(target):
             raise

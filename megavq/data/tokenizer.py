@@ -11,7 +11,6 @@ Encoding and training use `threads` threads, by default `os.cpu_count()`; the id
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -19,6 +18,7 @@ from typing import Iterable, Iterator
 import sentencepiece as spm
 
 from megavq.errors import DataError
+from megavq.files import file_sha256
 
 TRAINER_OPTIONS = dict(
     model_type="bpe",
@@ -66,10 +66,6 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_prefix: str
         reason = str(e).split("] ")[-1].strip()  # drop its source location and failed check
         raise DataError(f"tokenizer training with vocab_size {vocab_size} failed: {reason}") from e
     return Path(f"{model_prefix}.model")
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class Tokenizer:

@@ -4,7 +4,7 @@
 eval.json, eval.md and the figures (see docs/evaluation.md). `CollapseMonitor` is the trainer's routing health
 check. Importing this package does not import matplotlib (megavq.eval.plots does).
 """
-from megavq.eval.health import CollapseMonitor
+from megavq.train.health import CollapseMonitor
 from megavq.eval.report import evaluate, write_report
 
 __all__ = ["CollapseMonitor", "evaluate", "write_report"]

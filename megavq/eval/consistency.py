@@ -8,10 +8,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from megavq.convert.load import load_model
 from megavq.errors import MegavqError
 from megavq.eval.routing import top1_routes
 from megavq.eval.stats import agreement
-from megavq.io import load_model, run_checkpoints as published_checkpoints
+from megavq.store.model_dir import run_checkpoints as published_checkpoints
 
 
 def checkpoint_step(path: str | Path) -> int | None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from megavq.errors import MegavqError
+
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -132,7 +134,6 @@ def evaluation_figures(result: dict, out_dir: Path) -> list[Path]:
 # ---- training runs ------------------------------------------------------------------------------------------
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    from megavq.errors import MegavqError
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise MegavqError(f"{run_dir} is not a run directory: {path} is missing")

@@ -13,17 +13,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from megavq.convert.load import load_model
+from megavq.data import TokenData, prepare_data
 from megavq.errors import MegavqError
 from megavq.eval import consistency, lm, routing
 from megavq.eval.stats import bits_per_byte, load_stats
 from megavq.moe.routers import router_class
+from megavq.store.manifest import read_manifest
+from megavq.store.model_dir import MODEL_DIR_KINDS, is_hf_dir, resolve_model_dir
 
 ROBUSTNESS_PS = (0.0, 0.05, 0.1, 0.2)
 STANDARD_METRICS = ("load", "load_cv", "load_max", "entropy")  # recomputed from the averaged load below
 
 
 def load_data(source: str):
-    from megavq.data import TokenData, prepare_data
     return TokenData(prepare_data(source))
 
 
@@ -95,12 +98,9 @@ def header(path, model, data, data_source: str, split: str) -> dict:
 def recorded_tokenizer_sha256(path) -> str | None:
     """The sha256 of the tokenizer a megavq model or checkpoint directory records (None: format 0, imported from
     Hugging Face, or a Hugging Face directory)."""
-    from megavq.hf import is_hf_dir
-    from megavq.io import MODEL_KINDS, resolve_model_dir
-    from megavq.manifest import read_manifest
     if is_hf_dir(path):
         return None
-    entry = read_manifest(resolve_model_dir(path), MODEL_KINDS).get("tokenizer") or {}
+    entry = read_manifest(resolve_model_dir(path), MODEL_DIR_KINDS).get("tokenizer") or {}
     return entry.get("sha256")
 
 
@@ -111,13 +111,12 @@ def check_data_tokenizer(path, data, data_source: str) -> None:
         raise MegavqError(f"data {data_source} was encoded with the tokenizer of sha256 {str(used)[:12]}..., but "
                           f"{path} was trained with the one of sha256 {recorded[:12]}...: evaluate on data encoded "
                           f"with the checkpoint's tokenizer "
-                          f"(scripts/tokenize.py --tokenizer CHECKPOINT/tokenizer.model)")
+                          f"(scripts/prepare_data.py --tokenizer CHECKPOINT/tokenizer.model)")
 
 
 def open_model_and_data(path, data_source: str | None, backend: str):
     """The model (on the evaluation device), its data (data_source, default the checkpoint's data.source) and the
     source used."""
-    from megavq.io import load_model
     model = load_model(path, backend)
     data_source = data_source or model.cfg.data.source
     data = load_data(data_source)
@@ -167,7 +166,7 @@ def compare_with(path, other, diag: list, model, backend: str) -> dict:
 
 def write_report(result: dict, out_dir: str | Path) -> list[Path]:
     """eval.json, eval.md and the PNG figures in out_dir; returns the paths written."""
-    from megavq.eval import plots
+    from megavq.eval import plots  # lazy: matplotlib takes about 0.8 s to import; only writing a report needs it
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = plots.evaluation_figures(result, out_dir)

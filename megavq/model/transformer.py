@@ -2,9 +2,11 @@
 
 Legend: B batch, S sequence, D hidden, V vocabulary.
 The MLP of every `moe.every`-th block (zero-based index i with (i + 1) % every == 0) is an MoE layer.
-With train.activation_checkpointing = n > 0, every n-th block (i % n == 0) keeps only its input for the
-backward and runs its forward again there (non-reentrant torch.utils.checkpoint; routers observe nothing in
-the recompute, megavq.moe.routers.recomputing).
+The model is built from the model and MoE settings of a run configuration (`cfg.model`, `cfg.moe`); what a
+training run adds comes through methods: with `checkpoint_every = n > 0` (the engine sets it from
+train.activation_checkpointing), every n-th block (i % n == 0) keeps only its input for the backward and runs
+its forward again there (non-reentrant torch.utils.checkpoint; routers observe nothing in the recompute,
+megavq.moe.routers.recomputing); `place_routers` gives the routers the run's seed and length.
 """
 from __future__ import annotations
 
@@ -15,14 +17,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megavq.config import Config, ModelConfig
+from megavq.config import Config, ModelConfig, MoEConfig
+from megavq.model.generate import generate
 from megavq.model.kv_cache import KVCache, LayerKV
 from megavq.model.layers import MLP, CausalSelfAttention, Rope, make_norm
 from megavq.model.loss import head_cross_entropy
 from megavq.moe.experts import expert_out_std
 from megavq.moe.layer import MoELayer, build_moe_layer
 from megavq.moe.routers import Router, recomputing
-from megavq.moe.spec import MoESpec, is_moe_layer
+from megavq.moe.spec import MoESpec, block_seed, is_moe_layer, moe_blocks
 
 
 class LMOutput(NamedTuple):
@@ -34,13 +37,12 @@ class LMOutput(NamedTuple):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, i: int):
+    def __init__(self, m: ModelConfig, moe: MoEConfig, i: int):
         super().__init__()
-        m = cfg.model
         self.attn_norm, self.attn = make_norm(m), CausalSelfAttention(m)
         self.mlp_norm = make_norm(m)
-        self.is_moe = is_moe_layer(i, cfg.moe.every)
-        self.mlp = build_moe_layer(MoESpec.for_block(cfg, i)) if self.is_moe else MLP(m)
+        self.is_moe = is_moe_layer(i, moe.every)
+        self.mlp = build_moe_layer(MoESpec.for_block(m, moe, i)) if self.is_moe else MLP(m)
 
     def forward(self, x: torch.Tensor, rope, kv: LayerKV | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
@@ -68,20 +70,22 @@ def _recompute_contexts():
 
 class Transformer(nn.Module):
     def __init__(self, cfg: Config):
+        """A model of the settings cfg.model and cfg.moe (a run configuration, or any object with both)."""
         super().__init__()
         m = cfg.model
         assert m.vocab_size > 0, "model.vocab_size must be resolved before building the model"
+        assert m.init_seed >= 0, "model.init_seed must be resolved (load_config / config_from_dict do it)"
         self.cfg = cfg
         self.embed = nn.Embedding(m.vocab_size, m.d_model)
         self.pos_embed = nn.Embedding(m.seq_len, m.d_model) if m.pos == "learned" else None
         self.drop = nn.Dropout(m.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(m.n_layers))
+        self.blocks = nn.ModuleList(Block(m, cfg.moe, i) for i in range(m.n_layers))
         self.norm = make_norm(m)
         self.lm_head = LMHead(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rope = Rope(m.seq_len, m.d_model // m.n_heads, m.rope_theta) if m.pos == "rope" else None
-        self.checkpoint_every = cfg.train.activation_checkpointing
+        self.checkpoint_every = 0  # activation checkpointing: off until a training engine sets it
         self._init_weights(m)
 
     def _init_weights(self, m: ModelConfig) -> None:
@@ -141,8 +145,7 @@ class Transformer(nn.Module):
         return self.lm_head(self.norm(x))
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, **options) -> list[list[int]]:
-        """The new token ids after each prompt (lists of token ids); options and rules: megavq.generate."""
-        from megavq.generate import generate  # late: megavq.generate imports megavq.model
+        """The new token ids after each prompt (lists of token ids); options and rules: megavq.model.generate."""
         return generate(self, prompts, max_new_tokens, **options)
 
     # ---- the MoE layers ---------------------------------------------------------------------------------
@@ -152,6 +155,13 @@ class Transformer(nn.Module):
 
     def routers(self) -> list[Router]:
         return [layer.router for _, layer in self.moe_layers()]
+
+    def place_routers(self, seed: int, max_steps: int = 0) -> None:
+        """Give every router its place, the run's seed (keyed by block, as the experts' initialisation) and the
+        run's length in optimizer steps (0 = unknown), for schedules given as fractions of the run."""
+        blocks = moe_blocks(len(self.blocks), self.cfg.moe.every)
+        for index, i in enumerate(blocks):
+            self.blocks[i].mlp.router.place(index, len(blocks), block_seed(seed, i), max_steps)
 
     def set_step(self, step: int, micro_batch: int = 0) -> None:
         """Tell the routers the optimizer step about to run and the global index of this rank's micro-batch

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megavq.compat.torch import grouped_mm, has_grouped_mm
+
 
 class Experts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, d_hidden: int, mlp: str = "swiglu", bias: bool = False,
@@ -68,18 +70,20 @@ class Experts(nn.Module):
 
     def grouped(self, x_ND: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert, expert e's rows ending at ends_E[e] (a device tensor): three grouped products
-        (`torch._grouped_mm`) on views of the stored weights. Rows past ends_E[-1] give zeros and no gradient."""
+        (megavq.compat.torch.grouped_mm) on views of the stored weights. Rows past ends_E[-1] give zeros and no
+        gradient."""
         offs = ends_E.to(torch.int32)
         valid = (torch.arange(x_ND.shape[0], device=x_ND.device) < ends_E[-1])[:, None]
         # grouped products leave rows past the last chunk unwritten, forward and backward: mask what enters them
         x = torch.where(valid, x_ND, 0)
-        h = torch.stack([torch._grouped_mm(x, self.w_in[:, i], offs=offs) for i in range(self.w_in.shape[1])], 1)
+        h = torch.stack([grouped_mm(x, self.w_in[:, i], offs) for i in range(self.w_in.shape[1])], 1)
         h = torch.where(valid[:, None], h, 0)
-        if self.b_in is not None:
-            h = h + self.b_in[expert_of_row(ends_E, x_ND.shape[0])]
-        y = torch._grouped_mm(torch.where(valid, activation(h, self.mlp), 0), self.w_out, offs=offs)
-        if self.b_out is not None:
-            y = y + self.b_out[expert_of_row(ends_E, x_ND.shape[0])]
+        e_N = expert_of_row(ends_E, x_ND.shape[0]) if self.b_in is not None else None
+        if e_N is not None:
+            h = h + self.b_in[e_N]
+        y = grouped_mm(torch.where(valid, activation(h, self.mlp), 0), self.w_out, offs)
+        if e_N is not None:
+            y = y + self.b_out[e_N]
         return torch.where(valid, y, 0)
 
     def all_experts(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -88,10 +92,11 @@ class Experts(nn.Module):
 
 
 def grouped_products(x_ND: torch.Tensor, experts: Experts) -> bool:
-    """Whether `Experts` runs its products grouped: on CUDA in bf16 where `torch._grouped_mm` exists (a private
-    API) and every row stride is a multiple of 16 bytes; elsewhere the loop over experts is faster."""
+    """Whether `Experts` runs its products grouped: on CUDA in bf16 where torch's grouped GEMM exists (a private
+    API: megavq.compat.torch) and every row stride is a multiple of 16 bytes; elsewhere the loop over experts is
+    faster."""
     D, H = experts.w_out.shape[-1], experts.w_out.shape[-2]
-    return (x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+    return (x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and has_grouped_mm()
             and D % 8 == 0 and H % 8 == 0)
 
 

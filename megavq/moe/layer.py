@@ -5,7 +5,7 @@ The router decides (RouterOutput), the dispatcher (moe.backend) moves the routed
 back; the experts are weights in the dispatcher's layout. Every layer has the same interface:
 `forward(x_BSD) -> (y_BSD, aux_loss, metrics)`. What differs between routers and dispatchers is declared
 on their classes (megavq.moe.routers.base.Router, megavq.moe.dispatch.base.Dispatcher) and checked by
-`check_layer` before anything is built.
+`megavq.moe.config.check_layer` before anything is built.
 """
 from __future__ import annotations
 
@@ -13,37 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megavq.errors import ConfigError
-from megavq.moe.dispatch import build_dispatcher, dispatcher_class, dispatchers_where
+from megavq.moe.config import check_layer
+from megavq.moe.dispatch import build_dispatcher
 from megavq.moe.routers import RouterOutput, router_class
 from megavq.moe.spec import MoESpec, build_layer_router
-
-
-def check_layer(moe, bias: bool = False) -> None:
-    """Refuse a router x dispatcher x ep_size combination that cannot run, naming what works."""
-    router, disp = router_class(moe.router), dispatcher_class(moe.backend)
-    if router.layer_kind not in disp.layer_kinds:
-        serving = dispatchers_where(lambda d: router.layer_kind in d.layer_kinds)
-        raise ConfigError(f"moe.router={moe.router} runs on moe.backend={' or '.join(serving)} "
-                          f"(a {router.layer_kind!r} layer), got moe.backend={moe.backend}")
-    if moe.ep_size > 1 and not disp.expert_parallel:
-        parallel = dispatchers_where(lambda d: d.expert_parallel)
-        raise ConfigError(f"moe.ep_size={moe.ep_size} runs on moe.backend={' or '.join(parallel)}, "
-                          f"got moe.backend={moe.backend}")
-    if moe.ep_size > 1 and router.layer_kind != "token":
-        raise ConfigError(f"moe.router={moe.router} runs with moe.ep_size=1, got {moe.ep_size}")
-    if bias and not disp.biases:
-        raise ConfigError(f"moe.backend={moe.backend} has no per-expert biases: set model.mlp_bias=false")
-
-
-def check_causal(cfg) -> None:
-    """Refuse a non-causal router for causal language-model training unless moe.allow_noncausal is set."""
-    moe = cfg.moe
-    if moe.every == 0 or router_class(moe.router).is_causal(moe.router_options) or moe.allow_noncausal:
-        return
-    raise ConfigError(f"moe.router={moe.router} is not causal: a token's routing depends on later tokens of "
-                      f"its sequence, which leaks the future into next-token prediction (training loss looks "
-                      f"better than any causal model can do); set moe.allow_noncausal=true to run it anyway")
 
 
 class MoELayer(nn.Module):

@@ -8,7 +8,7 @@
                                     rank's CPU and CUDA RNG states, the canonical tensors (shape, dtype, kind),
                                     the files (bytes, sha256)
         config.json, tokenizer.model
-        rank_00000.safetensors ...  what each rank owns, as fragments of the canonical tensors (megavq.shards)
+        rank_00000.safetensors ...  what each rank owns, as fragments of the canonical tensors (megavq.store.shards)
       .tmp-step_0000400/            a checkpoint being written: never read, removed by the next save
       .trash-step_0000000/          a checkpoint being deleted: never read
 
@@ -46,14 +46,26 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megavq.compat import deepspeed as ds_compat
 from megavq.config import Config, save_config, saved_config
 from megavq.errors import CheckpointError, ConfigError, MegavqError
-from megavq.manifest import MANIFEST, TOKENIZER_FILE, read_manifest, upgrade as upgrade_manifests, write_json, \
-    write_manifest
-from megavq.shards import (LEGACY_FILES, LegacyCheckpoint, ShardedCheckpoint, dtype_name, file_sha256,
-                           fragment_key, fsync_dir, open_checkpoint, published, step_name, verify_files,
-                           write_tensors)
-from megavq.train import ds_compat
+from megavq.files import file_entry, fsync_dir, fsync_file, numel, publish_dir, write_json, write_text
+from megavq.moe.experts import Experts
+from megavq.store.manifest import MANIFEST, TOKENIZER_FILE, read_manifest, write_manifest
+from megavq.store.manifest import upgrade as upgrade_manifests
+from megavq.store.shards import (
+    LEGACY_FILES,
+    LegacyCheckpoint,
+    ShardedCheckpoint,
+    dtype_name,
+    fragment_key,
+    open_checkpoint,
+    published,
+    step_name,
+    verify_files,
+    write_tensors,
+)
+from megavq.train.engine import set_schedule_position
 from megavq.train.faults import fault
 
 PARAM_KINDS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -91,7 +103,6 @@ def local_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def canonical_experts(prefix: str, layer) -> dict[str, tuple]:
     """Canonical names and shapes of an MoE layer's experts (the native ep_size 1 bank), allocating nothing."""
-    from megavq.moe.experts import Experts
     with torch.device("meta"):
         bank = Experts.for_spec(layer.dispatcher.spec)
     return {f"{prefix}experts.{n}": tuple(p.shape) for n, p in bank.named_parameters()}
@@ -131,13 +142,6 @@ def expert_rows(prefix: str, layer, local: dict) -> dict | None:
     return out
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def build_layout(model: torch.nn.Module, ep_size: int) -> Layout:
     """The layout map of this rank's model (no collective; the same canonical tensors on every rank)."""
     local = local_tensors(model)
@@ -157,8 +161,8 @@ def build_layout(model: torch.nn.Module, ep_size: int) -> Layout:
         if not trainable and ds_compat.is_zero3_param(t):
             raise ConfigError(f"{name}: a frozen parameter under ZeRO-3 cannot be checkpointed")
         canonical, row, cshape = mapped.get(name, (name, 0, shape))
-        slot = Slot(name, None if name in held else canonical, row * _numel(cshape[1:]), t, trainable,
-                    ep_size > 1 and name in mapped, _numel(shape))
+        slot = Slot(name, None if name in held else canonical, row * numel(cshape[1:]), t, trainable,
+                    ep_size > 1 and name in mapped, numel(shape))
         slots.append(slot)
         if name not in held:
             tensors[canonical] = {"shape": list(cshape), "kind": "param" if trainable else "buffer",
@@ -284,11 +288,6 @@ def layout_record(engine, cfg: Config, world: int) -> dict:
             "zero_stage": engine.zero_optimization_stage(), "dtype": str(engine.get_data_types()[0])}
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _remove(path: Path) -> None:
     """Move a directory aside (readers never see it half deleted), then delete it."""
     if not path.exists():
@@ -354,9 +353,8 @@ class Checkpointer:
             self._write_metadata(tmp, step, everyone, files, data)
             final = self.dir / step_name(step)
             _remove(final)  # a checkpoint of this step that a fallback left behind (damaged)
-            os.rename(tmp, final)
-            fsync_dir(self.dir)
-            self._write_latest(final.name)
+            publish_dir(tmp, final)
+            write_text(self.dir / LATEST, final.name + "\n", durable=True)  # for tools: resuming scans the directory
         except OSError as e:
             return {"error": f"{getattr(e, 'filename', None) or tmp}: {e.strerror or e}"}
         try:
@@ -373,8 +371,8 @@ class Checkpointer:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
         for name in ("config.json", TOKENIZER_FILE):
             if (tmp / name).is_file():
-                _fsync(tmp / name)
-                files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
+                fsync_file(tmp / name)
+                files[name] = file_entry(tmp / name)
         write_manifest(tmp, "checkpoint", self.cfg.to_dict(), tmp / TOKENIZER_FILE if tokenizer.is_file() else None,
                        step=step, data=data, schedule={"last_epoch": engine.lr_scheduler.last_epoch},
                        adam_step=ds_compat.adam_step(engine),
@@ -382,17 +380,8 @@ class Checkpointer:
                        layout=layout_record(engine, self.cfg, self.world),
                        rng=[r["rng"] for r in everyone], tensors=self.layout.tensors,
                        shards=[r["file"] for r in everyone], files=files)
-        _fsync(tmp / MANIFEST)
+        fsync_file(tmp / MANIFEST)
         fsync_dir(tmp)
-
-    def _write_latest(self, name: str) -> None:
-        tmp = self.dir / f".{LATEST}.tmp"
-        with open(tmp, "w") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / LATEST)
-        fsync_dir(self.dir)
 
     def prune(self, newest: Path) -> None:
         """Keep the newest train.keep_checkpoints published checkpoints (never `newest`); remove leftovers."""
@@ -452,7 +441,6 @@ class Checkpointer:
 
     def _restore(self, ck, path: Path) -> dict:
         """Counters, schedule, Adam step, RNG; returns {"step", "path", "data"}."""
-        from megavq.train.engine import set_schedule_position
         m, engine = ck.meta, self.engine
         legacy = isinstance(ck, LegacyCheckpoint)
         ds_compat.set_adam_step(engine, m["adam_step"])
@@ -484,14 +472,14 @@ def upgrade_checkpoint(directory: Path) -> Path:
     new.mkdir()
     info = write_tensors(new / "rank_00000.safetensors", entries, {"format": "megavq-shard", "rank": 0})
     files = {"rank_00000.safetensors": info}
-    (new / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json(new / "config.json", config)
     old_manifest = read_manifest(directory, ("checkpoint",))
     tokenizer = directory / TOKENIZER_FILE if (old_manifest.get("tokenizer") or {}).get("file") else None
     for name, src in (("config.json", new / "config.json"), (TOKENIZER_FILE, tokenizer)):
         if src is not None and src.is_file():
             if src.parent != new:
                 shutil.copyfile(src, new / name)
-            files[name] = {"bytes": (new / name).stat().st_size, "sha256": file_sha256(new / name)}
+            files[name] = file_entry(new / name)
     rng = [{"cpu": _b64(ck.rng), "cuda": []}] if ck.rng is not None else []
     tensors = {name: info for name, info in ck.tensors.items()}
     step = int(m["step"])
@@ -502,7 +490,7 @@ def upgrade_checkpoint(directory: Path) -> Path:
                    upgraded_from=old_manifest.get("format_version", 0))
     fsync_dir(new)
     _remove(directory)
-    os.rename(new, directory)
+    publish_dir(new, directory)
     return directory
 
 
@@ -517,33 +505,3 @@ def upgrade(directory: str | Path) -> list[Path]:
 
 
 # ---- the run directory -------------------------------------------------------------------------------------
-RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "run.json", "wandb", "config.json", MANIFEST,
-             TOKENIZER_FILE)
-RUN_STATE = "run.json"
-
-
-def holds_run(out_dir: Path) -> bool:
-    """Whether out_dir holds a run that trained (a fresh run there would mix with it)."""
-    return any((Path(out_dir) / name).exists() for name in ("checkpoints", "metrics.jsonl", "summary.json"))
-
-
-def clear_run(out_dir: Path) -> None:
-    """--overwrite: delete what a run wrote into out_dir (nothing else)."""
-    for name in RUN_FILES:
-        path = Path(out_dir) / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
-def read_run_state(out_dir: Path) -> dict:
-    path = Path(out_dir) / RUN_STATE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def update_run_state(out_dir: Path, **fields) -> dict:
-    """run.json: what outlives one attempt of a run (wandb id, a non-finite step, how the last attempt ended)."""
-    state = {**read_run_state(out_dir), **fields}
-    write_json(Path(out_dir) / RUN_STATE, state)
-    return state

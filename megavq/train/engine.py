@@ -1,6 +1,6 @@
 """The only module that calls deepspeed.initialize: DeepSpeed config reconciliation, the checks that need the
 world size, optimizer and schedule. Checkpoints (the layout-free engine state) are megavq.train.checkpoint;
-DeepSpeed internals are reached through megavq.train.ds_compat."""
+DeepSpeed internals are reached through megavq.compat.deepspeed."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from megavq.compat import deepspeed as ds_compat
 from megavq.config import Config, validate
 from megavq.errors import ConfigError
-from megavq.train import ds_compat
 
 # DeepSpeed key -> (megavq key, how to read the megavq value)
 _RECONCILED = {
@@ -29,7 +29,7 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     import datetime
 
     import deepspeed
-    ds_compat.check_version()
+    ds_compat.check_deepspeed_version()
     kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     deepspeed.init_distributed(verbose=False, **kwargs)
     torch.distributed.barrier()
@@ -124,6 +124,14 @@ def setup_expert_parallel(model: torch.nn.Module, ep_size: int):
         ds_compat.mark_expert_parameters(layer.expert_parameters(), name)
     model.add_module("expert_parallel_tag", ds_compat.expert_parallel_tag(model.cfg.moe.num_experts, ep_size, name))
     return group
+
+
+def prepare_model(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """What a training run adds to a model built from its settings: activation checkpointing (every
+    train.activation_checkpointing-th block) and the routers' seed and schedule length (train.seed, max_steps)."""
+    model.checkpoint_every = cfg.train.activation_checkpointing
+    model.place_routers(cfg.train.seed, cfg.train.max_steps)
+    return model
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, ds: dict):

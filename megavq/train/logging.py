@@ -4,7 +4,7 @@ A resumed run continues the same files and the same wandb run: metrics.jsonl los
 checkpoint (they are logged again when the steps are re-done); wandb keeps everything it received, so its
 points are plotted against the `step` metric (wandb's own monotonic `_step` counts log calls): the re-done steps
 appear a second time at the same `step`, after a `resumed_from` record, instead of being dropped as wandb drops
-a step that goes backwards. The wandb run id lives in RUN/run.json (megavq.train.checkpoint.update_run_state).
+a step that goes backwards. The wandb run id lives in RUN/run.json (megavq.store.run_dir.update_run_state).
 """
 from __future__ import annotations
 

@@ -19,17 +19,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megavq.errors import ConfigError, FatalError, MegavqError, RetryableError, TrainingError
 from megavq.config import Config, save_config
-from megavq.eval.health import CollapseMonitor
-from megavq.flops import device_peak_tflops, flops_per_token, utilisation
-from megavq.io import load_weights
-from megavq.manifest import write_manifest
+from megavq.data import TokenData, prepare_data
+from megavq.errors import ConfigError, FatalError, MegavqError, RetryableError, TrainingError
 from megavq.model import Transformer
-from megavq.shards import step_name
-from megavq.train.checkpoint import Checkpointer, clear_run, holds_run, read_run_state, update_run_state
-from megavq.train.engine import build_engine, read_ds_config, reconcile_ds_config
+from megavq.model.flops import device_peak_tflops, flops_per_token, utilisation
+from megavq.store.manifest import write_manifest
+from megavq.store.model_dir import load_weights
+from megavq.store.run_dir import clear_run, holds_run, read_run_state, update_run_state
+from megavq.store.shards import step_name
+from megavq.train.checkpoint import Checkpointer
+from megavq.train.engine import build_engine, prepare_model, read_ds_config, reconcile_ds_config
 from megavq.train.faults import fault, wants
+from megavq.train.health import CollapseMonitor
 from megavq.train.launch import exit_code
 from megavq.train.logging import MetricSums, RunLogger
 from megavq.train.preempt import StopSignals, step_end_agreed
@@ -37,7 +39,6 @@ from megavq.train.preempt import StopSignals, step_end_agreed
 
 def load_data(source: str, rank: int):
     """Tokenize on rank 0 on first use (others wait), then open the token files on every rank."""
-    from megavq.data import TokenData, prepare_data
     data_dir, error = None, None
     if rank == 0:
         try:
@@ -220,7 +221,7 @@ class Trainer:
 
 def build_model(cfg: Config, init_from: str | None = None) -> Transformer:
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg)
+    model = prepare_model(Transformer(cfg), cfg)
     if init_from:
         load_weights(model, init_from)
     return model

@@ -6,11 +6,11 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from megavq.errors import ConfigError
+from megavq.moe.registry import Registry
 from megavq.moe.routers.base import RouterOutput
 
 Route = Callable[[torch.Tensor], RouterOutput]  # x_TD -> the router's output for those tokens
-_REGISTRY: dict[str, type["Dispatcher"]] = {}
+DISPATCHERS = Registry("dispatcher", "moe.backend")
 
 
 class Dispatcher:
@@ -76,29 +76,20 @@ class BankDispatcher(Dispatcher):
         raise NotImplementedError
 
 
-def register_dispatcher(name: str):
-    def wrap(cls):
-        if name in _REGISTRY:
-            raise ConfigError(f"dispatcher '{name}' is registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return wrap
+register_dispatcher = DISPATCHERS.register
 
 
 def available_dispatchers() -> list[str]:
-    return sorted(_REGISTRY)
+    return DISPATCHERS.names()
 
 
 def dispatchers_where(declared) -> list[str]:
     """The dispatchers whose class satisfies `declared(cls)`, in registration order (the preferred first)."""
-    return [name for name, cls in _REGISTRY.items() if declared(cls)]
+    return DISPATCHERS.where(declared)
 
 
 def dispatcher_class(name: str) -> type[Dispatcher]:
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown moe.backend '{name}' (valid: {available_dispatchers()})")
-    return _REGISTRY[name]
+    return DISPATCHERS.get(name)
 
 
 def build_dispatcher(spec) -> Dispatcher:

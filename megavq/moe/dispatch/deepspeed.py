@@ -20,7 +20,7 @@ containing "expert" under the MoE module as an expert weight, and the router's s
 bookkeeping. Experts are `ExpertMLP`s in `Experts`' per-expert layout, re-initialised by global expert id, so
 they equal the native dispatcher's for the same seed. Canonical layout (`to_canonical` / `from_canonical`):
 the local experts stacked as (E, ...), gathered over the EP group. DeepSpeed internals are reached through
-megavq.train.ds_compat.
+megavq.compat.deepspeed.
 """
 from __future__ import annotations
 
@@ -30,11 +30,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megavq.compat import deepspeed as ds_compat
 from megavq.errors import ConfigError
 from megavq.moe.dispatch.base import Dispatcher, register_dispatcher
 from megavq.moe.dispatch.expert_parallel import ShardedExperts, ep_rank_of, gather_experts
 from megavq.moe.experts import Experts, every_expert, expert_mlp
-from megavq.train import ds_compat
+from megavq.moe.routers.base import expert_counts, expert_keys
 
 
 class ExpertMLP(nn.Module):
@@ -65,7 +66,7 @@ def route_locations(indices_TK: torch.Tensor, priority_TK: torch.Tensor | None, 
     within a slot). Otherwise the highest priority first (ties in position order).
     """
     T, K = indices_TK.shape
-    expert_M = torch.where(indices_TK >= 0, indices_TK, num_experts).t().reshape(-1)  # (K*T,) slot-major
+    expert_M = expert_keys(indices_TK.t(), num_experts)  # (K*T,) slot-major
     order_M = torch.arange(K * T, device=indices_TK.device)
     if priority_TK is not None:
         order_M = torch.argsort(-priority_TK.detach().float().t().reshape(-1), stable=True)
@@ -127,7 +128,7 @@ class RouterGate(nn.Module):
             raise ConfigError("moe.backend=deepspeed: the megavq gate does not run with Tutel (use_tutel=False)")
         r = self.route(x_TD)
         indices_TK = r.indices if used_token is None else torch.where(used_token[:, None] > 0, r.indices, -1)
-        counts_E = torch.bincount(indices_TK[indices_TK >= 0], minlength=self.num_experts)
+        counts_E = expert_counts(indices_TK, self.num_experts)
         C = self.capacity(x_TD.shape[0], counts_E)
         indices_TK, locations_TK = self.drop_over_capacity(indices_TK, r.scores, C)
         gates_TK = torch.where(indices_TK >= 0, r.weights.float(), 0.0)

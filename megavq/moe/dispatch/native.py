@@ -15,7 +15,13 @@ from megavq.errors import ConfigError
 from megavq.moe.dispatch.base import BankDispatcher, register_dispatcher
 from megavq.moe.dispatch.expert_parallel import ShardedExperts, ep_rank_of, gather_experts
 from megavq.moe.experts import Experts, every_expert, grouped_products
-from megavq.moe.routers.base import RouterOutput
+from megavq.moe.routers.base import RouterOutput, expert_counts, expert_keys
+
+
+def expert_order(indices_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat slots sorted by expert with unused slots (-1) last, slots per expert (E,)), on the device."""
+    order = torch.argsort(expert_keys(indices_TK, num_experts), stable=True)
+    return order, expert_counts(indices_TK, num_experts)
 
 
 def sort_by_expert(indices_TK: torch.Tensor, num_experts: int):
@@ -24,34 +30,32 @@ def sort_by_expert(indices_TK: torch.Tensor, num_experts: int):
     Returns (token_N, flat_slot_N, counts_E) with N routed pairs in expert order; counts_E is a list, the one
     host read of the layer (the loop over experts splits by it).
     """
-    flat_e = indices_TK.reshape(-1)
-    keyed = torch.where(flat_e >= 0, flat_e, num_experts)
-    order = torch.argsort(keyed, stable=True)
-    counts_E = torch.bincount(keyed, minlength=num_experts + 1).tolist()[:num_experts]
+    order, counts = expert_order(indices_TK, num_experts)
+    counts_E = counts.tolist()
     flat_slot = order[:sum(counts_E)]
     return flat_slot // indices_TK.shape[1], flat_slot, counts_E
+
+
+def combine(x_TD: torch.Tensor, r: RouterOutput, token_N: torch.Tensor, slot_N: torch.Tensor,
+            y_ND: torch.Tensor) -> torch.Tensor:
+    """y_TD = sum over a token's rows of its route weight times the expert output."""
+    y_ND = y_ND * r.weights.reshape(-1)[slot_N, None].to(y_ND.dtype)
+    return torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
 
 
 def grouped_moe(x_TD: torch.Tensor, r: RouterOutput, experts: Experts) -> torch.Tensor:
     """native_moe without a host read: every (token, slot) pair is kept, unused slots (-1) sorted last, and the
     experts run grouped products on device chunk ends (Experts.grouped zeroes the rows past them)."""
-    flat_e = r.indices.reshape(-1)
-    keyed = torch.where(flat_e >= 0, flat_e, experts.num_experts)
-    slot_N = torch.argsort(keyed, stable=True)
+    slot_N, counts_E = expert_order(r.indices, experts.num_experts)
     token_N = slot_N // r.indices.shape[1]
-    ends_E = torch.bincount(keyed, minlength=experts.num_experts + 1)[:experts.num_experts].cumsum(0)
-    y_ND = experts.grouped(x_TD[token_N], ends_E)
-    y_ND = y_ND * r.weights.reshape(-1)[slot_N, None].to(y_ND.dtype)
-    return torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
+    return combine(x_TD, r, token_N, slot_N, experts.grouped(x_TD[token_N], counts_E.cumsum(0)))
 
 
 def native_moe(x_TD: torch.Tensor, r: RouterOutput, bank) -> torch.Tensor:
     """y_TD = sum_k w_tk * expert_{i_tk}(x_t); `bank(x_ND, counts_E)` runs its `num_experts` experts on rows
     sorted by expert (an Experts module, or ShardedExperts under expert parallelism)."""
     token_N, slot_N, counts_E = sort_by_expert(r.indices, bank.num_experts)
-    y_ND = bank(x_TD[token_N], counts_E)
-    y_ND = y_ND * r.weights.reshape(-1)[slot_N, None].to(y_ND.dtype)
-    return torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
+    return combine(x_TD, r, token_N, slot_N, bank(x_TD[token_N], counts_E))
 
 
 @register_dispatcher("native")

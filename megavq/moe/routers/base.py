@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavq.errors import ConfigError
+from megavq.moe.registry import Registry
 
-_REGISTRY: dict[str, type["Router"]] = {}
+ROUTERS = Registry("router", "router")
 _RECOMPUTING = contextvars.ContextVar("megavq_recomputing", default=False)
 _MASK64 = (1 << 64) - 1
 
@@ -241,24 +242,15 @@ def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     return logits_TE.logsumexp(-1).pow(2).mean()
 
 
-def register(name: str):
-    def wrap(cls):
-        if name in _REGISTRY:
-            raise ConfigError(f"router '{name}' is registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-    return wrap
+register = ROUTERS.register
 
 
 def available_routers() -> list[str]:
-    return sorted(_REGISTRY)
+    return ROUTERS.names()
 
 
 def router_class(name: str) -> type[Router]:
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown router '{name}' (valid: {available_routers()})")
-    return _REGISTRY[name]
+    return ROUTERS.get(name)
 
 
 def option_names(name: str) -> list[str]:
@@ -292,20 +284,24 @@ def build_router(name: str, hidden_size: int, num_experts: int, top_k: int, **op
 
 def hf_router_name() -> str:
     """The router that Hugging Face's softmax top-k MoE models (Mixtral, Qwen2-MoE) are imported with."""
-    return next(name for name, cls in sorted(_REGISTRY.items()) if cls.hf_import)
+    return next(name for name in available_routers() if router_class(name).hf_import)
+
+
+def expert_keys(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The flat expert id of every (token, slot), unused slots (-1) keyed num_experts: they sort last and a
+    bincount of minlength E + 1 counts them apart. No host sync (a boolean-mask index would wait for its count)."""
+    return torch.where(indices_TK >= 0, indices_TK, num_experts).reshape(-1)
 
 
 def expert_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Routed (token, slot) pairs per expert, float (E,); unused slots (-1) not counted. No host sync (a
-    boolean-mask index would wait for the mask's count)."""
-    keyed = torch.where(indices_TK >= 0, indices_TK, num_experts).reshape(-1)
-    return torch.bincount(keyed, minlength=num_experts + 1)[:num_experts].float()
+    """Routed (token, slot) pairs per expert, int64 (E,); unused slots (-1) not counted."""
+    return torch.bincount(expert_keys(indices_TK, num_experts), minlength=num_experts + 1)[:num_experts]
 
 
 def load_balance_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
     """Switch balance loss E * sum_e f_e * P_e; f_e over routed (token, slot) pairs, P_e mean probability."""
     E = probs_TE.shape[-1]
-    counts_E = expert_counts(indices_TK, E)
+    counts_E = expert_counts(indices_TK, E).float()
     f_E = counts_E / (indices_TK >= 0).sum().clamp(min=1)
     return E * (f_E * probs_TE.float().mean(0)).sum()
 
@@ -326,5 +322,5 @@ def load_metrics(load_E: torch.Tensor, probs: torch.Tensor) -> dict:
 def routing_metrics(indices_TK: torch.Tensor, probs_TE: torch.Tensor) -> dict:
     """load_metrics with the load counted over routed (token, slot) pairs."""
     with torch.no_grad():
-        counts_E = expert_counts(indices_TK, probs_TE.shape[-1])
+        counts_E = expert_counts(indices_TK, probs_TE.shape[-1]).float()
         return load_metrics(counts_E / counts_E.sum().clamp(min=1), probs_TE)

@@ -1,6 +1,6 @@
 """Every use of DeepSpeed's internals, in one place: private attributes and functions, and the inner structure
 of its MoE layer. Tested against the DeepSpeed versions in TESTED (pyproject pins that range); another version
-gets one warning at start-up (`check_version`).
+gets one warning at start-up (`check_deepspeed_version`).
 
 What is used and why:
 - MoE layer (deepspeed.moe.layer.MoE): `deepspeed_moe.gate` is replaced by megavq's gate; its local experts
@@ -52,7 +52,7 @@ def is_tested(version: str) -> bool:
     return low <= _release(version) <= high
 
 
-def check_version() -> str | None:
+def check_deepspeed_version() -> str | None:
     """Warn once when the installed DeepSpeed is outside the tested range; returns its version (None: absent)."""
     try:
         version = importlib.metadata.version("deepspeed")
@@ -332,7 +332,7 @@ def replica_position(sharded: bool, rank: int, world: int, ep_size: int) -> tupl
 def sampling_flatten(optimizer, sampler):
     """During the step, call sampler(extra_gradients=[flat]) right after a ZeRO optimizer flattens a group's
     gradient partition (`optimizer.flatten`): the moment the partition and its flat copy are both alive
-    (megavq.estimate_check measures the peak there)."""
+    (megavq.tools.estimate_check measures the peak there)."""
     flatten = getattr(optimizer, "flatten", None)
     if flatten is None:
         yield

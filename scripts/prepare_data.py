@@ -1,22 +1,16 @@
 """Tokenize a text corpus into a data directory (train.bin, val.bin, test.bin, meta.json).
 
-    python scripts/tokenize.py --source builtin|PATH|lm1b:PATH|hf:NAME[:CONFIG] --out DIR
+    python scripts/prepare_data.py --source builtin|PATH|lm1b:PATH|hf:NAME[:CONFIG] --out DIR
                                [--tokenizer MODEL | --vocab_size N] [--text_column text] [--threads N]
 
 Without --tokenizer a BPE tokenizer of --vocab_size pieces is trained on the train split and saved in DIR.
 Training and encoding use --threads threads (default: all the machine's CPUs, os.cpu_count()).
 """
-import os
+import argparse
 import sys
 
-# This file shares its name with the standard `tokenize` module, which torch imports; replace the script's
-# folder on the import path with the repository root so that the standard module is found.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import argparse  # noqa: E402
-
-from megavq.errors import MegavqError  # noqa: E402
-from megavq.data import SPLITS, TokenData, encode_corpus  # noqa: E402
+from megavq.data import SPLITS, TokenData, encode_corpus
+from megavq.errors import MegavqError
 
 
 def parse_args(argv=None) -> argparse.Namespace:

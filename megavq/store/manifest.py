@@ -12,7 +12,7 @@ meta.json, megavq.data.dataset):
   sha256: megavq.train.checkpoint).
 
 Checkpoint versions: 1 = model.safetensors + train_state.safetensors + train_state.json (whole canonical
-tensors, rank 0 wrote them) beside DeepSpeed's own files; 2 = sharded (megavq.shards: each rank's fragments of
+tensors, rank 0 wrote them) beside DeepSpeed's own files; 2 = sharded (megavq.store.shards: each rank's fragments of
 the canonical tensors, checksummed). `scripts/upgrade.py` converts 0 and 1 into 2.
 
 Policy: a reader accepts the current version and the previous one, and refuses any other with the command
@@ -21,14 +21,13 @@ ec4c2b2): it loads as a model as before; a version-0 checkpoint resumes after sc
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import os
-import platform
 import shutil
 from pathlib import Path
 
+from megavq.config import saved_config
 from megavq.errors import CheckpointError, MegavqError
+from megavq.files import file_sha256, library_versions, write_json
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -36,29 +35,10 @@ FORMATS = {"run": 1, "checkpoint": 2, "model": 1}
 CONVERT = "python scripts/upgrade.py {path}"  # rewrites a directory of an older version in the current one
 
 
-def library_versions() -> dict:
-    """The versions of megavq and the libraries whose formats it writes."""
-    out = {"python": platform.python_version()}
-    for name in ("megavq", "torch", "deepspeed"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON through a temporary file and a rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def tokenizer_entry(path: str | Path | None) -> dict | None:
     """{"file", "sha256"} of a SentencePiece model, or None."""
     if path is None:
         return None
-    from megavq.data.tokenizer import file_sha256
     return {"file": TOKENIZER_FILE, "sha256": file_sha256(path)}
 
 
@@ -89,11 +69,11 @@ def read_manifest(directory: str | Path, kinds: tuple[str, ...]) -> dict:
     if kind not in kinds:
         raise MegavqError(f"{directory} holds a {manifest.get('format')!r} directory, not a megavq "
                           f"{' or '.join(kinds)} directory")
-    check_version(manifest.get("format_version"), kind, directory)
+    check_format_version(manifest.get("format_version"), kind, directory)
     return manifest
 
 
-def check_version(version, kind: str, directory: Path) -> None:
+def check_format_version(version, kind: str, directory: Path) -> None:
     """Accept the current version of `kind` and the previous one; refuse others, naming the converter."""
     current = FORMATS[kind]
     if version in (current, current - 1):
@@ -124,7 +104,6 @@ def upgrade(directory: str | Path) -> list[Path]:
 def _upgrade_one(directory: Path, kind: str) -> Path:
     version = read_manifest(directory, (kind,)).get("format_version", 0) if (directory / MANIFEST).is_file() else 0
     if version < FORMATS[kind]:
-        from megavq.config import saved_config  # config imports the router registry: only the converter needs it
         config = saved_config(json.loads((directory / "config.json").read_text())).to_dict()  # every option recorded
         write_json(directory / "config.json", config)
         write_manifest(directory, kind, config, upgraded_from=version)

@@ -3,11 +3,12 @@ routers whose evaluation-time routing is not softmax top-k (vq, xmoe, usmoe with
 causal router), and backbones that are not Llama's (LayerNorm, learned positions, GELU, biases).
 
 The directory, loadable with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`:
-  config.json                 MegavqConfig (megavq/hf_template/configuration_megavq.py), auto_map to the files below
+  config.json                 MegavqConfig (template/configuration_megavq.py beside this file), auto_map to the files
+                              below
   model.safetensors           the weights under megavq's names (prefixed `model.`, but lm_head.weight); sharded
                               (model-0000i-of-0000n.safetensors + model.safetensors.index.json) when large
-  configuration_megavq.py,    megavq/hf_template, copied: the config class, and the transformer with transformers'
-  modeling_megavq.py          KV cache and GenerationMixin (torch and transformers only)
+  configuration_megavq.py,    template/ beside this file, copied: the config class, and the transformer with
+  modeling_megavq.py          transformers' KV cache and GenerationMixin (torch and transformers only)
   megavq_routers_<sha>.py     generated: the source of the model's router module and of the megavq modules it
                               imports (megavq.moe.routers.base, megavq.errors, ...), dependencies first, with the
                               megavq imports removed; the router runs in evaluation mode exactly as in megavq.
@@ -29,9 +30,9 @@ from pathlib import Path
 
 from megavq.errors import MegavqError
 from megavq.moe.routers import router_class
-from megavq.moe.spec import router_options
+from megavq.moe.config import router_options
 
-TEMPLATE = Path(__file__).resolve().parent / "hf_template"
+TEMPLATE = Path(__file__).resolve().parent / "template"
 MODEL_FILES = ("configuration_megavq.py", "modeling_megavq.py")
 ROUTERS_MODULE = "megavq_routers"  # + "_<sha>" in an export
 ROUTERS_IMPORT = "from .megavq_routers import build_router"  # the template's line, pointed at the export's module

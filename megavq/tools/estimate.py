@@ -79,6 +79,8 @@ import torch
 
 from megavq.config import Config
 from megavq.errors import ConfigError
+from megavq.model import Transformer
+from megavq.moe.spec import is_moe_layer, moe_blocks
 
 GiB = 2**30
 MOE_GROUP_MAX = 178956971  # split_params_into_different_moe_groups_for_optimizer's max_group_size (moe/utils.py:74)
@@ -149,7 +151,6 @@ class Param:
 
 def meta_model(cfg: Config):
     """The model on the meta device, all experts in one bank (ep_size 1, native layout: same shapes)."""
-    from megavq.model import Transformer
     cfg = copy.deepcopy(cfg)
     if cfg.model.vocab_size <= 0:
         raise ConfigError("model.vocab_size=0 means 'taken from the data': give it for the estimate "
@@ -430,7 +431,6 @@ def outside_blocks(s: Shape) -> list[Item]:
 
 
 def activation_memory(cfg: Config, micro_batch: int, b: int, checkpointing: bool = False) -> list[Item]:
-    from megavq.model.transformer import is_moe_layer
     s = shape_of(cfg, micro_batch, b)
     kinds = [is_moe_layer(i, cfg.moe.every) for i in range(cfg.model.n_layers)]
     items = outside_blocks(s)
@@ -479,8 +479,7 @@ class AllToAll:
 
 def all_to_all(cfg: Config, cluster: Cluster, micro_batch: int, b: int, checkpointing: bool = False) -> AllToAll:
     s, R, G = shape_of(cfg, micro_batch, b), cfg.moe.ep_size, cluster.gpus_per_node
-    from megavq.model.transformer import is_moe_layer
-    n_moe = sum(is_moe_layer(i, cfg.moe.every) for i in range(cfg.model.n_layers))
+    n_moe = len(moe_blocks(cfg.model.n_layers, cfg.moe.every))
     rows = s.rows if s.backend == "deepspeed" else s.routed
     exchanges = n_moe * (6 if checkpointing else 4) * cfg.train.grad_accum_steps if R > 1 else 0
     local = min(R, G)

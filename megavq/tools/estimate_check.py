@@ -1,4 +1,4 @@
-"""megavq.estimate against a real DeepSpeed engine: what each rank holds, measured, next to the estimate.
+"""megavq.tools.estimate against a real DeepSpeed engine: what each rank holds, measured, next to the estimate.
 
 Runs inside torch.distributed (gloo ranks on CPU: `deepspeed --num_gpus 2 scripts/estimate_check.py`). For
 each case the model is built and handed to megavq.train.engine.build_engine as the trainer does; two
@@ -28,9 +28,11 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from megavq.compat import deepspeed as ds_compat
 from megavq.config import load_config
-from megavq.estimate import Cluster, DeepSpeedSettings, estimate
-from megavq.train import ds_compat
+from megavq.model import Transformer
+from megavq.tools.estimate import Cluster, DeepSpeedSettings, estimate
+from megavq.train.engine import build_engine, prepare_model, read_ds_config, reconcile_ds_config
 
 SECTIONS = ("params", "master", "optimizer", "gradients", "reduce bucket", "gathered", "activations")
 CHECKED = ("params", "master", "optimizer", "gradients", "reduce bucket", "activations")  # within TOLERANCE
@@ -184,13 +186,11 @@ def measure_step(engine, model, x, y) -> dict[str, int]:
 # ---- one case, every rank --------------------------------------------------------------------------------
 def run_case(case: Case, ds_dir, steps: int = 2) -> dict[str, int]:
     """Build the engine for the case on this rank, train `steps` steps, measure the last; max over ranks."""
-    from megavq.model import Transformer
-    from megavq.train.engine import build_engine, read_ds_config, reconcile_ds_config
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = load_config(case.preset, list(case.overrides))
     ds = reconcile_ds_config(read_ds_config(f"{ds_dir}/{case.ds_config}.json"), cfg, world)
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg)
+    model = prepare_model(Transformer(cfg), cfg)
     engine = build_engine(model, cfg, ds)
     g = torch.Generator().manual_seed(rank)
     shape = (cfg.data.micro_batch_size, cfg.model.seq_len)
@@ -205,7 +205,6 @@ def run_case(case: Case, ds_dir, steps: int = 2) -> dict[str, int]:
 
 
 def estimated(case: Case, ds_dir, world: int) -> dict[str, float]:
-    from megavq.train.engine import read_ds_config
     cfg = load_config(case.preset, list(case.overrides))
     est = estimate(cfg, DeepSpeedSettings.from_json(read_ds_config(f"{ds_dir}/{case.ds_config}.json")), Cluster(world))
     mem = est.memory

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 
 from megavq.errors import CheckpointError, MegavqError
-from megavq.manifest import CONVERT, FORMATS, MANIFEST, read_manifest
+from megavq.files import file_sha256, numel
+from megavq.store.manifest import CONVERT, FORMATS, MANIFEST, read_manifest
 
 KINDS = ("fp32", "exp_avg", "exp_avg_sq", "buffer")
-MODEL_KINDS = ("fp32", "buffer")  # what a model needs (load_model never reads the optimizer state)
+WEIGHT_KINDS = ("fp32", "buffer")  # what a model needs (load_model never reads the optimizer state)
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.bool: "BOOL"}
@@ -52,14 +53,6 @@ def parse_key(key: str) -> tuple[str, str, int]:
     kind, rest = key.split("/", 1)
     name, start = rest.rsplit("@", 1)
     return kind, name, int(start)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -107,14 +100,6 @@ def _cpu_pieces(t: torch.Tensor):
     flat, step = t.reshape(-1), max(1, CHUNK_BYTES // t.element_size())
     for a in range(0, flat.numel(), step):
         yield flat[a:a + step].cpu()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---- reading -------------------------------------------------------------------------------------------
@@ -187,14 +172,14 @@ class Fragments:
         """Every fragment list covers its tensor exactly once."""
         for (kind, name), frags in self.index.items():
             frags.sort()
-            numel = _numel(self.tensors[name]["shape"]) if name in self.tensors else None
+            size = numel(self.tensors[name]["shape"]) if name in self.tensors else None
             pos = 0
             for start, n, _, _ in frags:
                 if start != pos:
                     break
                 pos += n
-            if numel is None or pos != numel:
-                raise CheckpointError(f"{where} is incomplete: {kind}/{name} has {pos} of {numel} elements in order")
+            if size is None or pos != size:
+                raise CheckpointError(f"{where} is incomplete: {kind}/{name} has {pos} of {size} elements in order")
 
     def has(self, kind: str, name: str) -> bool:
         return (kind, name) in self.index
@@ -228,13 +213,6 @@ class Fragments:
         for tf in self.files.values():
             tf.close()
         self.files = {}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # ---- checkpoint directories ------------------------------------------------------------------------------
@@ -295,7 +273,7 @@ class LegacyCheckpoint(Fragments):
                 dtype, shape = tf.entry(key)
                 self.tensors.setdefault(name, {"shape": shape, "dtype": dtype_name(dtype),
                                                "kind": "buffer" if file == "model" else "param"})
-                self.index[(kind, name)] = [(0, _numel(shape), file, key)]
+                self.index[(kind, name)] = [(0, numel(shape), file, key)]
         self.rng = state.tensor("rng") if "rng" in state.header else None
 
 

@@ -21,11 +21,12 @@ import re
 
 import torch
 
-from megavq.errors import MegavqError
 from megavq.config import Config, config_from_dict, parse_override
+from megavq.data import TokenData, prepare_data
+from megavq.errors import MegavqError
 from megavq.model import Transformer
 from megavq.moe.routers import router_class
-from megavq.moe.spec import is_moe_layer
+from megavq.moe.spec import is_moe_layer, moe_blocks
 
 # ModelConfig fields that fix the shapes of the copied tensors
 SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "d_ff", "mlp", "norm", "pos", "qkv_bias",
@@ -72,7 +73,7 @@ def _check_shapes(dense: Config, cfg: Config) -> None:
 
 
 def moe_layer_ids(cfg: Config) -> list[int]:
-    return [i for i in range(cfg.model.n_layers) if is_moe_layer(i, cfg.moe.every)]
+    return moe_blocks(cfg.model.n_layers, cfg.moe.every)
 
 
 # ---- the state-dict transformation ------------------------------------------------------------------------
@@ -201,7 +202,6 @@ def preserves_function(report: dict, rtol: float = 1e-4) -> bool:
 
 def calibration_batches(source: str, vocab_size: int, seq_len: int, tokens: int, batch_size: int = 8) -> list:
     """Batches of the train split of a data source (builtin or a tokenized data directory) for calibration."""
-    from megavq.data import TokenData, prepare_data
     data = TokenData(prepare_data(source))
     if data.vocab_size > vocab_size:
         raise MegavqError(f"calibration data {source!r} has vocab_size {data.vocab_size}, more than the model's "

@@ -10,9 +10,15 @@ import time
 
 import torch
 
+import megavq.moe.dispatch.expert_parallel as ep
+import megavq.moe.dispatch.native as nb
+from megavq.compat import deepspeed as ds_compat
 from megavq.config import load_config
-from megavq.flops import device_peak_tflops, flops_per_token, utilisation
-from megavq.train import ds_compat
+from megavq.model import Transformer
+from megavq.model.flops import device_peak_tflops, flops_per_token, utilisation
+from megavq.moe.dispatch.megablocks import MegaBlocksDispatcher
+from megavq.moe.experts import Experts
+from megavq.train.engine import prepare_model, setup_expert_parallel
 
 PHASES = ("router", "dispatch", "experts", "combine", "comm")
 
@@ -54,9 +60,6 @@ def patched(obj, name, value):
 
 def instrument(clock: Clock) -> contextlib.ExitStack:
     """Time the phases of every backend by wrapping the functions they call."""
-    import megavq.moe.dispatch.expert_parallel as ep
-    import megavq.moe.dispatch.native as nb
-    from megavq.moe.experts import Experts
     stack = contextlib.ExitStack()
     stack.enter_context(patched(nb, "sort_by_expert", clock.wrap("dispatch", nb.sort_by_expert)))
     stack.enter_context(patched(Experts, "forward", clock.wrap("experts", Experts.forward)))
@@ -114,13 +117,11 @@ def variant_overrides(args, name: str) -> list[str]:
 
 
 def build(args, name):
-    from megavq.model import Transformer
-    from megavq.train.engine import setup_expert_parallel
     backend, _, own = VARIANTS[name]
     cfg = load_config(args.config, [*args.overrides, *variant_overrides(args, name)])
     cfg.model.vocab_size = cfg.model.vocab_size or 4096
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg)
+    model = prepare_model(Transformer(cfg), cfg)
     setup_expert_parallel(model, cfg.moe.ep_size)
     if backend == "deepspeed" and cfg.moe.ep_size > 1:
         ds_compat.set_moe_parallelism(model)  # the EP groups deepspeed.initialize would give
@@ -132,7 +133,6 @@ def build(args, name):
 
 def gate_of(layer):
     """The module that routes: the megavq router, or DeepSpeed's / MegaBlocks' gate that runs it (or their own)."""
-    from megavq.moe.dispatch.megablocks import MegaBlocksDispatcher
     if layer.dispatcher.deepspeed_moe:
         return ds_compat.moe_gate(layer.experts)
     return layer.experts.router if isinstance(layer.dispatcher, MegaBlocksDispatcher) else layer.router

@@ -11,7 +11,6 @@ Only causal routers can generate: a decoding step shows the MoE layers the new t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -139,20 +138,3 @@ def decode(model, prompts, max_new_tokens: int, eos_id: int | None, sampling: Sa
             break
         logits_BV = model(tok_B[:, None], cache=cache)[:, -1]  # stopped rows run on, unread
     return out
-
-
-def checkpoint_tokenizer(cfg: Config, recorded: str | Path | None = None) -> Path:
-    """The SentencePiece model of a checkpoint: `recorded`, the copy its manifest records
-    (megavq.io.model_tokenizer(checkpoint), which the caller reads: this module does not import megavq.io), else,
-    for a checkpoint that records none (format 0), the tokenizer of the data it was trained on (its config's
-    data.source): the shipped tokenizer for 'builtin', else the tokenized data directory's tokenizer.model."""
-    from megavq.data.dataset import BUILTIN_TOKENIZER, TOKENIZER_FILE
-    if recorded is not None:
-        return Path(recorded)
-    if cfg.data.source == "builtin":
-        return BUILTIN_TOKENIZER
-    path = Path(cfg.data.source) / TOKENIZER_FILE
-    if not path.is_file():
-        raise MegavqError(f"the checkpoint was trained on data.source={cfg.data.source}, and {path} does not "
-                          f"exist here: pass the tokenizer with --tokenizer PATH")
-    return path

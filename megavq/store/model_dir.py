@@ -2,13 +2,13 @@
 
 Layout of a model directory: `config.json` (the megavq Config), `model.safetensors` (the Transformer state
 dict in the canonical layout: experts stacked as (E, ...) tensors), `manifest.json` (format version, the
-writer's library versions, the tokenizer's sha256; megavq/manifest.py) and `tokenizer.model` (the
+writer's library versions, the tokenizer's sha256; megavq/store/manifest.py) and `tokenizer.model` (the
 SentencePiece model of the data, when known). The checkpoints of a run directory (format 2,
 megavq.train.checkpoint) hold the same config.json, manifest and tokenizer, and the weights as fragments of the
-canonical tensors (megavq.shards): `load_model` reads those on one CPU process, tensor by tensor, the fp32
+canonical tensors (megavq.store.shards): `load_model` reads those on one CPU process, tensor by tensor, the fp32
 master weights and buffers only (never the optimizer state), after checking every file's sha256. Format-0/1
 checkpoints (a model.safetensors inside) read as model directories. `load_model` also reads Hugging Face model
-directories (converted by megavq.hf). Nothing is unpickled.
+directories (converted by megavq.convert.hf.load). Nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -17,13 +17,16 @@ from pathlib import Path
 
 import torch
 
+from megavq.config import Config, save_config, saved_config
+from megavq.data.dataset import BUILTIN_TOKENIZER, TOKENIZER_FILE
 from megavq.errors import MegavqError
-from megavq.config import Config, saved_config
-from megavq.manifest import read_manifest, write_manifest
-from megavq.shards import MODEL_KINDS as SHARD_KINDS, is_sharded, open_checkpoint, published
+from megavq.files import file_sha256
+from megavq.store.manifest import read_manifest, write_manifest
+from megavq.store.shards import WEIGHT_KINDS, is_sharded, open_checkpoint, published
 
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
-MODEL_KINDS = ("model", "checkpoint")
+HF_CONFIG = "config.json"  # of a Hugging Face model directory (one with a model_type)
+MODEL_DIR_KINDS = ("model", "checkpoint")
 
 
 def save_model(state_dict: dict, cfg: Config, out_dir: str | Path, tokenizer: str | Path | None = None,
@@ -37,9 +40,18 @@ def save_model(state_dict: dict, cfg: Config, out_dir: str | Path, tokenizer: st
     if cfg.model.tie_embeddings:
         sd.pop("lm_head.weight", None)  # shares storage with embed.weight
     save_file(sd, str(out_dir / MODEL_FILE), metadata={"format": "megavq"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    save_config(cfg, out_dir / CONFIG_FILE)
     write_manifest(out_dir, kind, cfg.to_dict(), tokenizer, **extra)
     return out_dir
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """True when path holds a Hugging Face config.json (one with a model_type)."""
+    try:
+        data = json.loads((Path(path) / HF_CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" in data
 
 
 def run_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -60,7 +72,6 @@ def is_model_dir(path: Path) -> bool:
 
 def resolve_model_dir(path: str | Path) -> Path:
     """The megavq model directory of a model, checkpoint, checkpoints or run directory."""
-    from megavq.hf import is_hf_dir
     path = Path(path)
     if is_hf_dir(path):
         raise MegavqError(f"{path} is a Hugging Face model, not a megavq one: convert it with "
@@ -75,7 +86,7 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 def load_config_file(model_dir: Path) -> Config:
-    read_manifest(model_dir, MODEL_KINDS)  # refuses a format this megavq does not read
+    read_manifest(model_dir, MODEL_DIR_KINDS)  # refuses a format this megavq does not read
     try:
         return saved_config(json.loads((model_dir / CONFIG_FILE).read_text()))
     except FileNotFoundError:
@@ -85,9 +96,8 @@ def load_config_file(model_dir: Path) -> Config:
 def model_tokenizer(model_dir: str | Path) -> Path | None:
     """The tokenizer a model or checkpoint directory records (a copy inside it), checked against its sha256;
     None when the directory records none (format 0, or a model imported from Hugging Face)."""
-    from megavq.data.tokenizer import file_sha256
     model_dir = resolve_model_dir(model_dir)
-    entry = read_manifest(model_dir, MODEL_KINDS).get("tokenizer")
+    entry = read_manifest(model_dir, MODEL_DIR_KINDS).get("tokenizer")
     if not entry or not entry.get("file"):
         return None
     path = model_dir / entry["file"]
@@ -103,7 +113,7 @@ def load_state_dict(model_dir: Path) -> dict:
         return load_file(str(Path(model_dir) / MODEL_FILE))
     ck = open_checkpoint(model_dir)  # format 2: the fp32 master weights and the buffers, tensor by tensor
     try:
-        return {name: ck.tensor(kind, name) for kind, name in ck.index if kind in SHARD_KINDS}
+        return {name: ck.tensor(kind, name) for kind, name in ck.index if kind in WEIGHT_KINDS}
     finally:
         ck.close()
 
@@ -123,24 +133,17 @@ def load_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
     fit_weights(model, load_state_dict(resolve_model_dir(model_dir)), model_dir)
 
 
-def read_model(path: str | Path) -> tuple[Config, dict]:
-    """Config and state dict of a megavq model, checkpoint or run directory, or of a Hugging Face model directory."""
-    from megavq.hf import is_hf_dir, load_hf
-    if is_hf_dir(path):
-        return load_hf(path)
-    model_dir = resolve_model_dir(path)
-    return load_config_file(model_dir), load_state_dict(model_dir)
-
-
-def load_model(path: str | Path, backend: str = "native") -> torch.nn.Module:
-    """A Transformer on CPU, in eval mode, from a megavq model, checkpoint or run directory, or from a Hugging
-    Face model directory (Llama, Mistral, Qwen2, Mixtral, GPT-2; see megavq.hf).
-
-    Its forward takes token ids (B, T) and returns logits (B, T, V).
-    """
-    from megavq.model import Transformer
-    cfg, sd = read_model(path)
-    cfg.moe.backend, cfg.moe.ep_size = backend, 1
-    model = Transformer(cfg)
-    fit_weights(model, sd, path)
-    return model.eval()
+def checkpoint_tokenizer(cfg: Config, recorded: str | Path | None = None) -> Path:
+    """The SentencePiece model of a checkpoint: `recorded`, the copy its manifest records
+    (model_tokenizer(checkpoint), which the caller reads), else,
+    for a checkpoint that records none (format 0), the tokenizer of the data it was trained on (its config's
+    data.source): the shipped tokenizer for 'builtin', else the tokenized data directory's tokenizer.model."""
+    if recorded is not None:
+        return Path(recorded)
+    if cfg.data.source == "builtin":
+        return BUILTIN_TOKENIZER
+    path = Path(cfg.data.source) / TOKENIZER_FILE
+    if not path.is_file():
+        raise MegavqError(f"the checkpoint was trained on data.source={cfg.data.source}, and {path} does not "
+                          f"exist here: pass the tokenizer with --tokenizer PATH")
+    return path
