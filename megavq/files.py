@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 from pathlib import Path
 
 
@@ -62,6 +63,17 @@ def publish_dir(tmp: Path, target: Path) -> None:
     """Rename a finished directory into place and make the rename durable; `target` must not exist."""
     os.rename(tmp, target)
     fsync_dir(Path(target).parent)
+
+
+def remove_dir(path: Path) -> None:
+    """Move a directory aside (readers never see it half deleted), then delete it."""
+    path = Path(path)
+    if not path.exists():
+        return
+    trash = path.with_name(f".trash-{path.name.removeprefix('.tmp-')}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def numel(shape) -> int:

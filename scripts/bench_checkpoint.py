@@ -50,7 +50,8 @@ def rank_main(rank: int, world: int, port: int, args, results) -> None:
     from megavq.compat import deepspeed as ds_compat
     from megavq.config import load_config
     from megavq.model import Transformer
-    from megavq.train.checkpoint import Checkpointer, owned_entries
+    from megavq.train.checkpoint import Checkpointer
+    from megavq.train.fragments import owned_entries
     from megavq.train.engine import build_engine, init_distributed, read_ds_config, reconcile_ds_config
     init_distributed()
     cfg = load_config("tiny", [*MODEL, f"moe.ep_size={world}", *args.overrides])

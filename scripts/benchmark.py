@@ -14,8 +14,8 @@ Columns: tokens/s of a forward+backward step (all ranks), memory
 into router (gate: routing plus capacity bookkeeping), dispatch, experts, combine and communication
 (all-to-all, including the wait for the other ranks), the backward, and MFU = model FLOPs per token (6 x active
 matrix parameters + attention, megavq/model/flops.py) x tokens/s per device / peak FLOP/s (with --peak_tflops, or on
-a known GPU). Native's dispatch is the sort by
-expert and its combine the gather, weighting and scatter-add around the experts.
+a known GPU). The phases are the profiler ranges the MoE layers mark (megavq/moe/phases.py): native's dispatch is
+the sort by expert and the gather of the rows, its combine the weighting and scatter-add.
 """
 
 

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from megavq.config import load_config
+from megavq.plugins import load_plugins
 from megavq.tools.estimate import Cluster, DeepSpeedSettings, candidates, estimate, report, summary_line
 from megavq.train.engine import read_ds_config
 from megavq.train.launch import user_errors
@@ -30,6 +31,8 @@ def parse_args():
     p.add_argument("--ib_gbps", type=float, default=50.0, help="GB/s per GPU and direction between nodes "
                    "(default 50: one 400 Gb/s InfiniBand NDR port per GPU)")
     p.add_argument("--max_micro_batch", type=int, default=64, help="largest micro-batch the candidate table tries")
+    p.add_argument("--plugin", action="append", default=[],
+                   help="a .py file or module registering routers or dispatchers (repeatable; see megavq/plugins.py)")
     p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     return p.parse_intermixed_args()
 
@@ -37,6 +40,7 @@ def parse_args():
 def main():
     args = parse_args()
     with user_errors():
+        load_plugins(args.plugin)
         cfg = load_config(args.config, args.overrides)
         ds = DeepSpeedSettings.from_json(read_ds_config(args.ds_config))
         cluster = Cluster(args.gpus, args.gpus_per_node, args.gpu_memory, args.nvlink_gbps, args.ib_gbps)

@@ -16,7 +16,7 @@ def main():
     p.add_argument("dirs", nargs="+", help="run, checkpoint or model directories")
     args = p.parse_args()
     with user_errors():
-        from megavq.train.checkpoint import upgrade
+        from megavq.store.upgrade import upgrade
         for d in args.dirs:
             for done in upgrade(d):
                 print(f"upgraded {done}")

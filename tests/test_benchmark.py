@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.seq_len=32",
@@ -28,3 +27,25 @@ def test_benchmark_rejects_unknown_variant():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown variant 'nosuch'")
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_phase_times_come_from_the_layers_profiler_ranges(monkeypatch, grouped):
+    """Every phase of a native layer is read from the ranges it marks, the grouped products' experts too (the path
+    CUDA takes, forced here on the CPU, where only its forward runs)."""
+    import torch
+
+    import megavq.moe.dispatch.native as native
+    from megavq.config import load_config
+    from megavq.model import Transformer
+    from megavq.tools.bench import phase_times
+    if grouped:
+        if not hasattr(torch, "_grouped_mm"):
+            pytest.skip("torch has no _grouped_mm")
+        monkeypatch.setattr(native, "grouped_products", lambda x, experts: True)
+    model = Transformer(load_config("tiny", TINY))
+    x = torch.randint(256, (2, 32), generator=torch.Generator().manual_seed(0))
+    ms = phase_times(model, x, x, steps=2, device="cpu", own_gate=False)
+    inner = ("router", "dispatch", "experts", "combine")
+    assert all(ms[p] > 0 for p in ("moe", *inner)) and ms["comm"] == 0, ms
+    assert ms["moe"] >= sum(ms[p] for p in inner), ms

@@ -158,7 +158,7 @@ def test_layout_maps_local_tensors_onto_canonical_ones(backend):
     from megavq.config import load_config
     register_transposed()
     from megavq.model import Transformer
-    from megavq.train.checkpoint import build_layout
+    from megavq.train.layout import build_layout
     model = Transformer(load_config("tiny", ["model.vocab_size=64", f"moe.backend={backend}"]))
     layout = build_layout(model, 1)
     experts = [s for s in layout.slots if ".experts." in s.name]
@@ -169,6 +169,21 @@ def test_layout_maps_local_tensors_onto_canonical_ones(backend):
         assert not layout.fallback and all(s.canonical == s.name and s.offset == 0 for s in experts)
     else:
         assert not experts and [p for p, _, _ in layout.fallback] == [f"blocks.{i}.mlp." for i in range(4)]
+
+
+@pytest.mark.parametrize("backend", ["native", "deepspeed", "reference"])
+def test_declared_expert_rows_equal_the_probed_ones(backend):
+    """native and deepspeed declare their canonical rows; reference declares none and is probed."""
+    from megavq.config import load_config
+    from megavq.model import Transformer
+    from megavq.train.layout import expert_rows, local_tensors, probed_rows
+    model = Transformer(load_config("tiny", ["model.vocab_size=64", f"moe.backend={backend}"]))
+    local = local_tensors(model)
+    for prefix, layer in model.moe_layers():
+        assert (layer.canonical_rows(prefix) is None) == (backend == "reference")
+        rows = expert_rows(prefix, layer, local)
+        assert rows and rows == probed_rows(prefix, layer, local)
+        assert set(rows) == {n for n in local if n.startswith(f"{prefix}experts.")}
 
 
 # ---- jobs of the spawned process groups ------------------------------------------------------------------------
@@ -198,7 +213,8 @@ def fragments_job(data: str, ds: str, overrides: list[str]) -> list:
 
     from megavq.config import load_config
     from megavq.model import Transformer
-    from megavq.train.checkpoint import build_layout, owned_entries
+    from megavq.train.fragments import owned_entries
+    from megavq.train.layout import build_layout
     from megavq.train.engine import build_engine, read_ds_config, reconcile_ds_config
     cfg = load_config("tiny", [*RUN, f"data.source={data}", *overrides])
     world = dist.get_world_size()

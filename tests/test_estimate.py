@@ -127,6 +127,45 @@ def test_estimate_script_prints_the_table_and_one_summary_line():
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ZeRO-3")
 
 
+PLUGIN = """
+from megavq.moe.dispatch import dispatcher_class, register_dispatcher
+
+NativeDispatcher = dispatcher_class("native")
+
+
+@register_dispatcher("est_undeclared")
+class Undeclared(NativeDispatcher):
+    row_counts = classmethod(lambda cls, moe, tokens: None)
+
+
+@register_dispatcher("est_declared")
+class Declared(NativeDispatcher):
+    pass
+"""
+
+
+def test_the_estimator_asks_the_dispatcher_or_refuses_it(tmp_path, monkeypatch):
+    """A plugin dispatcher that declares its rows is estimated like native; one that does not is refused in one
+    line, by the script too."""
+    plugin = tmp_path / "est_plugin.py"
+    plugin.write_text(PLUGIN)
+    from megavq.moe.dispatch.base import DISPATCHERS
+    from megavq.plugins import load_plugins
+    monkeypatch.setattr(DISPATCHERS, "classes", dict(DISPATCHERS.classes))  # the plugin's, for this test only
+    load_plugins([str(plugin)])
+    ds, cluster = DeepSpeedSettings.from_json({"zero_optimization": {"stage": 2}}), Cluster(8)
+    totals = {b: estimate(load_config("olmoe_1b_7b", [f"moe.backend={b}", "moe.ep_size=8"]), ds, cluster)
+              .memory.total() for b in ("native", "est_declared")}
+    assert totals["native"] == totals["est_declared"]
+    with pytest.raises(ConfigError, match="moe.backend=est_undeclared does not declare its expert rows"):
+        estimate(load_config("olmoe_1b_7b", ["moe.backend=est_undeclared"]), ds, cluster)
+    bad = subprocess.run([sys.executable, "scripts/estimate.py", "--config", "olmoe_1b_7b", "--ds_config",
+                          "ds_configs/zero2_bf16.json", "--gpus", "8", "--plugin", str(plugin),
+                          "moe.backend=est_undeclared"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: moe.backend=est_undeclared does not declare")
+
+
 def test_readme_quotes_the_estimators_summary_lines():
     from megavq.train.engine import read_ds_config
     readme = (ROOT / "README.md").read_text()

@@ -25,7 +25,7 @@ What is used and why:
   i.e. under the deepspeed launcher) creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`
   (66 MB) and never unlinks it: every such process leaked 66 MB of RAM (17 GB on a shared test machine).
   `unlink_shm_buffer` removes the name once every rank has mapped its peers' buffers (the mappings stay valid).
-- Checkpoints (megavq.train.checkpoint) use the above: `owned_fragments`, `weight_targets`, `plain_state`,
+- Checkpoints (megavq.train.fragments) use the above: `owned_fragments`, `weight_targets`, `plain_state`,
   `ensure_adam_states`; DeepSpeed's own save_checkpoint / load_checkpoint are not used (they pickle).
 """
 from __future__ import annotations
@@ -210,7 +210,7 @@ def link_zero_moments(engine) -> None:
         engine.optimizer._lazy_init_hp_params_optimizer_state()
 
 
-# ---- optimizer state by fragment (megavq.train.checkpoint) -------------------------------------------------
+# ---- optimizer state by fragment (megavq.train.fragments) --------------------------------------------------
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavq.compat.torch import grouped_mm, has_grouped_mm
+from megavq.moe.phases import phase
 
 
 class Experts(nn.Module):
@@ -60,18 +61,23 @@ class Experts(nn.Module):
         if grouped_products(x_ND, self):
             ends = torch.tensor(counts_E, dtype=torch.long).cumsum(0).to(x_ND.device, non_blocking=True)
             return self.grouped(x_ND, ends)
-        # unbind, not w_in[e]: the backward of E selects would zero-fill and add E full-size gradients
-        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
-        no_bias = [None] * len(w_in)
-        b_in, b_out = (self.b_in.unbind(0), self.b_out.unbind(0)) if self.b_in is not None else (no_bias, no_bias)
-        outs = [expert_mlp(x, w_in[e], w_out[e], b_in[e], b_out[e], self.mlp)
-                for e, x in enumerate(torch.split(x_ND, counts_E)) if x.shape[0]]
-        return torch.cat(outs) if outs else x_ND.new_zeros(0, self.w_out.shape[-1])
+        with phase("experts"):
+            # unbind, not w_in[e]: the backward of E selects would zero-fill and add E full-size gradients
+            w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
+            no_bias = [None] * len(w_in)
+            b_in, b_out = (self.b_in.unbind(0), self.b_out.unbind(0)) if self.b_in is not None else (no_bias, no_bias)
+            outs = [expert_mlp(x, w_in[e], w_out[e], b_in[e], b_out[e], self.mlp)
+                    for e, x in enumerate(torch.split(x_ND, counts_E)) if x.shape[0]]
+            return torch.cat(outs) if outs else x_ND.new_zeros(0, self.w_out.shape[-1])
 
     def grouped(self, x_ND: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
         """Rows sorted by expert, expert e's rows ending at ends_E[e] (a device tensor): three grouped products
         (megavq.compat.torch.grouped_mm) on views of the stored weights. Rows past ends_E[-1] give zeros and no
         gradient."""
+        with phase("experts"):
+            return self._grouped(x_ND, ends_E)
+
+    def _grouped(self, x_ND: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
         offs = ends_E.to(torch.int32)
         valid = (torch.arange(x_ND.shape[0], device=x_ND.device) < ends_E[-1])[:, None]
         # grouped products leave rows past the last chunk unwritten, forward and backward: mask what enters them

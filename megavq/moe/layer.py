@@ -15,6 +15,7 @@ from torch import nn
 
 from megavq.moe.config import check_layer
 from megavq.moe.dispatch import build_dispatcher
+from megavq.moe.phases import phase
 from megavq.moe.routers import RouterOutput, router_class
 from megavq.moe.spec import MoESpec, build_layer_router
 
@@ -30,12 +31,16 @@ class MoELayer(nn.Module):
         self.experts = self.dispatcher.build_experts()
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        y_BSD, r, extra = self.dispatcher.forward(x_BSD, self.router_fn(x_BSD.shape[1]), self.experts)
+        with phase("moe"):
+            y_BSD, r, extra = self.dispatcher.forward(x_BSD, self.router_fn(x_BSD.shape[1]), self.experts)
         return y_BSD, r.aux_loss, {**r.metrics, **extra}
 
     def router_fn(self, seq_len: int):
         """x_TD -> RouterOutput, the router called with what it declares it needs."""
-        return lambda x_TD: self.router.route(x_TD, seq_len, lambda: self.all_experts(x_TD))
+        def route(x_TD: torch.Tensor) -> RouterOutput:
+            with phase("router"):
+                return self.router.route(x_TD, seq_len, lambda: self.all_experts(x_TD))
+        return route
 
     def route(self, x_BSD: torch.Tensor) -> RouterOutput:
         """The routing of x_BSD as forward computes it (for diagnostics)."""
@@ -58,6 +63,9 @@ class MoELayer(nn.Module):
     def from_canonical(self, prefix: str, sd: dict) -> dict:
         return self.dispatcher.from_canonical(self.experts, f"{prefix}experts.", sd)
 
+    def canonical_rows(self, prefix: str) -> dict | None:
+        return self.dispatcher.canonical_rows(self.experts, f"{prefix}experts.")
+
 
 class SoftMoELayer(MoELayer):
     """Soft MoE (Puigcerver et al. 2024): experts run on soft slots, mixes of a sequence's tokens.
@@ -75,12 +83,19 @@ class SoftMoELayer(MoELayer):
                             weights_M1.new_zeros(()), {})
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        with phase("moe"):
+            return self._forward(x_BSD)
+
+    def _forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         B = x_BSD.shape[0]
-        dispatch_BSN, combine_BSN = self.router.dispatch_combine(x_BSD)
-        slots_BND = (dispatch_BSN.transpose(1, 2) @ x_BSD.float()).to(x_BSD.dtype)
+        with phase("router"):
+            dispatch_BSN, combine_BSN = self.router.dispatch_combine(x_BSD)
+        with phase("dispatch"):
+            slots_BND = (dispatch_BSN.transpose(1, 2) @ x_BSD.float()).to(x_BSD.dtype)
         routing = self.slot_routing(B, x_BSD.device)
         y_BND, _, _ = self.dispatcher.forward(slots_BND, lambda x: routing, self.experts)
-        y_BSD = combine_BSN @ y_BND.float()
+        with phase("combine"):
+            y_BSD = combine_BSN @ y_BND.float()
         aux = x_BSD.new_zeros((), dtype=torch.float32)
         return y_BSD.to(x_BSD.dtype), aux, self.router.combine_metrics(combine_BSN)
 

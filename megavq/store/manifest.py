@@ -25,7 +25,6 @@ import json
 import shutil
 from pathlib import Path
 
-from megavq.config import saved_config
 from megavq.errors import CheckpointError, MegavqError
 from megavq.files import file_sha256, library_versions, write_json
 
@@ -83,28 +82,3 @@ def check_format_version(version, kind: str, directory: Path) -> None:
                           f"({current - 1}-{current}): update megavq")
     raise MegavqError(f"{directory} is a {kind} directory of format {version!r}, which this megavq no longer reads "
                       f"({current - 1}-{current}); convert it with: {CONVERT.format(path=directory)}")
-
-
-# ---- the converter -----------------------------------------------------------------------------------------
-def upgrade(directory: str | Path) -> list[Path]:
-    """Rewrite the manifest of a run or model directory of an older format in the current one; returns the
-    directories rewritten. Format 0 -> 1: a manifest from the directory's own config.json (the tokenizer is
-    unknown to format 0, so it is recorded as null). Checkpoints change more than their manifest: scripts/upgrade.py
-    converts them (megavq.train.checkpoint.upgrade), then calls this for their run."""
-    directory = Path(directory)
-    if (directory / "checkpoints").is_dir():
-        return [_upgrade_one(directory, "run")]
-    if not (directory / "config.json").is_file():
-        raise MegavqError(f"{directory} is not a megavq run, checkpoint or model directory (no config.json)")
-    if directory.parent.name == "checkpoints":
-        return []  # a checkpoint: megavq.train.checkpoint.upgrade converts it
-    return [_upgrade_one(directory, "model")]
-
-
-def _upgrade_one(directory: Path, kind: str) -> Path:
-    version = read_manifest(directory, (kind,)).get("format_version", 0) if (directory / MANIFEST).is_file() else 0
-    if version < FORMATS[kind]:
-        config = saved_config(json.loads((directory / "config.json").read_text())).to_dict()  # every option recorded
-        write_json(directory / "config.json", config)
-        write_manifest(directory, kind, config, upgraded_from=version)
-    return directory

@@ -15,6 +15,7 @@ through the same interface (`LegacyCheckpoint`), so resuming and `scripts/upgrad
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -89,6 +90,16 @@ def write_tensors(path: Path, entries: list[tuple[str, torch.Tensor]], metadata:
         f.flush()
         os.fsync(f.fileno())
     return {"bytes": 8 + len(text) + offset, "sha256": digest.hexdigest()}
+
+
+def b64_of_tensor(t: torch.Tensor) -> str:
+    """A small tensor's bytes as base64 text (RNG states in a manifest)."""
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def tensor_of_b64(text: str) -> torch.Tensor:
+    """The bytes of b64_of_tensor as a uint8 tensor."""
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
 def _cpu_pieces(t: torch.Tensor):

@@ -10,41 +10,13 @@ import time
 
 import torch
 
-import megavq.moe.dispatch.expert_parallel as ep
-import megavq.moe.dispatch.native as nb
 from megavq.compat import deepspeed as ds_compat
 from megavq.config import load_config
 from megavq.model import Transformer
 from megavq.model.flops import device_peak_tflops, flops_per_token, utilisation
 from megavq.moe.dispatch.megablocks import MegaBlocksDispatcher
-from megavq.moe.experts import Experts
+from megavq.moe.phases import PHASES, PREFIX, phase
 from megavq.train.engine import prepare_model, setup_expert_parallel
-
-PHASES = ("router", "dispatch", "experts", "combine", "comm")
-
-
-class Clock:
-    """Accumulates wall time per phase; `wrap(phase, fn)` times every call of fn (syncing the GPU). A call
-    inside a call of the same phase counts once; different phases nest (the MoE layer holds the others)."""
-
-    def __init__(self, device: str):
-        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        self.totals, self.depth = dict.fromkeys((*PHASES, "moe"), 0.0), dict.fromkeys((*PHASES, "moe"), 0)
-        self.enabled = False
-
-    def wrap(self, phase, fn):
-        def timed(*args, **kwargs):
-            if not self.enabled or self.depth[phase]:
-                return fn(*args, **kwargs)
-            self.sync()
-            self.depth[phase], t0 = 1, time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.sync()
-                self.totals[phase] += time.perf_counter() - t0
-                self.depth[phase] = 0
-        return timed
 
 
 @contextlib.contextmanager
@@ -58,17 +30,44 @@ def patched(obj, name, value):
         setattr(obj, name, old) if own else delattr(obj, name)
 
 
-def instrument(clock: Clock) -> contextlib.ExitStack:
-    """Time the phases of every backend by wrapping the functions they call."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(patched(nb, "sort_by_expert", clock.wrap("dispatch", nb.sort_by_expert)))
-    stack.enter_context(patched(Experts, "forward", clock.wrap("experts", Experts.forward)))
-    for name in ("all_to_all", "exchange_counts", "gather_experts"):
-        stack.enter_context(patched(ep, name, clock.wrap("comm", getattr(ep, name))))
-    with contextlib.suppress(ImportError):
-        for owner, name, phase in ds_compat.moe_phase_functions():
-            stack.enter_context(patched(owner, name, clock.wrap(phase, getattr(owner, name))))
-    return stack
+def ranged(name: str, fn):
+    """fn inside the profiler range of phase `name` (for code that marks no range itself: DeepSpeed's)."""
+    def call(*args, **kwargs):
+        with phase(name):
+            return fn(*args, **kwargs)
+    return call
+
+
+@contextlib.contextmanager
+def foreign_ranges(model, own_gate: bool):
+    """Ranges around the phases of DeepSpeed-MoE's own functions, and around a foreign gate (DeepSpeed's
+    TopKGate, MegaBlocks' LearnedRouter) when it replaces the megavq router; megavq's code marks its own."""
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(ImportError):
+            for owner, name, ph in ds_compat.moe_phase_functions():
+                stack.enter_context(patched(owner, name, ranged(ph, getattr(owner, name))))
+        for _, layer in model.moe_layers() if own_gate else []:
+            gate = gate_of(layer)
+            stack.enter_context(patched(gate, "forward", ranged("router", gate.forward)))
+        yield
+
+
+def phase_times(model, x, y, steps: int, device: str, own_gate: bool) -> dict[str, float]:
+    """Milliseconds per forward in each phase's profiler ranges (megavq.moe.phases): host time on the CPU, the
+    device time of the ranges on CUDA."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with foreign_ranges(model, own_gate), torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            model(x, y)
+    totals = dict.fromkeys((*PHASES, "moe"), 0.0)
+    for event in prof.key_averages():
+        name = event.key.removeprefix(PREFIX)
+        if event.key.startswith(PREFIX) and name in totals:
+            us = event.device_time_total if device == "cuda" else event.cpu_time_total
+            totals[name] += us / 1e3 / steps
+    return totals
 
 
 def own_deepspeed_gate(layer, cfg) -> None:
@@ -81,7 +80,8 @@ def own_deepspeed_gate(layer, cfg) -> None:
     ds_compat.set_moe_gate(layer.experts, gate)
 
     def forward(x_BSD):
-        y, l_aux, _ = layer.experts(x_BSD)
+        with phase("moe"):
+            y, l_aux, _ = layer.experts(x_BSD)
         return y, m.aux_loss_coef * l_aux, {}
     layer.forward = forward
 
@@ -94,7 +94,7 @@ def own_megablocks_router(layer) -> None:
     router.layer.weight = layer.router.gate.weight
     args.moe_normalize_expert_weights = 1
     layer.experts.router = router
-    layer.forward = lambda x: (layer.experts(x), layer.router.gate.weight.new_zeros(()), {})
+    layer.forward = lambda x: (ranged("moe", layer.experts)(x), layer.router.gate.weight.new_zeros(()), {})
 
 
 VARIANTS = {  # name: (backend, capacity_factor, own gate)
@@ -138,16 +138,6 @@ def gate_of(layer):
     return layer.experts.router if isinstance(layer.dispatcher, MegaBlocksDispatcher) else layer.router
 
 
-@contextlib.contextmanager
-def timed_layers(clock: Clock, model):
-    with instrument(clock) as stack:
-        for _, mlp in model.moe_layers():
-            gate = gate_of(mlp)
-            stack.enter_context(patched(mlp, "forward", clock.wrap("moe", mlp.forward)))
-            stack.enter_context(patched(gate, "forward", clock.wrap("router", gate.forward)))
-        yield
-
-
 def saved_mb(model, x, y) -> float:
     """Activations saved for the backward (parameters excluded), MB: the memory the backend adds per step."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -189,8 +179,7 @@ def measure(args, names: list[str], world: int) -> list[dict]:
     B, S = args.batch, cfg.model.seq_len
     idx = torch.randint(cfg.model.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(0)).to(args.device)
     x, y = idx[:, :-1], idx[:, 1:]
-    clocks = {n: Clock(args.device) for n in names}
-    sync = clocks[names[0]].sync
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     times = {n: [] for n in names}
     mem = {}
     for n, (_, model) in built.items():
@@ -205,17 +194,13 @@ def measure(args, names: list[str], world: int) -> list[dict]:
     for _ in range(args.steps):
         for n, (_, model) in built.items():
             times[n].append(one_step(model, x, y, sync))
-    for _ in range(args.steps):  # the phases, timed apart (their syncs perturb the step)
-        for n, (_, model) in built.items():
-            clocks[n].enabled = True
-            with timed_layers(clocks[n], model):
-                model(x, y)
+    phases = {n: phase_times(model, x, y, args.steps, args.device, VARIANTS[n][2])  # apart: profiling costs
+              for n, (_, model) in built.items()}
     results = []
     for n, (_, model) in built.items():
         fwd, step = median([t[0] for t in times[n]]), median([t[1] for t in times[n]])
-        phases = {k: v / args.steps * 1e3 for k, v in clocks[n].totals.items()}
         results.append({"name": n, "tok_s": B * S * world / step, "mem_mb": mem[n], "step_ms": step * 1e3,
-                        "forward_ms": fwd * 1e3, "phases_ms": phases, "flops_token": flops_per_token(model),
+                        "forward_ms": fwd * 1e3, "phases_ms": phases[n], "flops_token": flops_per_token(model),
                         "world": world})
     return results
 
@@ -226,9 +211,7 @@ def mfu(result, args) -> float | None:
 
 
 def row(r: dict, base: float, args) -> list[str]:
-    ph = dict(r["phases_ms"])
-    if r["name"] == "native":  # its combine: the layer's time outside the timed calls
-        ph["combine"] = ph["moe"] - sum(ph[p] for p in PHASES if p != "combine")
+    ph = r["phases_ms"]
     m = mfu(r, args)
     return [r["name"], f"{r['tok_s']:.0f}", f"{r['tok_s'] / base:.2f}", f"{r['mem_mb']:.1f}", f"{r['step_ms']:.1f}",
             f"{r['forward_ms']:.1f}", f"{ph['moe']:.1f}", *[f"{ph[p]:.2f}" for p in PHASES],

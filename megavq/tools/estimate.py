@@ -42,7 +42,8 @@ buffers      DeepSpeed's reduce bucket: reduce_bucket_size elements (default 5e8
              (5e7) elements, at most stage3_max_live_parameters (1e9) and the non-persistent parameters.
              ZeRO-0 on several ranks: the flattened all-reduce bucket, up to 5e8 elements (engine.py:151,
              3094). Expert parallelism: the rows of one all-to-all in flight, sent and received (2*N*D*b;
-             E*C rows with the deepspeed backend).
+             E*C rows with the deepspeed backend). The rows are what the dispatcher declares
+             (Dispatcher.row_counts); a dispatcher that declares none is refused.
 activations  the tensors the forward saves for the backward, per micro-batch, counted op by op from the
              model's forward (megavq/model, megavq/moe): per norm its fp32 input, x*rsqrt, rsqrt and
              output (before an MoE layer the router's fp32 copy of it instead); attention's q and k after RoPE, v, output, the (B,S,D) copy for o_proj and the
@@ -80,6 +81,8 @@ import torch
 from megavq.config import Config
 from megavq.errors import ConfigError
 from megavq.model import Transformer
+from megavq.moe.config import check_zero3
+from megavq.moe.dispatch import RowCounts, dispatcher_class, dropless_rows
 from megavq.moe.spec import is_moe_layer, moe_blocks
 
 GiB = 2**30
@@ -168,7 +171,7 @@ def model_params(cfg: Config) -> list[Param]:
     for n, p in meta_model(cfg).named_parameters():
         if ".experts." not in n:
             out.append(Param(n, p.numel(), False, p.dim() >= 2))
-        elif cfg.moe.backend == "deepspeed":
+        elif dispatcher_class(cfg.moe.backend).deepspeed_moe:
             out += [Param(f"{n}.{e}", p.numel() // E, True, p.dim() >= 3) for e in range(E // R)]
         else:
             out.append(Param(n, p.numel() // R, True, p.dim() >= 2))
@@ -177,7 +180,7 @@ def model_params(cfg: Config) -> list[Param]:
 
 def expert_params_are_moe(cfg: Config) -> bool:
     """Whether DeepSpeed treats expert parameters as MoE parameters (own groups, expert-data-parallel)."""
-    return cfg.moe.backend == "deepspeed" or cfg.moe.ep_size > 1
+    return dispatcher_class(cfg.moe.backend).deepspeed_moe or cfg.moe.ep_size > 1
 
 
 @dataclass
@@ -365,24 +368,32 @@ class Shape:
     E: int
     L: int
     K: int
-    rows: int  # expert rows this rank computes (N, or E*C for the deepspeed backend)
+    rows: int  # expert rows this rank computes (N, or E*C for a capacity backend): the dispatcher's row_counts
+    sent: int  # rows of one all-to-all
     routed: int  # N = T*K
     b: int
     n_in: int  # 2 for SwiGLU, 1 for GELU
     ep: int
-    backend: str
+    capacity_buffer: bool  # rows pass through an (E, C, D) buffer (DeepSpeed-MoE), else routed rows (dropless)
 
 
 def shape_of(cfg: Config, micro_batch: int, b: int) -> Shape:
     m, moe = cfg.model, cfg.moe
     T, E, K = micro_batch * m.seq_len, moe.num_experts, moe.top_k
-    rows = T * K
-    if moe.backend == "deepspeed":
-        rows = E * max(moe.min_capacity, math.ceil(moe.capacity_factor * T * K / E))
+    rows = row_counts(moe, T) if moe.every else dropless_rows(moe, T)
     hs = m.d_model // m.n_heads
     return Shape(T, m.seq_len, m.d_model, m.n_heads, (m.n_kv_heads or m.n_heads) * hs, m.vocab_size, m.d_ff,
-                 moe.d_expert or m.d_ff, E, E // moe.ep_size, K, rows, T * K, b, 2 if m.mlp == "swiglu" else 1,
-                 moe.ep_size, moe.backend)
+                 moe.d_expert or m.d_ff, E, E // moe.ep_size, K, rows.computed, rows.sent, T * K, b,
+                 2 if m.mlp == "swiglu" else 1, moe.ep_size, rows.capacity_buffer)
+
+
+def row_counts(moe, tokens: int) -> RowCounts:
+    """The rows the dispatcher declares (Dispatcher.row_counts); a dispatcher that declares none is refused."""
+    rows = dispatcher_class(moe.backend).row_counts(moe, tokens)
+    if rows is None:
+        raise ConfigError(f"moe.backend={moe.backend} does not declare its expert rows (Dispatcher.row_counts): "
+                          f"the estimator cannot size it")
+    return rows
 
 
 def norm_bytes(s: Shape, output: bool = True) -> float:
@@ -406,7 +417,7 @@ def experts_bytes(s: Shape) -> float:
     # SwiGLU: w_in[e].transpose(0, 1).flatten(1) copies each local expert's (2, D, H) input weight; GELU's
     # (1, D, H) transposes to a view
     weights = s.L * s.D * 2 * s.H * s.b if s.n_in == 2 else 0
-    if s.backend == "deepspeed":  # capacity buffer in, routed outputs weighted in the combine
+    if s.capacity_buffer:  # capacity buffer in, routed outputs weighted in the combine
         return s.rows * s.D * s.b + hidden + weights + s.routed * s.D * s.b + s.rows * 8 + s.routed * 12
     perm = s.rows * 8 if s.ep > 1 else 0
     return s.rows * s.D * s.b + hidden + weights + 2 * s.routed * s.D * s.b + s.routed * (16 + s.b) + perm
@@ -480,7 +491,7 @@ class AllToAll:
 def all_to_all(cfg: Config, cluster: Cluster, micro_batch: int, b: int, checkpointing: bool = False) -> AllToAll:
     s, R, G = shape_of(cfg, micro_batch, b), cfg.moe.ep_size, cluster.gpus_per_node
     n_moe = len(moe_blocks(cfg.model.n_layers, cfg.moe.every))
-    rows = s.rows if s.backend == "deepspeed" else s.routed
+    rows = s.sent
     exchanges = n_moe * (6 if checkpointing else 4) * cfg.train.grad_accum_steps if R > 1 else 0
     local = min(R, G)
     return AllToAll(rows * s.D * b, exchanges, (local - 1) / R, (R - local) / R, cluster)
@@ -505,9 +516,8 @@ def check_layout(cfg: Config, ds: DeepSpeedSettings, gpus: int) -> None:
     R = cfg.moe.ep_size
     if gpus < 1 or gpus % R:
         raise ConfigError(f"moe.ep_size={R} must divide the number of GPUs, got {gpus}")
-    if ds.stage == 3 and cfg.moe.every > 0 and (R != 1 or cfg.moe.backend not in ("native", "reference")):
-        raise ConfigError(f"ZeRO-3 runs MoE with moe.backend=native and moe.ep_size=1 only, got "
-                          f"moe.backend={cfg.moe.backend} moe.ep_size={R}")
+    if ds.stage == 3 and cfg.moe.every > 0:
+        check_zero3(cfg.moe)
 
 
 def estimate(cfg: Config, ds: DeepSpeedSettings, cluster: Cluster, params: list[Param] | None = None) -> Estimate:
@@ -519,8 +529,7 @@ def estimate(cfg: Config, ds: DeepSpeedSettings, cluster: Cluster, params: list[
     mem.activations = activation_memory(cfg, mb, b)
     if cfg.moe.ep_size > 1 and cfg.moe.every > 0:
         s = shape_of(cfg, mb, b)
-        rows = s.rows if s.backend == "deepspeed" else s.routed
-        mem.buffers.append(Item("all-to-all rows in flight", 2 * rows * s.D * b, "one exchange, sent + received"))
+        mem.buffers.append(Item("all-to-all rows in flight", 2 * s.sent * s.D * b, "one exchange, sent + received"))
     return Estimate(cfg, ds, cluster, mem, activation_memory(cfg, mb, b, checkpointing=True),
                     all_to_all(cfg, cluster, mb, b))
 
@@ -539,7 +548,7 @@ def candidates(cfg: Config, ds: DeepSpeedSettings, cluster: Cluster, max_micro_b
            and cfg.moe.num_experts % r == 0] if cfg.moe.every else [1]
     for stage in (1, 2, 3):
         for ep in eps:
-            if stage == 3 and (ep > 1 or cfg.moe.backend not in ("native", "reference")):
+            if stage == 3 and (ep > 1 or not dispatcher_class(cfg.moe.backend).zero3):
                 continue
             stage_ds = copy.copy(ds)
             stage_ds.stage = stage

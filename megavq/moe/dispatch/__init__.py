@@ -18,9 +18,10 @@ Canonical layout: the native layout at ep_size 1, `experts.w_in` (E, 1|2, D, H),
 `from_canonical` convert the keys under one layer's `experts.` prefix (collective under expert parallelism:
 call them on every rank).
 """
-from megavq.moe.dispatch.base import (BankDispatcher, Dispatcher, Route, available_dispatchers, build_dispatcher,
-                                      dispatcher_class, dispatchers_where, register_dispatcher)
+from megavq.moe.dispatch.base import (BankDispatcher, Dispatcher, Route, RowCounts, available_dispatchers,
+                                      build_dispatcher, dispatcher_class, dispatchers_where, dropless_rows,
+                                      register_dispatcher)
 from megavq.moe.dispatch import native, reference, deepspeed, megablocks  # noqa: F401, I001  (register, in this order)
 
-__all__ = ["BankDispatcher", "Dispatcher", "Route", "available_dispatchers", "build_dispatcher", "dispatcher_class",
-           "dispatchers_where", "register_dispatcher"]
+__all__ = ["BankDispatcher", "Dispatcher", "Route", "RowCounts", "available_dispatchers", "build_dispatcher",
+           "dispatcher_class", "dispatchers_where", "dropless_rows", "register_dispatcher"]

@@ -1,6 +1,7 @@
 """The dispatcher protocol and the registry of dispatchers by name (see megavq.moe.dispatch)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -13,6 +14,20 @@ Route = Callable[[torch.Tensor], RouterOutput]  # x_TD -> the router's output fo
 DISPATCHERS = Registry("dispatcher", "moe.backend")
 
 
+@dataclass(frozen=True)
+class RowCounts:
+    """The expert rows of one MoE layer on one rank, for the memory estimator (megavq.tools.estimate)."""
+    computed: int  # rows the experts compute, padding included
+    sent: int  # rows one all-to-all moves (sent, and as many received) under expert parallelism
+    capacity_buffer: bool  # rows pass through an (E, C, D) capacity buffer and a weighted combine; else routed
+    #                        rows are gathered, computed and scattered back (dropless)
+
+
+def dropless_rows(moe, tokens: int) -> RowCounts:
+    """Every (token, slot) pair computed once: T*k rows."""
+    return RowCounts(tokens * moe.top_k, tokens * moe.top_k, False)
+
+
 class Dispatcher:
     """Base class. Declarations (class attributes) are read by the start-up validation:
 
@@ -21,6 +36,9 @@ class Dispatcher:
     layer_kinds       the router layer kinds it serves ("token"; "slots": Soft MoE)
     biases            supports per-expert biases (model.mlp_bias)
     deepspeed_moe     its experts are a DeepSpeed `MoE` module, which sets up its own expert-parallel groups
+                      (and keeps one module per expert)
+
+    and by the tools: `row_counts` (the memory estimator), `canonical_rows` (checkpoints).
     """
 
     name: ClassVar[str]
@@ -59,6 +77,18 @@ class Dispatcher:
 
     def to_canonical(self, experts: nn.Module, prefix: str, sd: dict) -> dict:
         return sd
+
+    @classmethod
+    def row_counts(cls, moe, tokens: int) -> RowCounts | None:
+        """The rows one layer computes and sends for `tokens` tokens of one micro-batch (settings `moe`); None: not
+        declared, and the memory estimator refuses this dispatcher."""
+        return None
+
+    def canonical_rows(self, experts: nn.Module, prefix: str) -> dict | None:
+        """{local expert tensor name: (canonical name, first row)} when every local expert tensor is a run of rows
+        of a canonical one (a tensor of the canonical shape less its first dimension is one row); None: not
+        declared (checkpoints then probe from_canonical, megavq.train.layout)."""
+        return None
 
     def from_canonical(self, experts: nn.Module, prefix: str, sd: dict) -> dict:
         return sd

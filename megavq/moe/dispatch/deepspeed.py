@@ -32,7 +32,7 @@ from torch import nn
 
 from megavq.compat import deepspeed as ds_compat
 from megavq.errors import ConfigError
-from megavq.moe.dispatch.base import Dispatcher, register_dispatcher
+from megavq.moe.dispatch.base import Dispatcher, RowCounts, register_dispatcher
 from megavq.moe.dispatch.expert_parallel import ShardedExperts, ep_rank_of, gather_experts
 from megavq.moe.experts import Experts, every_expert, expert_mlp
 from megavq.moe.routers.base import expert_counts, expert_keys
@@ -149,6 +149,12 @@ class DeepSpeedDispatcher(Dispatcher):
     layer_kinds = ("token",)
     deepspeed_moe = True
 
+    @classmethod
+    def row_counts(cls, moe, tokens: int) -> RowCounts:
+        """E * C capacity rows (padding included), computed and exchanged, at the training capacity factor."""
+        rows = moe.num_experts * capacity(tokens, moe.num_experts, moe.top_k, moe.capacity_factor, moe.min_capacity)
+        return RowCounts(rows, rows, True)
+
     def __init__(self, spec):
         super().__init__(spec)
         self.ep_size = spec.moe.ep_size
@@ -206,6 +212,12 @@ class DeepSpeedDispatcher(Dispatcher):
                 stacked = gather_experts(stacked, ds_compat.moe_ep_group(experts))
             sd[prefix + name] = stacked
         return sd
+
+    def canonical_rows(self, experts, prefix):
+        """Local expert i is row first_expert + i of every canonical tensor."""
+        local = ds_compat.moe_local_experts(experts)
+        return {f"{prefix}{ds_compat.MOE_LOCAL_EXPERTS}.{i}.{name}": (prefix + name, self.first_expert + i)
+                for i, expert in enumerate(local) for name, _ in expert.named_parameters()}
 
     def from_canonical(self, experts, prefix, sd):
         local = ds_compat.moe_local_experts(experts)

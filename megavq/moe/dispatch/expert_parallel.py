@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megavq.errors import ConfigError
+from megavq.moe.phases import phase
 
 
 def ep_rank_of(ep_size: int) -> int:
@@ -62,13 +63,15 @@ class _AllToAll(torch.autograd.Function):
 
 
 def all_to_all(x_ND: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x_ND, send_splits, recv_splits, group)
+    with phase("comm"):
+        return _AllToAll.apply(x_ND, send_splits, recv_splits, group)
 
 
 def exchange_counts(counts_E: torch.Tensor, ep_size: int, group) -> torch.Tensor:
     """(E,) rows this rank sends per global expert -> (R, L) rows it receives per (source rank, local expert)."""
     recv = torch.empty_like(counts_E)
-    dist.all_to_all_single(recv, counts_E.contiguous(), group=group)
+    with phase("comm"):
+        dist.all_to_all_single(recv, counts_E.contiguous(), group=group)
     return recv.view(ep_size, -1)
 
 
@@ -103,7 +106,8 @@ def run_sharded(x_ND: torch.Tensor, counts_E: list[int], local_fn, ep_size: int,
 def gather_experts(local_L: torch.Tensor, group) -> torch.Tensor:
     """(L, ...) local expert tensors of every EP rank -> (E, ...) in global expert order (no gradient)."""
     parts = [torch.empty_like(local_L) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local_L.contiguous(), group=group)
+    with phase("comm"):
+        dist.all_gather(parts, local_L.contiguous(), group=group)
     return torch.cat(parts)
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavq.errors import ConfigError
-from megavq.moe.dispatch.base import Dispatcher, register_dispatcher
+from megavq.moe.dispatch.base import Dispatcher, dropless_rows, register_dispatcher
 from megavq.moe.experts import Experts
 
 MB_MLP = "experts.mlp"  # where the dMoE module keeps the expert weights
@@ -80,6 +80,7 @@ class MegaBlocksDispatcher(Dispatcher):
     zero3 = False
     layer_kinds = ("token",)
     biases = False
+    row_counts = staticmethod(dropless_rows)  # dropless; its grouped kernels' own saved tensors are not measured
 
     def build_experts(self) -> nn.Module:
         s, moe = self.spec, self.spec.moe

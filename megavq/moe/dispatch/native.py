@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 
 from megavq.errors import ConfigError
-from megavq.moe.dispatch.base import BankDispatcher, register_dispatcher
+from megavq.moe.dispatch.base import BankDispatcher, dropless_rows, register_dispatcher
 from megavq.moe.dispatch.expert_parallel import ShardedExperts, ep_rank_of, gather_experts
 from megavq.moe.experts import Experts, every_expert, grouped_products
+from megavq.moe.phases import phase
 from megavq.moe.routers.base import RouterOutput, expert_counts, expert_keys
 
 
@@ -39,23 +40,28 @@ def sort_by_expert(indices_TK: torch.Tensor, num_experts: int):
 def combine(x_TD: torch.Tensor, r: RouterOutput, token_N: torch.Tensor, slot_N: torch.Tensor,
             y_ND: torch.Tensor) -> torch.Tensor:
     """y_TD = sum over a token's rows of its route weight times the expert output."""
-    y_ND = y_ND * r.weights.reshape(-1)[slot_N, None].to(y_ND.dtype)
-    return torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
+    with phase("combine"):
+        y_ND = y_ND * r.weights.reshape(-1)[slot_N, None].to(y_ND.dtype)
+        return torch.zeros_like(x_TD).index_add(0, token_N, y_ND)
 
 
 def grouped_moe(x_TD: torch.Tensor, r: RouterOutput, experts: Experts) -> torch.Tensor:
     """native_moe without a host read: every (token, slot) pair is kept, unused slots (-1) sorted last, and the
     experts run grouped products on device chunk ends (Experts.grouped zeroes the rows past them)."""
-    slot_N, counts_E = expert_order(r.indices, experts.num_experts)
-    token_N = slot_N // r.indices.shape[1]
-    return combine(x_TD, r, token_N, slot_N, experts.grouped(x_TD[token_N], counts_E.cumsum(0)))
+    with phase("dispatch"):
+        slot_N, counts_E = expert_order(r.indices, experts.num_experts)
+        token_N = slot_N // r.indices.shape[1]
+        x_ND = x_TD[token_N]
+    return combine(x_TD, r, token_N, slot_N, experts.grouped(x_ND, counts_E.cumsum(0)))
 
 
 def native_moe(x_TD: torch.Tensor, r: RouterOutput, bank) -> torch.Tensor:
     """y_TD = sum_k w_tk * expert_{i_tk}(x_t); `bank(x_ND, counts_E)` runs its `num_experts` experts on rows
     sorted by expert (an Experts module, or ShardedExperts under expert parallelism)."""
-    token_N, slot_N, counts_E = sort_by_expert(r.indices, bank.num_experts)
-    return combine(x_TD, r, token_N, slot_N, bank(x_TD[token_N], counts_E))
+    with phase("dispatch"):
+        token_N, slot_N, counts_E = sort_by_expert(r.indices, bank.num_experts)
+        x_ND = x_TD[token_N]
+    return combine(x_TD, r, token_N, slot_N, bank(x_ND, counts_E))
 
 
 @register_dispatcher("native")
@@ -101,6 +107,12 @@ class NativeDispatcher(BankDispatcher):
             if self.ep_size > 1 and prefix + name in sd:
                 sd[prefix + name] = gather_experts(sd[prefix + name], self.ep_group)
         return sd
+
+    row_counts = staticmethod(dropless_rows)
+
+    def canonical_rows(self, experts, prefix):
+        """This rank's experts are rows [first_expert, first_expert + local) of every canonical tensor."""
+        return {prefix + name: (prefix + name, self.first_expert) for name, _ in experts.named_parameters()}
 
     def from_canonical(self, experts, prefix, sd):
         for name, _ in experts.named_parameters():

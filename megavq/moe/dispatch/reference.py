@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from megavq.moe.dispatch.base import BankDispatcher, register_dispatcher
+from megavq.moe.dispatch.base import BankDispatcher, dropless_rows, register_dispatcher
 from megavq.moe.experts import Experts, every_expert
 from megavq.moe.routers.base import RouterOutput
 
@@ -29,6 +29,8 @@ class ReferenceDispatcher(BankDispatcher):
 
     def run(self, x_TD, r, experts):
         return reference_moe(x_TD, r, experts)
+
+    row_counts = staticmethod(dropless_rows)
 
     def all_experts(self, x_TD, experts):
         return every_expert(experts, self.num_experts, x_TD)
