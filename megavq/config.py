@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from megavq.errors import ConfigError
+from megavq.errors import ConfigError, check, check_positive
 from megavq.files import write_json
 from megavq.moe.config import MoEConfig
 from megavq.moe.routers import available_routers, recorded_options
@@ -217,11 +217,6 @@ def saved_config(data: dict) -> Config:
     return config_from_dict(data)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
 def validate(cfg: Config, zero_stage: int | None = None) -> None:
     """Every start-up check that does not need the world size: types and ranges, the router and backend, the
     router's options, router x backend x ep_size (x ZeRO stage when given), causality. `load_config` calls it;
@@ -231,39 +226,34 @@ def validate(cfg: Config, zero_stage: int | None = None) -> None:
     cfg.moe.check(cfg.model.d_model, cfg.model.mlp_bias, zero_stage)
 
 
-def _check_positive(pairs: list) -> None:
-    for key, value in pairs:
-        _check(value >= 1, f"{key} must be >= 1, got {value}")
-
-
 def _check_model(m: ModelConfig) -> None:
-    _check_positive([("model.n_layers", m.n_layers), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
-                     ("model.seq_len", m.seq_len), ("model.d_ff", m.d_ff)])
-    _check(m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    check_positive([("model.n_layers", m.n_layers), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
+                    ("model.seq_len", m.seq_len), ("model.d_ff", m.d_ff)])
+    check(m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     kv = m.n_kv_heads or m.n_heads
-    _check(m.n_heads % kv == 0, f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({kv})")
-    _check(m.mlp in ("swiglu", "gelu"), f"model.mlp must be swiglu or gelu, got {m.mlp!r}")
-    _check(m.norm in ("rmsnorm", "layernorm"), f"model.norm must be rmsnorm or layernorm, got {m.norm!r}")
-    _check(m.pos in ("rope", "learned"), f"model.pos must be rope or learned, got {m.pos!r}")
-    _check(m.vocab_size >= 0, f"model.vocab_size must be >= 0, got {m.vocab_size}")
-    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    check(m.n_heads % kv == 0, f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({kv})")
+    check(m.mlp in ("swiglu", "gelu"), f"model.mlp must be swiglu or gelu, got {m.mlp!r}")
+    check(m.norm in ("rmsnorm", "layernorm"), f"model.norm must be rmsnorm or layernorm, got {m.norm!r}")
+    check(m.pos in ("rope", "learned"), f"model.pos must be rope or learned, got {m.pos!r}")
+    check(m.vocab_size >= 0, f"model.vocab_size must be >= 0, got {m.vocab_size}")
+    check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
 
 
 def _check_train(t: TrainConfig, data: DataConfig) -> None:
-    _check_positive([("train.max_steps", t.max_steps), ("data.micro_batch_size", data.micro_batch_size),
-                     ("data.eval_batches", data.eval_batches), ("train.grad_accum_steps", t.grad_accum_steps),
-                     ("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
-                     ("train.log_every", t.log_every), ("train.keep_checkpoints", t.keep_checkpoints),
-                     ("train.collapse_patience", t.collapse_patience)])
-    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
-    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    _check(t.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {t.dist_timeout_s}")
+    check_positive([("train.max_steps", t.max_steps), ("data.micro_batch_size", data.micro_batch_size),
+                    ("data.eval_batches", data.eval_batches), ("train.grad_accum_steps", t.grad_accum_steps),
+                    ("train.eval_every", t.eval_every), ("train.save_every", t.save_every),
+                    ("train.log_every", t.log_every), ("train.keep_checkpoints", t.keep_checkpoints),
+                    ("train.collapse_patience", t.collapse_patience)])
+    check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    check(t.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0, got {t.dist_timeout_s}")
     for key in ("warmup_steps", "weight_decay", "grad_clip", "max_time_s", "stop_at_step", "final_eval_tokens",
                 "activation_checkpointing", "peak_tflops"):
-        _check(getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}")
-    _check(0 < t.collapse_share <= 1, f"train.collapse_share must be in (0, 1], got {t.collapse_share}")
-    _check(0 < t.dead_code_frac <= 1, f"train.dead_code_frac must be in (0, 1], got {t.dead_code_frac}")
-    _check(0 <= t.code_usage_min <= 1, f"train.code_usage_min must be in [0, 1], got {t.code_usage_min}")
+        check(getattr(t, key) >= 0, f"train.{key} must be >= 0, got {getattr(t, key)}")
+    check(0 < t.collapse_share <= 1, f"train.collapse_share must be in (0, 1], got {t.collapse_share}")
+    check(0 < t.dead_code_frac <= 1, f"train.dead_code_frac must be in (0, 1], got {t.dead_code_frac}")
+    check(0 <= t.code_usage_min <= 1, f"train.code_usage_min must be in [0, 1], got {t.code_usage_min}")
 
 
 def save_config(cfg: Config, path: Path) -> None:

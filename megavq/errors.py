@@ -16,6 +16,18 @@ class DataError(MegavqError):
     """A missing, incomplete or corrupt data source or tokenized data directory."""
 
 
+def check(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ok: the one-line checks of configuration values."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_positive(pairs: list) -> None:
+    """Every (key, value) of pairs has value >= 1."""
+    for key, value in pairs:
+        check(value >= 1, f"{key} must be >= 1, got {value}")
+
+
 class TrainingError(MegavqError):
     """Training cannot go on (a non-finite loss, a checkpoint that cannot be resumed)."""
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megavq.errors import ConfigError
+from megavq.errors import ConfigError, check, check_positive
 from megavq.moe.dispatch import available_dispatchers, dispatcher_class, dispatchers_where
 from megavq.moe.routers import available_routers, build_router, router_class
 
@@ -37,17 +37,16 @@ class MoEConfig:
 
     def check(self, d_model: int, mlp_bias: bool = False, zero_stage: int | None = None) -> None:
         """Every check of these settings (in a model of width d_model) that does not need the world size."""
-        for key in ("num_experts", "top_k", "ep_size"):
-            _check(getattr(self, key) >= 1, f"moe.{key} must be >= 1, got {getattr(self, key)}")
-        _check(self.every >= 0, f"moe.every must be >= 0, got {self.every}")
-        _check(self.top_k <= self.num_experts, f"moe.top_k ({self.top_k}) exceeds moe.num_experts ({self.num_experts})")
-        _check(self.num_experts % self.ep_size == 0,
-               f"moe.num_experts ({self.num_experts}) must be divisible by moe.ep_size ({self.ep_size})")
-        _check(self.drop_policy in ("position", "probs"),
-               f"moe.drop_policy must be position or probs, got {self.drop_policy!r}")
-        _check(self.router in available_routers(), f"unknown moe.router '{self.router}' (valid: {available_routers()})")
-        _check(self.backend in available_dispatchers(),
-               f"unknown moe.backend '{self.backend}' (valid: {available_dispatchers()})")
+        check_positive([(f"moe.{key}", getattr(self, key)) for key in ("num_experts", "top_k", "ep_size")])
+        check(self.every >= 0, f"moe.every must be >= 0, got {self.every}")
+        check(self.top_k <= self.num_experts, f"moe.top_k ({self.top_k}) exceeds moe.num_experts ({self.num_experts})")
+        check(self.num_experts % self.ep_size == 0,
+              f"moe.num_experts ({self.num_experts}) must be divisible by moe.ep_size ({self.ep_size})")
+        check(self.drop_policy in ("position", "probs"),
+              f"moe.drop_policy must be position or probs, got {self.drop_policy!r}")
+        check(self.router in available_routers(), f"unknown moe.router '{self.router}' (valid: {available_routers()})")
+        check(self.backend in available_dispatchers(),
+              f"unknown moe.backend '{self.backend}' (valid: {available_dispatchers()})")
         if self.every == 0:
             return
         check_layer(self, mlp_bias)
@@ -56,11 +55,6 @@ class MoEConfig:
             build_router(self.router, d_model, self.num_experts, self.top_k, **router_options(self))
         if zero_stage == 3:
             check_zero3(self)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 def router_options(moe: MoEConfig) -> dict:
