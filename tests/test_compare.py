@@ -74,8 +74,10 @@ def test_compare_routers_script_trains_each_router_and_seed_once(builtin_data, t
            "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.seq_len=32",
            "data.micro_batch_size=4", "data.eval_batches=2", "train.max_steps=3", "train.eval_every=3",
            "train.log_every=1", "train.save_every=100", "train.warmup_steps=1"]
-    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    first = subprocess.run([*cmd, "--jobs", "2"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["topk_seed1.log", "topk_seed2.log",
+                                                                 "usmoe_selection-token_2_seed2.log"]
     result = json.loads((out / "compare.json").read_text())
     assert result["baseline"] == "topk" and [r["router"] for r in result["rows"]] == ["topk", "usmoe:selection=token@2"]
     assert result["rows"][0]["seeds"] == [1, 2] and result["rows"][1]["seeds"] == [2]
@@ -86,3 +88,9 @@ def test_compare_routers_script_trains_each_router_and_seed_once(builtin_data, t
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("reusing the finished run") == 3
     assert (out / "compare.md").read_text() in again.stdout
+    alone = tmp_path / "alone"  # one run at a time, with this machine's threads: the same result
+    cmd_alone = [*cmd[:4], "--routers", "topk", "--seeds", "1", *cmd[8:10], "--out_dir", str(alone), *cmd[12:]]
+    one = subprocess.run(cmd_alone, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    val_loss = [json.loads((d / "topk" / "seed1" / "summary.json").read_text())["val_loss"] for d in (out, alone)]
+    assert val_loss[1] == pytest.approx(val_loss[0], rel=1e-5)

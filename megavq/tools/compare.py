@@ -4,21 +4,28 @@ Routers are given as `NAME[:OPTION=VALUE...][@SEED[+SEED...]]`, comma-separated,
 `topk,usmoe:selection=token,vq:continuous=xmoe:beta=0.25,xmoe@1`: the options go to `moe.router_options` of that
 router only (values are read as YAML), `@SEEDS` runs it at those of the seeds only (default: every seed).
 The baseline is the default router (`MoEConfig.router`) with no options; it runs at every seed and is added when
-the list lacks it. Each (router, seed) runs as its own `pretrain.py` process, one after the other, so tokens/s are
-measured alike; a run directory that already holds a finished run of the same resolved configuration is reused
+the list lacks it. Each (router, seed) runs as its own `pretrain.py` process, one after the other by default, so
+tokens/s are measured alike; a run directory that already holds a finished run of the same resolved configuration is reused
 (an interrupted comparison continues where it stopped).
 
 The table gives, per router, the mean and sample std over its seeds of the validation loss, the test bits per
 byte and the final training loss, and the paired difference from the baseline at the same seed (router minus
 baseline: negative is better), with its mean and std. A difference is called a gain or a loss only when every
 seed agrees in sign; otherwise it is "mixed".
+
+`jobs` > 1 runs that many trainings at once, each with its share of the cores (OMP_NUM_THREADS = cores // jobs,
+at least 1), its own master port and its output in OUT_DIR/logs/; tokens/s then compare runs of one invocation
+only.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +34,7 @@ import yaml
 from megavq.config import MoEConfig, load_config
 from megavq.errors import ConfigError, MegavqError
 from megavq.moe.routers import router_class
+from megavq.train.launch import free_port
 
 PRETRAIN = Path(__file__).resolve().parents[2] / "scripts" / "pretrain.py"
 RUN_FIGURES = ["val_loss", "test_bits_per_byte", "train_loss", "tokens_per_s", "load_cv", "vq_code_perplexity",
@@ -104,17 +112,55 @@ def finished(run_dir: Path, expected: dict) -> bool:
     return saved == expected
 
 
-def train(entry: Entry, seed, run_dir: Path, launcher: list[str], common: dict) -> None:
+def launcher_command(launcher: str) -> list[str]:
+    """The command that starts pretrain.py: `deepspeed` on a port of its own, or this Python."""
+    return ["deepspeed", "--master_port", str(free_port())] if launcher == "deepspeed" else [sys.executable]
+
+
+def pending(entry: Entry, seed, run_dir: Path, common: dict) -> bool:
+    """Whether (entry, seed) still has to train; a finished run of the same configuration is reused."""
     overrides = [*common["overrides"], *entry.overrides(seed)]
     expected = load_config(common["config"], [*overrides, f"data.source={common['data']}"]).to_dict()
     if finished(run_dir, expected):
         print(f"= {entry.label} seed {seed}: reusing the finished run in {run_dir}", flush=True)
+        return False
+    return True
+
+
+def train(entry: Entry, seed, run_dir: Path, common: dict, threads: int | None = None) -> None:
+    """One pretrain.py run; with `threads` its output goes to OUT_DIR/logs/ and it uses that many threads."""
+    cmd = [*launcher_command(common["launcher"]), str(PRETRAIN), "--out_dir", str(run_dir), "--overwrite",
+           "--ds_config", common["ds_config"], "--config", common["config"], "--data", common["data"],
+           *common["overrides"], *entry.overrides(seed)]  # an unfinished run starts afresh
+    if threads is None:
+        print("+", " ".join(cmd), flush=True)
+        code = subprocess.run(cmd).returncode
+        where = ""
+    else:
+        log = run_dir.parents[1] / "logs" / f"{run_dir.parent.name}_{run_dir.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print("+", " ".join(cmd), f"(log: {log})", flush=True)
+        with log.open("w") as out:
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+        where = f"; its output is in {log}"
+    if code != 0:
+        raise MegavqError(f"training {entry.label} (seed {seed}) failed (command: {' '.join(cmd)}){where}")
+
+
+def train_all(runs: list[tuple], out_dir: Path, common: dict, jobs: int) -> None:
+    """Train the (entry, seed) pairs not yet trained, `jobs` at a time; every failure is reported, after all end."""
+    todo = [(e, seed) for e, seed in runs if pending(e, seed, e.run_dir(out_dir, seed), common)]
+    if jobs == 1:
+        for e, seed in todo:
+            train(e, seed, e.run_dir(out_dir, seed), common)
         return
-    cmd = [*launcher, str(PRETRAIN), "--out_dir", str(run_dir), "--overwrite", "--ds_config", common["ds_config"],
-           "--config", common["config"], "--data", common["data"], *overrides]  # an unfinished run starts afresh
-    print("+", " ".join(cmd), flush=True)
-    if subprocess.run(cmd).returncode != 0:
-        raise MegavqError(f"training {entry.label} (seed {seed}) failed (command: {' '.join(cmd)})")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(train, e, seed, e.run_dir(out_dir, seed), common, threads) for e, seed in todo]
+    errors = [str(f.exception()) for f in futures if f.exception() is not None]
+    if errors:
+        raise MegavqError(f"{len(errors)} of {len(todo)} runs failed: " + "; ".join(errors))
 
 
 def layer_mean(record: dict, name: str) -> float | None:
@@ -187,14 +233,17 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(entries: list[Entry], seeds: list, out_dir: Path, launcher: list[str], common: dict) -> list[dict]:
-    """Train every (entry, seed) not yet trained, then write out_dir/compare.json and compare.md; the rows."""
+def compare(entries: list[Entry], seeds: list, out_dir: Path, common: dict, jobs: int = 1) -> list[dict]:
+    """Train every (entry, seed) not yet trained, `jobs` at a time, then write out_dir/compare.json and compare.md;
+    the rows. `common`: config, data, ds_config, overrides and launcher ("deepspeed" or "python")."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = [(e, seed) for e in entries for seed in seeds_of(e, seeds)]
+    train_all(pairs, out_dir, common, jobs)
     runs = {}
-    for e in entries:
-        for seed in seeds_of(e, seeds):
-            train(e, seed, e.run_dir(out_dir, seed), launcher, common)
-            runs.setdefault(e.label, []).append({"seed": seed, **read_run(e.run_dir(out_dir, seed))})
+    for e, seed in pairs:
+        runs.setdefault(e.label, []).append({"seed": seed, **read_run(e.run_dir(out_dir, seed))})
     base = {r["seed"]: r for r in runs[entries[0].label]}
     rows = [summarize(e.label, runs[e.label], base) for e in entries]
     (out_dir / "compare.json").write_text(json.dumps({"baseline": entries[0].label, "rows": rows, "runs": runs},
