@@ -267,3 +267,51 @@ def test_saved_config_records_the_balancing_options_and_old_configs_load_with_th
     assert opts["bias_rate"] == 0.01 and opts["balance_scope"] == "micro_batch" and opts["score"] == "softmax"
     plain = load_config("tiny", ["moe.router=xmoe"]).to_dict()["moe"]["router_options"]
     assert plain["balance_scope"] == "micro_batch" and "score" not in plain
+
+
+# ---- exact resume of the bias across expert-parallel layouts -----------------------------------------------------
+BIASED = ["moe.router_options.bias_rate=0.01", "moe.router_options.balance_scope=global", "train.max_steps=8",
+          "train.save_every=4"]
+
+
+def _resume_jobs(data: str, tmp: str) -> dict:
+    """2 ranks: the reference (ep 2, 8 steps), a run at ep 1 stopped at step 4, and its copy resumed at ep 2."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from test_expert_parallel import EP_SMALL
+    from test_train import ROOT
+
+    import megavq.train.trainer as trainer
+    from megavq.store.model_dir import load_state_dict
+
+    def run(out, overrides, resume=None):
+        cfg = load_config("tiny", [*EP_SMALL, f"data.source={data}", *BIASED, *overrides])
+        summary = trainer.run(cfg, ROOT / "ds_configs" / "zero2.json", f"{tmp}/{out}", resume=resume)
+        lines = (Path(tmp) / out / "metrics.jsonl").read_text().splitlines()
+        return {**{r["step"]: r["train/lm_loss"] for r in map(json.loads, lines)}, "from": summary["resumed_from"]}
+
+    out = {"ref": run("ref", ["moe.ep_size=2"]), "ep1": run("ep1", ["train.stop_at_step=4"])}
+    if dist.get_rank() == 0:
+        shutil.copytree(f"{tmp}/ep1", f"{tmp}/ep1-ep2")
+    dist.barrier()
+    out["ep1-ep2"] = run("ep1-ep2", ["moe.ep_size=2"], resume="strict")
+    out["bias"] = {name: {k: v for k, v in load_state_dict(Path(tmp) / name / "checkpoints" / f"step_{s:07d}").items()
+                          if k.endswith("balance.bias")} for name, s in (("ref", 8), ("ep1", 4), ("ep1-ep2", 8))}
+    return out
+
+
+@pytest.mark.slow
+def test_bias_resumes_exactly_from_expert_parallel_1_to_2(builtin_data, tmp_path):
+    from test_expert_parallel import run_distributed
+    r = run_distributed(_resume_jobs, 2, str(builtin_data), str(tmp_path))[0]
+    assert r["ep1-ep2"]["from"] == 4  # resumed, not a fresh start that happens to match
+    for s in range(1, 5):
+        assert abs(r["ep1"][s] - r["ref"][s]) < 1e-5, s  # the layouts train alike
+    for s in range(5, 9):
+        assert abs(r["ep1-ep2"][s] - r["ref"][s]) < 1e-5, s
+    assert len(r["bias"]["ref"]) == 2 and all(b.abs().sum() > 0 for b in r["bias"]["ep1"].values())
+    for k, v in r["bias"]["ref"].items():
+        assert torch.equal(r["bias"]["ep1-ep2"][k], v), k
