@@ -315,3 +315,40 @@ def test_bias_resumes_exactly_from_expert_parallel_1_to_2(builtin_data, tmp_path
     assert len(r["bias"]["ref"]) == 2 and all(b.abs().sum() > 0 for b in r["bias"]["ep1"].values())
     for k, v in r["bias"]["ref"].items():
         assert torch.equal(r["bias"]["ep1-ep2"][k], v), k
+
+
+# ---- group-limited routing -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, options", [("topk", {}), ("topk", {"score": "sigmoid", "bias_rate": 0.01}),
+                                           ("xmoe", {}), ("compete", {}), ("usmoe", {"selection": "token"})])
+def test_every_token_s_experts_lie_in_at_most_group_top_groups(name, options):
+    """E = 8 in 4 groups of 2, group_top = 2, k = 3: the group score is the sum of the top-2 (biased) scores in the
+    group (DeepSeek-V3), the k experts the top-k of the kept groups' experts."""
+    torch.manual_seed(0)
+    router = build_router(name, hidden_size=8, num_experts=8, top_k=3, groups=4, group_top=2, **options).train()
+    x = torch.randn(64, 8)
+    r = router(x, seq_len=64) if router.needs_seq_len else router(x)
+    assert ((r.indices // 2).sort(-1).values.diff(dim=-1) != 0).sum(-1).max() + 1 <= 2  # at most 2 groups
+    ungrouped = build_router(name, hidden_size=8, num_experts=8, top_k=3, **options).train()
+    ungrouped.load_state_dict(router.state_dict())
+    free = ungrouped(x, seq_len=64) if ungrouped.needs_seq_len else ungrouped(x)
+    assert ((free.indices // 2).unsqueeze(-1) != (free.indices // 2).unsqueeze(-2)).any(-1).any()  # it binds
+    if name == "topk":  # by hand
+        s = r.scores if "score" not in options else torch.sigmoid(x @ router.gate.weight.t())
+        biased = s + router.balance.bias if "bias_rate" in options else s
+        group = biased.view(64, 4, 2).sum(-1)  # two experts per group: the top-2 are both
+        kept = group.topk(2, dim=-1).indices
+        masked = torch.full_like(biased, float("-inf"))
+        for t in range(64):
+            for g in kept[t].tolist():
+                masked[t, 2 * g:2 * g + 2] = biased[t, 2 * g:2 * g + 2]
+        assert torch.equal(r.indices, masked.topk(3, dim=-1).indices)
+
+
+@pytest.mark.parametrize("options, message", [({"groups": 3, "group_top": 1}, "groups must divide the 8 experts"),
+                                              ({"groups": 4, "group_top": 1}, "top_k=3 exceeds the experts"),
+                                              ({"groups": 4}, "needs group_top > 0"),
+                                              ({"groups": 4, "group_top": 5}, "group_top be in")])
+def test_bad_groups_are_refused(options, message):
+    with pytest.raises(ConfigError, match=message):
+        build_router("topk", hidden_size=8, num_experts=8, top_k=3, **options)
+    assert build_router("topk", hidden_size=8, num_experts=8, top_k=3, groups=4, group_top=2).hf_routing() is None

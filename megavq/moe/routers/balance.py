@@ -23,6 +23,10 @@ softmax scores without a bias):
   score          softmax | sigmoid (DeepSeek-V3): with sigmoid scores s the weights are the chosen s divided by their sum
                  (when the router normalises) times route_scale, and P uses s / sum_e s (DeepSeek-V3 eq. 19)
   route_scale    the sigmoid weights' factor (DeepSeek-V3: 2.5)
+  groups, group_top  group-limited routing (DeepSeek-V3's node-limited routing; group_top = 0: off): the E experts
+                 form `groups` groups of E / groups consecutive experts (aligned with the expert-parallel ranks when
+                 groups is a multiple of moe.ep_size); a token keeps the group_top groups with the largest sum of its
+                 top-2 (biased) scores in the group, then takes its top-k among their experts
 """
 from __future__ import annotations
 
@@ -48,12 +52,27 @@ def sequence_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor, seq_len: int
     return E * (f_BE * P_BE).sum(-1).mean()
 
 
+def check_groups(router: str, num_experts: int, top_k: int, groups: int, group_top: int) -> None:
+    if group_top == 0:
+        if groups:
+            raise ConfigError(f"{router}: groups={groups} needs group_top > 0 (the groups a token may use)")
+        return
+    if groups < 1 or num_experts % groups or not 1 <= group_top <= groups:
+        raise ConfigError(f"{router}: groups must divide the {num_experts} experts and group_top be in [1, groups], "
+                          f"got groups={groups}, group_top={group_top}")
+    if top_k > group_top * (num_experts // groups):
+        raise ConfigError(f"{router}: top_k={top_k} exceeds the experts of group_top={group_top} groups of "
+                          f"{num_experts // groups}")
+
+
 class Balance(nn.Module):
     """The balancing of one router: scores, selection, weights, the balance loss of its scope, the expert bias."""
 
-    def __init__(self, router: str, num_experts: int, balance_scope: str = "micro_batch", bias_rate: float = 0.0,
-                 bias_centre: bool = False, score: str = "softmax", route_scale: float = 1.0):
+    def __init__(self, router: str, num_experts: int, top_k: int, balance_scope: str = "micro_batch",
+                 bias_rate: float = 0.0, bias_centre: bool = False, score: str = "softmax", route_scale: float = 1.0,
+                 groups: int = 0, group_top: int = 0):
         super().__init__()
+        check_groups(router, num_experts, top_k, groups, group_top)
         if balance_scope not in SCOPES:
             raise ConfigError(f"{router}: balance_scope must be one of {SCOPES}, got {balance_scope!r}")
         if score not in SCORES:
@@ -62,6 +81,7 @@ class Balance(nn.Module):
             raise ConfigError(f"{router}: bias_rate must be >= 0 and route_scale > 0, got {bias_rate}, {route_scale}")
         self.scope, self.rate, self.centre = balance_scope, bias_rate, bias_centre
         self.score, self.route_scale = score, route_scale
+        self.groups, self.group_top = groups, group_top
         if bias_rate > 0:
             self.register_buffer("bias", torch.zeros(num_experts))  # fp32 whatever the model dtype (_apply)
         self.load = None  # (E,) routed slots per expert in this step's training forwards (bias_rate > 0)
@@ -73,8 +93,8 @@ class Balance(nn.Module):
 
     @property
     def custom(self) -> bool:
-        """Routing that Hugging Face's softmax top-k MoE does not express (a bias, sigmoid scores)."""
-        return self.has_bias or self.score != "softmax"
+        """Routing that Hugging Face's softmax top-k MoE does not express (a bias, sigmoid scores, groups)."""
+        return self.has_bias or self.score != "softmax" or self.group_top > 0
 
     # ---- scores, selection, weights ---------------------------------------------------------------------
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
@@ -86,11 +106,23 @@ class Balance(nn.Module):
         return s_TE if self.score == "softmax" else s_TE / s_TE.sum(-1, keepdim=True)
 
     def select(self, s_TE: torch.Tensor, k: int) -> torch.Tensor:
-        """(T, k) the experts of the top-k of s + bias (s alone without a bias); observes them in training."""
+        """(T, k) the experts of the top-k of s + bias (s alone without a bias), among the experts of the token's best
+        group_top groups when groups are on; observes them in training."""
         biased_TE = s_TE.detach() + self.bias if self.has_bias else s_TE
+        if self.group_top:
+            biased_TE = self.group_limited(biased_TE.detach())
         indices_TK = biased_TE.topk(k, dim=-1).indices
         self.observe(indices_TK)
         return indices_TK
+
+    def group_limited(self, biased_TE: torch.Tensor) -> torch.Tensor:
+        """The scores with -inf outside each token's group_top best groups (by the sum of its top-2 scores there)."""
+        T, E = biased_TE.shape
+        G = self.groups
+        group_TG = biased_TE.view(T, G, E // G).topk(min(2, E // G), dim=-1).values.sum(-1)
+        kept_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(
+            1, group_TG.topk(self.group_top, dim=-1).indices, True)
+        return biased_TE.masked_fill(~kept_TG.repeat_interleave(E // G, dim=1), float("-inf"))
 
     def weights(self, s_TE: torch.Tensor, indices_TK: torch.Tensor, normalize: bool) -> torch.Tensor:
         """The unbiased scores of the chosen experts, divided by their sum when `normalize`; times route_scale."""

@@ -49,7 +49,7 @@ _MASK64 = (1 << 64) - 1
 # The balancing options of routers that score experts per token (megavq.moe.routers.balance), with their defaults:
 # today's Switch loss per micro-batch on softmax scores, no bias.
 BALANCE_OPTIONS = {"balance_scope": "micro_batch", "bias_rate": 0.0, "bias_centre": False, "score": "softmax",
-                   "route_scale": 1.0}
+                   "route_scale": 1.0, "groups": 0, "group_top": 0}
 
 
 class RouterOutput(NamedTuple):

@@ -111,7 +111,7 @@ class CompeteRouter(Router):
     needs_seq_len = True  # the affinity balance loss is per sequence
     state = ("competitions",)
     legacy_options = {"diversity_coef": 0.0, "affinity_balance_coef": 0.0}  # runs saved before the 2025 losses
-    balance_options = ("balance_scope", "bias_rate", "bias_centre")
+    balance_options = ("balance_scope", "bias_rate", "bias_centre", "groups", "group_top")
     balance_refusal = "compete distils softmax router probabilities towards softmax affinities"
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, affinity: str = "softplus",
@@ -132,7 +132,7 @@ class CompeteRouter(Router):
         self.weights, self.combine, self.distill_target = weights, combine, distill_target
         self.normalize = top_k > 1 if normalize is None else normalize
         self.schedule_seed = schedule_seed
-        self.balance = Balance("compete", num_experts, **balance)
+        self.balance = Balance("compete", num_experts, top_k, **balance)
         self.register_buffer("competitions", torch.zeros((), dtype=torch.long))  # optimizer steps that competed
         self.competed = False  # observed since the last post_step
 

@@ -25,7 +25,7 @@ class TopKRouter(Router):
         self.gate = linear_gate(hidden_size, num_experts)
         self.normalize = top_k > 1 if normalize is None else normalize
         self.balance_coef, self.z_loss_coef, self.jitter = balance_coef, z_loss_coef, jitter
-        self.balance = Balance("topk", num_experts, **balance)
+        self.balance = Balance("topk", num_experts, top_k, **balance)
 
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RouterOutput:
         x_TD = x_TD.float()

@@ -28,7 +28,7 @@ from megavq.moe.routers.expert_choice import check_group, coverage_metrics, grou
 class USMoERouter(Router):
     causal = False  # the default, global selection; the instance attribute says it for the chosen selection
     needs_seq_len = True  # the MoE layer passes seq_len=S
-    balance_options = ("balance_scope", "bias_rate", "bias_centre")
+    balance_options = ("balance_scope", "bias_rate", "bias_centre", "groups", "group_top")
     balance_refusal = "usmoe's scores already mix softmax and sigmoid ((1 - r) softmax + r sigmoid 2 / E)"
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, mix: float = 0.5, selection: str = "global",
@@ -43,10 +43,11 @@ class USMoERouter(Router):
             raise ConfigError(f"usmoe: budget must be in (0, 1], and 1 with selection='token' (whole k per token), "
                               f"got budget={budget}, selection={selection!r}")
         check_group("usmoe", group)
-        if balance.get("bias_rate", 0) and selection != "token":
-            raise ConfigError("usmoe: bias_rate applies with selection='token' only (global selection picks "
-                              "(token, expert) pairs, not experts per token)")
-        self.balance = Balance("usmoe", num_experts, **balance)
+        per_token = [k for k in ("bias_rate", "group_top") if balance.get(k, 0)]
+        if per_token and selection != "token":
+            raise ConfigError(f"usmoe: {per_token[0]} applies with selection='token' only (global selection picks "
+                              f"(token, expert) pairs, not experts per token)")
+        self.balance = Balance("usmoe", num_experts, top_k, **balance)
         self.gate = linear_gate(hidden_size, num_experts)
         self.mix, self.selection, self.group, self.balance_coef = mix, selection, group, balance_coef
         self.normalize, self.budget = normalize, budget

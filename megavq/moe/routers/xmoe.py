@@ -40,7 +40,7 @@ def default_proj_dim(hidden_size: int, num_experts: int) -> int:
 @register("xmoe")
 class XMoERouter(Router):
     needs_seq_len = True  # for balance_scope=sequence
-    balance_options = ("balance_scope", "bias_rate", "bias_centre")
+    balance_options = ("balance_scope", "bias_rate", "bias_centre", "groups", "group_top")
     balance_refusal = "xmoe's scores are cosine similarities under a softmax with a temperature, not logits"
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, proj_dim: int = 0, temperature: float = 0.07,
@@ -68,7 +68,7 @@ class XMoERouter(Router):
             self.centroids = nn.Parameter(centroids_EP * (TORCHSCALE_NORM / centroids_EP.norm(dim=-1, keepdim=True)))
         self.normalize = top_k > 1 if normalize is None else normalize
         self.balance_tau, self.balance_coef = balance_tau, balance_coef
-        self.balance = Balance("xmoe", num_experts, **balance)
+        self.balance = Balance("xmoe", num_experts, top_k, **balance)
         if frozen:  # the paper's fine-tuning recipe: keep the routing fixed
             self.requires_grad_(False)
 
