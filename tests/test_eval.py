@@ -363,3 +363,22 @@ def test_evaluate_defaults_to_the_checkpoints_data_and_refuses_another_tokenizer
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert refused.stderr.startswith(f"error: data {other} was encoded with the tokenizer of sha256 000000000000...")
     assert "scripts/prepare_data.py --tokenizer" in refused.stderr
+
+
+def test_evaluate_reports_the_expert_bias_of_each_layer(tmp_path):
+    """With moe.router_options.bias_rate the per-layer figures carry the bias's range and mean (eval.json, eval.md),
+    as the training logs do (moe/L{i}/bias_min, bias_max, bias_mean)."""
+    data = hand_made_data(tmp_path / "data")
+    model = tiny_model("moe.router_options.bias_rate=0.001")
+    with torch.no_grad():
+        for i, router in enumerate(model.routers()):
+            router.balance.bias.copy_(torch.tensor([0.3, -0.1, 0.0, -0.2]) * (i + 1))
+    save_model(model.state_dict(), model.cfg, tmp_path / "model")
+    result = evaluate(tmp_path / "model", str(data), diag_tokens=64)
+    for i, L in enumerate(result["layers"]):
+        got = [L["router_metrics"][k] for k in ("bias_min", "bias_max", "bias_mean")]
+        assert got == pytest.approx([-0.2 * (i + 1), 0.3 * (i + 1), 0.0], abs=1e-6)
+    write_report(result, tmp_path / "out")
+    assert "## Expert bias" in (tmp_path / "out" / "eval.md").read_text()
+    logged = flatten_router_metrics(model(*batches(1)[0]).router_metrics, [0, 1])
+    assert logged["moe/L1/bias_max"] == pytest.approx(0.6)

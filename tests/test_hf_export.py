@@ -38,6 +38,8 @@ CASES = {  # name: (overrides, the architecture transformers loads)
     "xmoe-tied-mqa": (["moe.router=xmoe", "model.tie_embeddings=true", "model.n_kv_heads=1"], "MegavqForCausalLM"),
     "usmoe-token": (["moe.router=usmoe", "moe.router_options.selection=token"], "MegavqForCausalLM"),
     "topk-switch-every2": (["moe.router=topk", "moe.top_k=1", "moe.every=2"], "Qwen2MoeForCausalLM"),
+    "topk-sigmoid-bias": (["moe.router=topk", "moe.router_options={score: sigmoid, route_scale: 2.5, bias_rate: 0.001}"],
+                          "MegavqForCausalLM"),  # no Hugging Face architecture routes with a bias
     "vq-gelu-learned-layernorm-biases": (["moe.router=vq", "model.mlp=gelu", "model.pos=learned",
                                           "model.norm=layernorm", "model.qkv_bias=true", "model.out_bias=true",
                                           "model.mlp_bias=true"], "MegavqForCausalLM"),
@@ -56,6 +58,9 @@ def checkpoint(tmp_path, overrides, name="ckpt", tokenizer=BUILTIN_TOKENIZER):
     torch.manual_seed(0)
     model = Transformer(load_config("tiny", [*SMALL, *overrides]))
     randomize(model, std=0.2)
+    for name, b in model.named_buffers():
+        if name.endswith("balance.bias"):  # the expert bias routes too
+            b.normal_(0, 0.2)
     model.eval()
     save_model(model.state_dict(), model.cfg, tmp_path / name, tokenizer)
     return load_model(tmp_path / name), tmp_path / name

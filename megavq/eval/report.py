@@ -201,8 +201,18 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+BIAS_METRICS = ("bias_min", "bias_max", "bias_mean")  # routers with an expert bias (moe.router_options.bias_rate)
+
+
+def bias_table(layers: list[dict]) -> list[str]:
+    """The expert bias of each layer (its range and mean), when the routers keep one."""
+    rows = [[L["layer"], *(L["router_metrics"][k] for k in BIAS_METRICS)] for L in layers
+            if all(k in L["router_metrics"] for k in BIAS_METRICS)]
+    return ["## Expert bias", ""] + _table(["layer", "min", "max", "mean"], rows) if rows else []
+
+
 def markdown_extras(r: dict) -> list[str]:
-    lines = ["## Robustness (random input tokens)", ""]
+    lines = bias_table(r["layers"]) + ["## Robustness (random input tokens)", ""]
     lines += _table(["p", "loss", "perplexity"], [[x["p"], x["loss"], x["perplexity"]] for x in r["robustness"]])
     if r["topk_sweep"]:
         lines += ["## Top-k sweep", ""] + _table(["k", "loss", "perplexity"],

@@ -14,6 +14,8 @@ health checks and export read them, and nothing outside this package tests a rou
   eval_variants         {name: attribute overrides} that evaluation runs apart (vq's discrete_only)
   hf_routing()          how Hugging Face's softmax top-k MoE (Mixtral, Qwen2-MoE) reproduces the evaluation-time
                         routing, or None; hf_import: the router Hugging Face MoE models are imported with
+  balance_options       the balancing options (BALANCE_OPTIONS, megavq.moe.routers.balance) it takes, and
+  balance_refusal       why it takes no others (the one-line error for an option it refuses)
   health(), view(), experts_per_token: diagnostics; init_from_data() (init_from_data_needed): upcycling
 
 Router state changes after the optimizer step, never inside forward: a router that keeps state records what
@@ -21,6 +23,8 @@ forward observed (only in training mode, and not while a forward is recomputed f
 `observing`), and `post_step()` applies it once per optimizer step on every rank. A one-time lazy
 initialisation before first use (vq's k-means start) is allowed. Random draws in forward come from
 `generator()`, keyed by (seed, step, layer, micro-batch): a recomputed forward draws the same numbers.
+Router.post_step() calls post_step() of its child modules that have one (the balancing component, vq's continuous
+router): a router that overrides it calls super().post_step().
 `place()` tells a router its layer, the seed and the run's length (train.max_steps, through the MoESpec), so that
 a schedule can be a fraction of the run (compete's warmup_frac); `set_step()` the step about to run.
 """
@@ -42,6 +46,10 @@ from megavq.moe.registry import Registry
 ROUTERS = Registry("router", "router")
 _RECOMPUTING = contextvars.ContextVar("megavq_recomputing", default=False)
 _MASK64 = (1 << 64) - 1
+# The balancing options of routers that score experts per token (megavq.moe.routers.balance), with their defaults:
+# today's Switch loss per micro-batch on softmax scores, no bias.
+BALANCE_OPTIONS = {"balance_scope": "micro_batch", "bias_rate": 0.0, "bias_centre": False, "score": "softmax",
+                   "route_scale": 1.0, "groups": 0, "group_top": 0}
 
 
 class RouterOutput(NamedTuple):
@@ -59,6 +67,11 @@ class HealthLimits(NamedTuple):
     share: float = 0.9
     dead_code_frac: float = 0.5
     code_usage_min: float = 0.5
+
+
+def is_recomputing() -> bool:
+    """Whether the forward running now is a recomputation (activation checkpointing)."""
+    return _RECOMPUTING.get()
 
 
 @contextlib.contextmanager
@@ -115,6 +128,8 @@ class Router(nn.Module):
     legacy_options: ClassVar[dict] = {}  # options whose default changed, with the value saved runs that do not
     #                                      record them were trained with (see recorded_options)
     init_from_data_needed: ClassVar[bool] = False  # upcycling must give calibration data (init_from_data)
+    balance_options: ClassVar[tuple[str, ...]] = ()  # the BALANCE_OPTIONS it takes (passed as **balance)
+    balance_refusal: ClassVar[str] = "it scores no experts per token"  # why it takes no other balancing option
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int):
         super().__init__()
@@ -151,12 +166,16 @@ class Router(nn.Module):
         self.step, self.micro_batch = step, micro_batch
 
     def post_step(self) -> None:
-        """Apply what forward observed since the last call (once per optimizer step, on every rank)."""
+        """Apply what forward observed since the last call (once per optimizer step, on every rank): here, the
+        post_step of the child modules that have one."""
+        for child in self.children():
+            if callable(getattr(child, "post_step", None)):
+                child.post_step()
 
     @property
     def observing(self) -> bool:
         """Whether forward records observations: training mode, and not a recomputed forward."""
-        return self.training and not _RECOMPUTING.get()
+        return self.training and not is_recomputing()
 
     def generator(self, device: torch.device) -> torch.Generator:
         """A generator keyed by (seed, step, layer, micro-batch) for random draws in forward."""
@@ -254,9 +273,12 @@ def router_class(name: str) -> type[Router]:
 
 
 def option_names(name: str) -> list[str]:
-    """The options a router takes (its constructor's parameters beyond the shape)."""
-    params = inspect.signature(router_class(name).__init__).parameters
-    return [p for p in params if p not in ("self", "hidden_size", "num_experts", "top_k")]
+    """The options a router takes (its constructor's parameters beyond the shape, and its balancing options)."""
+    cls = router_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    own = [p for p, v in params.items() if p not in ("self", "hidden_size", "num_experts", "top_k")
+           and v.kind != inspect.Parameter.VAR_KEYWORD]
+    return own + list(cls.balance_options)
 
 
 DERIVED_OPTIONS = ("balance_coef", "z_loss_coef")  # taken from moe.aux_loss_coef / moe.z_loss_coef unless given
@@ -268,15 +290,27 @@ def recorded_options(name: str, options: dict, saved: bool = False) -> dict:
     (`options` read from a run saved before options were recorded in full) a missing option whose default has
     changed since takes the value it had then (the router's `legacy_options`)."""
     params = inspect.signature(router_class(name).__init__).parameters
-    defaults = {k: params[k].default for k in option_names(name) if k not in DERIVED_OPTIONS}
+    defaults = {k: params[k].default if k in params else BALANCE_OPTIONS[k] for k in option_names(name)
+                if k not in DERIVED_OPTIONS}
     if saved:
         defaults.update(router_class(name).legacy_options)
     return {**defaults, **options}
 
 
+def own_balance(name: str, cls: type[Router], balance: dict) -> dict:
+    """The balancing options of `balance` that router class `cls` takes (for a router built inside another, as vq's
+    continuous router); one it does not take is refused unless it has its default value."""
+    for k, v in balance.items():
+        if k not in cls.balance_options and v != BALANCE_OPTIONS[k]:
+            raise ConfigError(f"{name}: {k}={v!r} does not apply: {cls.balance_refusal}")
+    return {k: v for k, v in balance.items() if k in cls.balance_options}
+
+
 def build_router(name: str, hidden_size: int, num_experts: int, top_k: int, **options) -> Router:
     cls = router_class(name)
     unknown = [k for k in options if k not in option_names(name)]
+    if unknown and unknown[0] in BALANCE_OPTIONS:
+        raise ConfigError(f"router '{name}' takes no {unknown[0]!r}: {cls.balance_refusal}")
     if unknown:
         raise ConfigError(f"router '{name}' has no option {unknown[0]!r} (valid: {option_names(name)})")
     return cls(hidden_size=hidden_size, num_experts=num_experts, top_k=top_k, **options)
@@ -298,12 +332,16 @@ def expert_counts(indices_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.bincount(expert_keys(indices_TK, num_experts), minlength=num_experts + 1)[:num_experts]
 
 
+def switch_loss(counts_E: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
+    """E * sum_e f_e * P_e: f_e the fraction of the routed (token, slot) pairs `counts_E` counts that chose e (no
+    gradient), P_e the mean of probs_TE[:, e] over tokens."""
+    f_E = counts_E.float() / counts_E.sum().clamp(min=1)
+    return probs_TE.shape[-1] * (f_E * probs_TE.float().mean(0)).sum()
+
+
 def load_balance_loss(probs_TE: torch.Tensor, indices_TK: torch.Tensor) -> torch.Tensor:
     """Switch balance loss E * sum_e f_e * P_e; f_e over routed (token, slot) pairs, P_e mean probability."""
-    E = probs_TE.shape[-1]
-    counts_E = expert_counts(indices_TK, E).float()
-    f_E = counts_E / (indices_TK >= 0).sum().clamp(min=1)
-    return E * (f_E * probs_TE.float().mean(0)).sum()
+    return switch_loss(expert_counts(indices_TK, probs_TE.shape[-1]), probs_TE)
 
 
 def load_metrics(load_E: torch.Tensor, probs: torch.Tensor) -> dict:

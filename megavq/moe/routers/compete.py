@@ -15,6 +15,9 @@ competition step, besides the router's balance loss (every step):
   affinity bal.  Switch form on softmax(c) with the first winner's counts, per sequence, averaged:
                  (1 / B) sum_b E * sum_e f[b, e] * P[b, e] (2025 code, its VLM implementation)
 See docs/routers.md for the equations with the official defaults and where they were read.
+Balancing (megavq.moe.routers.balance) acts on the router path: balance_scope and the expert bias (added to the
+router's softmax for its selection). Its distillation matches softmax probabilities: the score option does not
+apply.
 
 Schedule: after the warm-up (`warmup_steps`, or `warmup_frac` of the run's train.max_steps, which the MoE spec
 passes to `place`), each MoE layer competes with probability `rate` per optimizer step, at most `max_competing`
@@ -30,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from megavq.errors import ConfigError
-from megavq.moe.routers.base import (Router, RouterOutput, linear_gate, load_balance_loss, mix64, register,
-                                     routing_metrics, top_k_weights)
+from megavq.moe.routers.balance import Balance
+from megavq.moe.routers.base import Router, RouterOutput, linear_gate, mix64, register, routing_metrics
 
 
 DEFAULT_WARMUP_STEPS = 100  # (m): no competition in the first optimizer steps when warmup_frac is not set
@@ -108,13 +111,15 @@ class CompeteRouter(Router):
     needs_seq_len = True  # the affinity balance loss is per sequence
     state = ("competitions",)
     legacy_options = {"diversity_coef": 0.0, "affinity_balance_coef": 0.0}  # runs saved before the 2025 losses
+    balance_options = ("balance_scope", "bias_rate", "bias_centre", "groups", "group_top")
+    balance_refusal = "compete distils softmax router probabilities towards softmax affinities"
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, affinity: str = "softplus",
                  rate: float = 0.07, warmup_steps: int | None = None, max_competing: int = 3,
                  distill_coef: float = 1e-3, winner_coef: float = 0.2, balance_coef: float = 0.01,
                  normalize: bool | None = None, schedule_seed: int = 0, weights: str = "softmax",
                  diversity_coef: float = 0.01, affinity_balance_coef: float = 0.01, warmup_frac: float | None = None,
-                 combine: float = 0.0, distill_target: str = "softmax"):
+                 combine: float = 0.0, distill_target: str = "softmax", **balance):
         super().__init__(hidden_size, num_experts, top_k)
         self._check_options(affinity, rate, warmup_steps, warmup_frac, max_competing, weights, combine,
                             distill_target)
@@ -127,6 +132,7 @@ class CompeteRouter(Router):
         self.weights, self.combine, self.distill_target = weights, combine, distill_target
         self.normalize = top_k > 1 if normalize is None else normalize
         self.schedule_seed = schedule_seed
+        self.balance = Balance("compete", num_experts, top_k, **balance)
         self.register_buffer("competitions", torch.zeros((), dtype=torch.long))  # optimizer steps that competed
         self.competed = False  # observed since the last post_step
 
@@ -169,6 +175,7 @@ class CompeteRouter(Router):
                                                     self.warmup, self.max_competing)
 
     def post_step(self) -> None:
+        super().post_step()
         if self.competed:
             self.competitions += 1
         self.competed = False
@@ -176,8 +183,9 @@ class CompeteRouter(Router):
     def forward(self, x_TD: torch.Tensor, seq_len: int | None = None, expert_fn=None) -> RouterOutput:
         logits_TE = self.gate(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, indices_TK = top_k_weights(probs_TE, self.top_k, self.normalize)  # normalised = softmax over top-k
-        balance = load_balance_loss(probs_TE, indices_TK)  # on the router path, every step
+        indices_TK = self.balance.select(probs_TE, self.top_k)
+        weights_TK = self.balance.weights(probs_TE, indices_TK, self.normalize)  # normalised = softmax over top-k
+        balance = self.balance.loss(probs_TE, indices_TK, seq_len)  # on the router path, every step
         aux = self.balance_coef * balance
         if not self.competes_now():
             metrics = self._metrics(indices_TK, probs_TE, balance, competed=False)
@@ -211,14 +219,17 @@ class CompeteRouter(Router):
                 "diversity_loss": diversity_loss(y_ETD, winners_TK),
                 "affinity_balance_loss": affinity_balance_loss(c_TE.softmax(dim=-1), winners_TK[:, 0], seq_len)}
 
-    def hf_routing(self) -> dict:
-        """At evaluation it never competes: softmax top-k of the gate, renormalised when `normalize`, no jitter."""
+    def hf_routing(self) -> dict | None:
+        """At evaluation it never competes: softmax top-k of the gate, renormalised when `normalize`, no jitter (None,
+        exported with its own modelling code, with a bias)."""
+        if self.balance.custom:
+            return None
         return {"normalize": bool(self.normalize), "jitter": 0.0}
 
     def _metrics(self, indices_TK, probs_TE, balance, competed: bool) -> dict:
         metrics = routing_metrics(indices_TK, probs_TE)
         metrics.update(balance_loss=balance.detach(), competed=torch.tensor(float(competed)),
-                       competitions=self.competitions.detach().clone())
+                       competitions=self.competitions.detach().clone(), **self.balance.metrics())
         return metrics
 
 

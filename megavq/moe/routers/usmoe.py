@@ -9,6 +9,8 @@ experts (K = E slots, -1 where unused). Weights are w divided by its sum over al
 (`normalize=True`, the default; the selected weights then do not sum to 1 either), or w itself
 (`normalize=False`, the official runs: norm_topk_prob off). `selection="token"` is the causal token-choice
 special case: top-k per token on w, same weights (whole k only: budget 1).
+Balancing (megavq.moe.routers.balance): balance_scope with either selection; the expert bias (added to w for the
+selection) with token selection only. w already mixes softmax and sigmoid: the score option does not apply.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ import math
 import torch
 
 from megavq.errors import ConfigError
-from megavq.moe.routers.base import (Router, RouterOutput, linear_gate, load_balance_loss, register,
-                                     routing_metrics)
+from megavq.moe.routers.balance import Balance
+from megavq.moe.routers.base import Router, RouterOutput, linear_gate, register, routing_metrics
 from megavq.moe.routers.expert_choice import check_group, coverage_metrics, group_size, slots_from_mask
 
 
@@ -26,9 +28,12 @@ from megavq.moe.routers.expert_choice import check_group, coverage_metrics, grou
 class USMoERouter(Router):
     causal = False  # the default, global selection; the instance attribute says it for the chosen selection
     needs_seq_len = True  # the MoE layer passes seq_len=S
+    balance_options = ("balance_scope", "bias_rate", "bias_centre", "groups", "group_top")
+    balance_refusal = "usmoe's scores already mix softmax and sigmoid ((1 - r) softmax + r sigmoid 2 / E)"
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, mix: float = 0.5, selection: str = "global",
-                 group: str = "sequence", balance_coef: float = 0.01, normalize: bool = True, budget: float = 1.0):
+                 group: str = "sequence", balance_coef: float = 0.01, normalize: bool = True, budget: float = 1.0,
+                 **balance):
         super().__init__(hidden_size, num_experts, top_k)
         if not 0.0 <= mix <= 1.0:
             raise ConfigError(f"usmoe: mix (r) must be in [0, 1], got {mix}")
@@ -38,6 +43,11 @@ class USMoERouter(Router):
             raise ConfigError(f"usmoe: budget must be in (0, 1], and 1 with selection='token' (whole k per token), "
                               f"got budget={budget}, selection={selection!r}")
         check_group("usmoe", group)
+        per_token = [k for k in ("bias_rate", "group_top") if balance.get(k, 0)]
+        if per_token and selection != "token":
+            raise ConfigError(f"usmoe: {per_token[0]} applies with selection='token' only (global selection picks "
+                              f"(token, expert) pairs, not experts per token)")
+        self.balance = Balance("usmoe", num_experts, top_k, **balance)
         self.gate = linear_gate(hidden_size, num_experts)
         self.mix, self.selection, self.group, self.balance_coef = mix, selection, group, balance_coef
         self.normalize, self.budget = normalize, budget
@@ -73,7 +83,7 @@ class USMoERouter(Router):
         probs_TE = w_TE / w_TE.sum(-1, keepdim=True)
         gate_TE = probs_TE if self.normalize else w_TE
         if self.selection == "token":
-            indices_TK = w_TE.topk(self.top_k, dim=-1).indices
+            indices_TK = self.balance.select(w_TE, self.top_k)
             weights_TK = gate_TE.gather(1, indices_TK)
             metrics = routing_metrics(indices_TK, probs_TE)
         else:
@@ -81,6 +91,6 @@ class USMoERouter(Router):
             weights_TK, indices_TK = slots_from_mask(chosen_TE, gate_TE)
             metrics = routing_metrics(indices_TK, probs_TE)
             metrics.update(coverage_metrics(chosen_TE))
-        balance = load_balance_loss(probs_TE, indices_TK)
-        metrics.update(balance_loss=balance.detach())
+        balance = self.balance.loss(probs_TE, indices_TK, seq_len)
+        metrics.update(balance_loss=balance.detach(), **self.balance.metrics())
         return RouterOutput(weights_TK, indices_TK, probs_TE, self.balance_coef * balance, metrics)

@@ -28,6 +28,8 @@ Defaults beyond the paper (see docs/routers.md for the measurements): EMA codebo
 on the first training batch, beta = 0, slot weights summing to 1, and restarts of codes unused for 10
 training steps. The experts read x itself, so the commitment term's only effect is to pull the MoE input
 toward its code, which the model satisfies by shrinking its pre-MoE norm gain.
+Balancing (megavq.moe.routers.balance): the balancing options act on the continuous router (with top_k = 1 there is
+none, and they are refused).
 Codebook upkeep runs in training only, after the optimizer step: forward quantizes against the codebook as
 it stood when the step began and records the code counts, the code sums and a few random inputs (`observing`);
 `post_step()` then updates the EMA codebook and the usage counters once per optimizer step (so dead-code
@@ -44,8 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavq.errors import ConfigError
-from megavq.moe.routers.base import (FP32Linear, HealthLimits, Router, RouterOutput, from_rank0, register,
-                                     routing_metrics, sum_over_ranks)
+from megavq.moe.routers.base import (BALANCE_OPTIONS, FP32Linear, HealthLimits, Router, RouterOutput, from_rank0,
+                                     own_balance, register, routing_metrics, sum_over_ranks)
 from megavq.moe.routers.topk import TopKRouter
 from megavq.moe.routers.xmoe import XMoERouter
 
@@ -86,12 +88,14 @@ class VQRouter(Router):
     eval_variants = {"discrete_only": {"discrete_only": True}}  # one expert per token, by code
     legacy_options = {"continuous_weight": "prob"}  # runs saved before the option existed
     init_from_data_needed = True  # k-means codebook from the dense model's hidden states when upcycling
+    needs_seq_len = True  # for the continuous router's balance_scope=sequence
+    balance_options = tuple(BALANCE_OPTIONS)  # passed to the continuous router
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, num_codes: int = 0, code_dim: int = 0,
                  discrete_only: bool = False, vq_coef: float = 0.08, beta: float = 0.0, ema: bool = True,
                  ema_decay: float = 0.99, dead_code_steps: int = 10, restart_dead_codes: bool = True,
                  codebook_init: str = "kmeans", continuous: str = "topk", normalize: bool = True,
-                 balance_coef: float = 0.01, z_loss_coef: float = 1e-3, continuous_weight: str = "ratio"):
+                 balance_coef: float = 0.01, z_loss_coef: float = 1e-3, continuous_weight: str = "ratio", **balance):
         super().__init__(hidden_size, num_experts, top_k)
         self._check_options(num_codes, code_dim, ema_decay, dead_code_steps, codebook_init, continuous)
         if continuous_weight not in CONTINUOUS_WEIGHTS:
@@ -121,13 +125,16 @@ class VQRouter(Router):
             k_c = self.num_continuous
             if continuous == "topk":
                 self.continuous = TopKRouter(hidden_size, num_experts, k_c, normalize=k_c > 1,
-                                             balance_coef=balance_coef, z_loss_coef=z_loss_coef)
+                                             balance_coef=balance_coef, z_loss_coef=z_loss_coef,
+                                             **own_balance("vq", TopKRouter, balance))
             else:
                 self.continuous = XMoERouter(hidden_size, num_experts, k_c, normalize=k_c > 1,
-                                             balance_coef=balance_coef)
+                                             balance_coef=balance_coef, **own_balance("vq", XMoERouter, balance))
             self.mix = FP32Linear(hidden_size, 2)
             nn.init.normal_(self.mix.weight, std=0.02)
             nn.init.zeros_(self.mix.bias)
+        else:
+            own_balance("vq", Router, balance)  # no continuous router (top_k = 1): every balancing option at its default
 
     @staticmethod
     def _check_options(num_codes, code_dim, ema_decay, dead_code_steps, codebook_init, continuous) -> None:
@@ -182,7 +189,7 @@ class VQRouter(Router):
         z_q = z_NC + (c_NC - z_NC).detach()  # forward: the code; backward: identity into z
         return codes_N, z_q, loss
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RouterOutput:
         x_TD = x_TD.float()
         z_TC = self.project(x_TD)
         if self.training and not self.initialized_seen:  # the flag read once, not at every forward (a host sync)
@@ -196,7 +203,7 @@ class VQRouter(Router):
         if self.discrete_only or self.num_continuous == 0:
             r = self._discrete_routing(expert_T)
         else:
-            r = self._mixed_routing(x_TD, expert_T)
+            r = self._mixed_routing(x_TD, expert_T, seq_len)
         r = r._replace(aux_loss=r.aux_loss + self.vq_coef * vq_loss)
         r.metrics.update(self._code_metrics(codes_T), vq_loss=vq_loss.detach(),
                          quant_error=(z_q - z_TC).detach().pow(2).mean())  # z_q - z = c - z
@@ -209,15 +216,16 @@ class VQRouter(Router):
         return RouterOutput(weights_TK, indices_TK, probs_TE, probs_TE.new_zeros(()),
                             routing_metrics(indices_TK, probs_TE))
 
-    def _mixed_routing(self, x_TD: torch.Tensor, expert_T: torch.Tensor) -> RouterOutput:
-        cont = self.continuous(x_TD)
+    def _mixed_routing(self, x_TD: torch.Tensor, expert_T: torch.Tensor, seq_len: int | None) -> RouterOutput:
+        cont = self.continuous(x_TD, seq_len)
         g_T2 = self.mix(x_TD).softmax(dim=-1)  # [g_c, g_d]
         weights_TK = torch.cat([g_T2[:, :1] * self._continuous_weights(cont.weights), g_T2[:, 1:]], dim=1)
         if self.normalize and self.continuous_weight == "prob":  # the other forms sum to 1 already
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
         indices_TK = torch.cat([cont.indices, expert_T[:, None]], dim=1)
         metrics = routing_metrics(indices_TK, cont.scores)
-        metrics.update({k: v for k, v in cont.metrics.items() if k in ("balance_loss", "z_loss", "temperature")},
+        metrics.update({k: v for k, v in cont.metrics.items()
+                        if k in ("balance_loss", "z_loss", "temperature", "bias_min", "bias_max", "bias_mean")},
                        gate_discrete=g_T2[:, 1].mean().detach())
         return RouterOutput(weights_TK, indices_TK, cont.scores, cont.aux_loss, metrics)
 
@@ -276,7 +284,9 @@ class VQRouter(Router):
     @torch.no_grad()
     def post_step(self) -> None:
         """Usage counters, EMA statistics over the tokens of all ranks, then restarts of codes dead for
-        dead_code_steps optimizer steps from recorded inputs (rank 0's), so that replicas stay identical."""
+        dead_code_steps optimizer steps from recorded inputs (rank 0's), so that replicas stay identical; the
+        continuous router's post_step first."""
+        super().post_step()
         if self.observed is None:
             return
         self._restore_fp32()

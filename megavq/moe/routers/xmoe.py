@@ -12,6 +12,8 @@ torchscale rescales the embeddings to norm 1.5 in place at every forward; here t
 arithmetic (value rescaled, identity gradient), so the router keeps no state and the scores and gradients equal
 torchscale's at the same parameters (as under an optimizer with fp32 master weights, where torchscale's in-place
 rescale never reaches the master copy). The temperature options are unused in this mode.
+Balancing (megavq.moe.routers.balance): balance_scope and the expert bias (added to s for the selection); the
+scores are cosines, so the sigmoid score option does not apply.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megavq.errors import ConfigError
-from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, load_balance_loss, register, routing_metrics
+from megavq.moe.routers.balance import Balance
+from megavq.moe.routers.base import FP32Linear, Router, RouterOutput, register, routing_metrics
 
 
 TORCHSCALE_DIM, TORCHSCALE_NORM = 16, 1.5  # torchscale's routing dimension and expert-embedding norm
@@ -36,9 +39,13 @@ def default_proj_dim(hidden_size: int, num_experts: int) -> int:
 
 @register("xmoe")
 class XMoERouter(Router):
+    needs_seq_len = True  # for balance_scope=sequence
+    balance_options = ("balance_scope", "bias_rate", "bias_centre", "groups", "group_top")
+    balance_refusal = "xmoe's scores are cosine similarities under a softmax with a temperature, not logits"
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, proj_dim: int = 0, temperature: float = 0.07,
                  learn_temperature: bool = True, balance_tau: float = 0.3, normalize: bool | None = None,
-                 balance_coef: float = 0.01, frozen: bool = False, mode: str = "paper"):
+                 balance_coef: float = 0.01, frozen: bool = False, mode: str = "paper", **balance):
         super().__init__(hidden_size, num_experts, top_k)
         if proj_dim < 0:
             raise ConfigError(f"xmoe: proj_dim must be >= 0 (0 = the default), got {proj_dim}")
@@ -61,6 +68,7 @@ class XMoERouter(Router):
             self.centroids = nn.Parameter(centroids_EP * (TORCHSCALE_NORM / centroids_EP.norm(dim=-1, keepdim=True)))
         self.normalize = top_k > 1 if normalize is None else normalize
         self.balance_tau, self.balance_coef = balance_tau, balance_coef
+        self.balance = Balance("xmoe", num_experts, top_k, **balance)
         if frozen:  # the paper's fine-tuning recipe: keep the routing fixed
             self.requires_grad_(False)
 
@@ -80,21 +88,19 @@ class XMoERouter(Router):
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
         return self.cosine_scores(x_TD) if self.mode == "paper" else self.torchscale_scores(x_TD)
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, seq_len: int | None = None) -> RouterOutput:
         s_TE = self.scores(x_TD)
-        indices_TK = s_TE.topk(self.top_k, dim=-1).indices
+        indices_TK = self.balance.select(s_TE, self.top_k)
         if self.mode == "paper":
             tau = self.log_temperature.float().exp()[0]
             probs_TE = (s_TE / tau).softmax(dim=-1)
-            balance = load_balance_loss((s_TE / self.balance_tau).softmax(dim=-1), indices_TK)
+            balance = self.balance.loss((s_TE / self.balance_tau).softmax(dim=-1), indices_TK, seq_len)
         else:  # no temperature; balance counts first choices only
             probs_TE = s_TE.softmax(dim=-1)
-            balance = load_balance_loss(probs_TE, indices_TK[:, :1])
-        weights_TK = probs_TE.gather(1, indices_TK)
-        if self.normalize:
-            weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True)
+            balance = self.balance.loss(probs_TE, indices_TK[:, :1], seq_len)
+        weights_TK = self.balance.weights(probs_TE, indices_TK, self.normalize)
         metrics = routing_metrics(indices_TK, probs_TE)
-        metrics.update(balance_loss=balance.detach())
+        metrics.update(balance_loss=balance.detach(), **self.balance.metrics())
         if self.mode == "paper":
             metrics.update(temperature=tau.detach())
         return RouterOutput(weights_TK, indices_TK, probs_TE, self.balance_coef * balance, metrics)
