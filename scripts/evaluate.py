@@ -48,8 +48,8 @@ def main():
         result = evaluate(model_dir, args.data, args.split, args.max_batches, args.batch_size, args.diag_tokens,
                           args.noise, args.seed, compare=args.compare)
         paths = write_report(result, args.out or model_dir / "eval")
-        print(f"{result['data']} ({result['split']}): loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-              f"bits/byte {result['bits_per_byte']:.4f}")
+        bpb = "" if result["bits_per_byte"] is None else f"  bits/byte {result['bits_per_byte']:.4f}"
+        print(f"{result['data']} ({result['split']}): loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}{bpb}")
         print("wrote " + ", ".join(str(p) for p in paths))
 
 

@@ -11,9 +11,9 @@ EOS tokens add loss but no bytes. Format-1 directories (no EOS) still load, with
 Tokenizer training and encoding use `threads` threads, by default `os.cpu_count()`.
 """
 from megavq.data.corpus import SPLITS, Piece, read_corpus
-from megavq.data.dataset import TokenData, encode_corpus, prepare_data
+from megavq.data.dataset import TokenData, data_options, encode_corpus, prepare_data
 from megavq.data.tokenizer import Tokenizer, train_tokenizer
 from megavq.errors import DataError
 
-__all__ = ["DataError", "SPLITS", "Piece", "read_corpus", "Tokenizer", "train_tokenizer", "TokenData",
+__all__ = ["DataError", "SPLITS", "Piece", "read_corpus", "Tokenizer", "train_tokenizer", "TokenData", "data_options",
            "encode_corpus", "prepare_data"]
