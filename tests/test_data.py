@@ -335,7 +335,7 @@ def test_unknown_format_version_is_refused(data_dir, tmp_path):
     newer = tmp_path / "newer"
     shutil.copytree(data_dir, newer)
     meta = json.loads((newer / "meta.json").read_text())
-    for version in (3, "2"):
+    for version in (4, "2"):
         (newer / "meta.json").write_text(json.dumps(dict(meta, format_version=version)))
         with pytest.raises(DataError, match=f"has format_version {version!r}, which this megavq cannot read") as e:
             TokenData(newer)

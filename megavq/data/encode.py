@@ -164,9 +164,11 @@ def encode_shard(job: dict, name: str, texts: list, eos: list, key: dict) -> tup
 
 
 def remove_stale(out: Path, splits: dict) -> None:
-    """Delete shard files of an earlier encoding that the new manifest does not list."""
+    """Delete shard files of an earlier encoding that the new manifest does not list, and the split files of a
+    format-2 directory re-encoded in place."""
     listed = {f"{Path(s['file']).stem}" for info in splits.values() for s in info["shards"]}
     for split in SPLITS:
+        (out / f"{split}.bin").unlink(missing_ok=True)
         for path in out.glob(f"{split}-[0-9]*.*"):
             if path.name.split(".")[0] not in listed:
                 path.unlink()
