@@ -1,7 +1,9 @@
 """Data layer: corpus readers, SentencePiece tokenizers, tokenized data directories.
 
-text source -> `read_corpus(source, split)` (pieces of documents) -> `encode_corpus` -> data dir
-(`train.bin`, `val.bin`, `test.bin`, `meta.json`) -> `TokenData` (memory-mapped batches).
+text source -> `read_corpus(source, split)` (pieces of documents) -> `encode_store` (megavq.data.encode: shards
+in worker processes, format 3; megavq.data.store reads them) or `encode_corpus` (`train.bin`, `val.bin`,
+`test.bin`, format 2) -> `TokenData` (memory-mapped batches), which also opens Megatron indexed datasets
+("megatron:PREFIX", megavq.data.megatron).
 
 Documents are real ones (a text file, a builtin topic, an lm1b sentence, a dataset row) and each is followed
 in the token stream by the end-of-document id (EOS, `meta.json` "eos_id", `TokenData.eos_id`; 2 = `</s>`).
