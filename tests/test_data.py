@@ -306,6 +306,7 @@ def test_format_1_fixture_loads_with_a_one_line_warning():
     assert len(record) == 1 and "\n" not in str(record[0].message)
     assert data.eos_id is None and data.vocab_size == 384 and data.tokens("val") == 1454
     assert EOS not in data.split("train")
+    assert data.doc_ends("val").tolist() == [1454]  # no EOS ids: the split is one document
     assert data.tokenizer().decode(data.split("val")).endswith("\n")
     x, y = data.batch("train", step=0, batch_size=2, seq_len=SEQ)
     assert x.shape == (2, SEQ) and torch.equal(x[:, 1:], y[:, :-1])

@@ -247,11 +247,10 @@ class TokenData:
                 ends = store.doc_ends(self.dir, self.meta["splits"][split])
             else:
                 ends = eos_ends(data, self.eos_id)
-            self._doc_ends[split] = ends
-        ends = self._doc_ends[split]
-        if not len(ends) or ends[-1] != len(self.split(split)):
-            self._doc_ends[split] = ends = np.append(ends, len(self.split(split))).astype(np.int64)
-        return ends
+            if not len(ends) or ends[-1] != len(data):
+                ends = np.append(ends, len(data))
+            self._doc_ends[split] = ends.astype(np.int64)
+        return self._doc_ends[split]
 
     def tokenizer(self) -> Tokenizer:
         tok = Tokenizer(self.dir / self.meta["tokenizer"])
