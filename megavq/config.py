@@ -48,7 +48,10 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "builtin"  # builtin | a tokenized data directory
+    source: str = "builtin"  # builtin | a tokenized data directory | megatron:PREFIX (a Megatron indexed dataset)
+    tokenizer: str = ""  # the SentencePiece model of a megatron: source's ids (a data directory's own must match)
+    split: str = "969,30,1"  # train,val,test weights of a megatron: source's documents, as Megatron's --split
+    append_eos: bool = True  # megatron: documents without an end-of-document id get one (false: refused)
     micro_batch_size: int = 16
     eval_batches: int = 20
 

@@ -17,8 +17,9 @@ from megavq.train.launch import user_errors
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model, checkpoint or run directory (newest checkpoint)")
-    p.add_argument("--data", default=None, help="'builtin' or a directory made by scripts/prepare_data.py "
-                                                  "(default: the checkpoint's data.source)")
+    p.add_argument("--data", default=None, help="'builtin', a directory made by scripts/prepare_data.py or "
+                                                  "megatron:PREFIX (with the checkpoint's data.tokenizer and "
+                                                  "data.split; default: the checkpoint's data.source)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/eval)")
     p.add_argument("--max_batches", type=int, default=None, help="evaluate on this many batches (default: all)")
@@ -48,8 +49,8 @@ def main():
         result = evaluate(model_dir, args.data, args.split, args.max_batches, args.batch_size, args.diag_tokens,
                           args.noise, args.seed, compare=args.compare)
         paths = write_report(result, args.out or model_dir / "eval")
-        print(f"{result['data']} ({result['split']}): loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-              f"bits/byte {result['bits_per_byte']:.4f}")
+        bpb = "" if result["bits_per_byte"] is None else f"  bits/byte {result['bits_per_byte']:.4f}"
+        print(f"{result['data']} ({result['split']}): loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}{bpb}")
         print("wrote " + ", ".join(str(p) for p in paths))
 
 

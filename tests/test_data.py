@@ -306,6 +306,7 @@ def test_format_1_fixture_loads_with_a_one_line_warning():
     assert len(record) == 1 and "\n" not in str(record[0].message)
     assert data.eos_id is None and data.vocab_size == 384 and data.tokens("val") == 1454
     assert EOS not in data.split("train")
+    assert data.doc_ends("val").tolist() == [1454]  # no EOS ids: the split is one document
     assert data.tokenizer().decode(data.split("val")).endswith("\n")
     x, y = data.batch("train", step=0, batch_size=2, seq_len=SEQ)
     assert x.shape == (2, SEQ) and torch.equal(x[:, 1:], y[:, :-1])
@@ -335,7 +336,7 @@ def test_unknown_format_version_is_refused(data_dir, tmp_path):
     newer = tmp_path / "newer"
     shutil.copytree(data_dir, newer)
     meta = json.loads((newer / "meta.json").read_text())
-    for version in (3, "2"):
+    for version in (4, "2"):
         (newer / "meta.json").write_text(json.dumps(dict(meta, format_version=version)))
         with pytest.raises(DataError, match=f"has format_version {version!r}, which this megavq cannot read") as e:
             TokenData(newer)

@@ -14,8 +14,10 @@ A data directory holds
                                  EOS ids over the bytes of the text: EOS adds loss but no bytes.
 meta.json is written last: a directory without it is incomplete.
 
-Format versions: 2 (FORMAT_VERSION) has EOS ids. 1 had none (documents were only separated by newlines);
-it still loads, with a warning, and `eos_id` is None. A newer version is refused.
+Format versions: 2 (FORMAT_VERSION, still written for the builtin corpus) has EOS ids. 1 had none (documents
+were only separated by newlines); it still loads, with a warning, and `eos_id` is None. 3 is the sharded store
+that scripts/prepare_data.py writes (megavq.data.store, megavq.data.encode). A newer version is refused.
+`TokenData` also opens Megatron indexed datasets, "megatron:PREFIX" (megavq.data.megatron).
 
 Batches are a pure function of (seed, step): a resumed run sees the same data order, and every rank can
 draw the same global batch and take its own slice, x_BS[rank * b:(rank + 1) * b].
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from megavq.data import megatron, store
 from megavq.data.corpus import SPLITS, Piece, builtin_sha256, char_groups, read_corpus
 from megavq.data.tokenizer import Tokenizer, train_tokenizer
 from megavq.errors import DataError
@@ -47,7 +50,7 @@ from megavq.files import library_versions, publish_dir, write_json
 META = "meta.json"
 TOKENIZER_FILE = "tokenizer.model"
 FORMAT_VERSION = 2  # part of the builtin cache key: bump when the encoding changes
-READABLE_VERSIONS = (1, 2)  # 1: no EOS ids
+READABLE_VERSIONS = (1, 2, store.STORE_VERSION)  # 1: no EOS ids; 3: sharded
 ENCODE_BATCH_CHARS = 1 << 20  # characters per encode call: bounds memory on any corpus
 BUILTIN_TOKENIZER = Path(__file__).resolve().parents[1] / "tokenizers" / "builtin-bpe4k.model"  # package data
 META_KEYS = ("vocab_size", "dtype", "tokenizer", "tokenizer_sha256", "source", "splits")
@@ -158,6 +161,26 @@ def rebuild_command(meta: dict, data_dir: Path) -> str:
     return shlex.join(args)
 
 
+def open_split(data_dir: Path, meta: dict, split: str, dtype: np.dtype):
+    """A split's tokens: a memory map (formats 1, 2) or a view of its shards (format 3)."""
+    if meta.get("format_version") == store.STORE_VERSION:
+        return store.open_split(data_dir, split, meta["splits"][split], dtype)
+    return map_split(data_dir, meta["splits"][split], dtype)
+
+
+def eos_ends(data: np.ndarray, eos_id: int | None, block: int = 1 << 26) -> np.ndarray:
+    """Positions after each EOS id, read in blocks (none in format 1)."""
+    if eos_id is None:
+        return np.empty(0, np.int64)
+    parts = [np.flatnonzero(np.asarray(data[i:i + block]) == eos_id) + i + 1 for i in range(0, len(data), block)]
+    return np.concatenate(parts or [np.empty(0, np.int64)]).astype(np.int64)
+
+
+def data_options(data_cfg) -> dict:
+    """TokenData's keyword arguments from the data.* settings (megavq.config.DataConfig)."""
+    return {"tokenizer": data_cfg.tokenizer or None, "split": data_cfg.split, "append_eos": data_cfg.append_eos}
+
+
 def map_split(data_dir: Path, info: dict, dtype: np.dtype) -> np.memmap:
     """Memory-map one split after checking its size against meta.json."""
     path = data_dir / info["file"]
@@ -174,21 +197,35 @@ def map_split(data_dir: Path, info: dict, dtype: np.dtype) -> np.memmap:
 
 
 class TokenData:
-    """A validated, memory-mapped tokenized data directory."""
+    """A validated, memory-mapped tokenized data directory (formats 1-3) or Megatron dataset ("megatron:PREFIX").
+    tokenizer: the SentencePiece model of a Megatron dataset's ids (a data directory's own must match it);
+    split and append_eos: how a Megatron dataset is split and whether EOS ids are appended (megavq.data.megatron)."""
 
-    def __init__(self, data_dir: str | Path):
-        self.dir = Path(data_dir)
-        self.meta = read_meta(self.dir)
+    def __init__(self, data_dir: str | Path, tokenizer: str | Path | None = None,
+                 split: str = megatron.DEFAULT_SPLIT, append_eos: bool = True):
+        self.source = str(data_dir)
+        self._doc_ends = {}
+        if megatron.is_megatron(self.source):
+            data = megatron.MegatronData(self.source, tokenizer, split, append_eos)
+            self.dir, self.meta, self.splits = megatron.megatron_prefix(self.source).parent, data.meta, data.splits
+            self._doc_ends = data.doc_ends
+        else:
+            self.dir = Path(data_dir)
+            self.meta = read_meta(self.dir)
+            self.splits = {s: open_split(self.dir, self.meta, s, np.dtype(self.meta["dtype"])) for s in SPLITS}
         self.vocab_size = int(self.meta["vocab_size"])
         self.eos_id = self.meta.get("eos_id")  # None in format 1
         self.dtype = np.dtype(self.meta["dtype"])
-        self.splits = {s: map_split(self.dir, self.meta["splits"][s], self.dtype) for s in SPLITS}
+        if tokenizer and self.tokenizer().sha256 != Tokenizer(tokenizer).sha256:
+            raise DataError(f"data {self.source} was encoded with the tokenizer {self.dir / self.meta['tokenizer']}, "
+                            f"not data.tokenizer={tokenizer} (their sha256 differ)")
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{s}={self.tokens(s):,}" for s in SPLITS)
-        return f"TokenData('{self.dir}', vocab_size={self.vocab_size}, tokens: {sizes})"
+        return f"TokenData('{self.source}', vocab_size={self.vocab_size}, tokens: {sizes})"
 
-    def split(self, split: str) -> np.memmap:
+    def split(self, split: str):
+        """The split's tokens: a np.memmap (formats 1, 2) or a view with len() and [a:b] slicing."""
         if split not in self.splits:
             raise DataError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         return self.splits[split]
@@ -196,9 +233,24 @@ class TokenData:
     def tokens(self, split: str) -> int:
         return len(self.split(split))
 
-    def bytes_per_token(self, split: str) -> float:
+    def bytes_per_token(self, split: str) -> float | None:
+        """None for a source that does not know the bytes of its text (Megatron): no bits per byte then."""
         info = self.meta["splits"][split]
-        return info["bytes"] / info["tokens"]
+        return None if info["bytes"] is None else info["bytes"] / info["tokens"]
+
+    def doc_ends(self, split: str) -> np.ndarray:
+        """int64 exclusive end offsets of the split's documents in split(split), each EOS included; the last is
+        len(split(split)) (a document cut by the end of the split ends there). Computed once per split."""
+        if split not in self._doc_ends:
+            data = self.split(split)
+            if self.meta.get("format_version") == store.STORE_VERSION:
+                ends = store.doc_ends(self.dir, self.meta["splits"][split])
+            else:
+                ends = eos_ends(data, self.eos_id)
+            if not len(ends) or ends[-1] != len(data):
+                ends = np.append(ends, len(data))
+            self._doc_ends[split] = ends.astype(np.int64)
+        return self._doc_ends[split]
 
     def tokenizer(self) -> Tokenizer:
         tok = Tokenizer(self.dir / self.meta["tokenizer"])
@@ -246,13 +298,15 @@ def windows(data: np.ndarray, starts_B: np.ndarray, seq_len: int) -> tuple:
 
 def prepare_data(source: str, cache_dir: str | Path | None = None) -> Path:
     """'builtin' -> the builtin corpus encoded with the shipped tokenizer (cached); a tokenized data
-    directory -> itself, validated."""
+    directory -> itself, validated; "megatron:PREFIX" -> itself (TokenData opens it with its tokenizer)."""
     if source == "builtin":
         return prepare_builtin(Path(cache_dir) if cache_dir else default_cache_dir())
+    if megatron.is_megatron(source):
+        return source
     if (Path(source) / META).is_file():
         TokenData(source)
         return Path(source)
-    raise DataError(f"data source '{source}' is not 'builtin' nor a tokenized data directory "
+    raise DataError(f"data source '{source}' is not 'builtin', 'megatron:PREFIX' nor a tokenized data directory "
                     "(run scripts/prepare_data.py first)")
 
 

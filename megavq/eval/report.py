@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from megavq.convert.load import load_model
-from megavq.data import TokenData, prepare_data
+from megavq.data import TokenData, data_options, prepare_data
 from megavq.errors import MegavqError
 from megavq.eval import consistency, lm, routing
 from megavq.eval.stats import bits_per_byte, load_stats
@@ -26,8 +26,8 @@ ROBUSTNESS_PS = (0.0, 0.05, 0.1, 0.2)
 STANDARD_METRICS = ("load", "load_cv", "load_max", "entropy")  # recomputed from the averaged load below
 
 
-def load_data(source: str):
-    return TokenData(prepare_data(source))
+def load_data(source: str, data_cfg):
+    return TokenData(prepare_data(source), **data_options(data_cfg))
 
 
 def eval_device() -> torch.device:
@@ -119,7 +119,7 @@ def open_model_and_data(path, data_source: str | None, backend: str):
     source used."""
     model = load_model(path, backend)
     data_source = data_source or model.cfg.data.source
-    data = load_data(data_source)
+    data = load_data(data_source, model.cfg.data)
     check_data_tokenizer(path, data, data_source)
     if data.vocab_size > model.cfg.model.vocab_size:
         raise MegavqError(f"data vocabulary ({data.vocab_size}) is larger than the model's "
@@ -144,7 +144,7 @@ def evaluate(path, data_source: str | None = None, split: str = "test", max_batc
     base = lm.lm_eval(model, Batches(batches, device, "loss"))
     info = data.meta["splits"][split]
     result.update(tokens=base["tokens"], loss=base["loss"], perplexity=base["perplexity"],
-                  bits_per_byte=bits_per_byte(base["loss"], info["tokens"], info["bytes"]))
+                  bits_per_byte=None if info["bytes"] is None else bits_per_byte(base["loss"], info["tokens"], info["bytes"]))
     result["layers"] = layer_reports(model, base, Batches(diag, device, "routing diagnostics"), noise, seed)
     result["robustness"] = lm.robustness(model, Batches(batches, device, "robustness"), list(ROBUSTNESS_PS),
                                          data.vocab_size, seed)

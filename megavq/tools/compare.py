@@ -203,7 +203,8 @@ def summarize(label: str, runs: list[dict], base: dict) -> dict:
     for key in RUN_FIGURES:
         row[key] = mean_std([r[key] for r in runs])
     for key in ("val_loss", "test_bits_per_byte"):
-        diffs = [r[key] - base[r["seed"]][key] for r in runs if r["seed"] in base]
+        diffs = [r[key] - base[r["seed"]][key] for r in runs
+                 if r["seed"] in base and None not in (r[key], base[r["seed"]][key])]  # no bytes: no bits per byte
         row[f"{key}_diff"] = {**mean_std(diffs), "values": diffs, "verdict": verdict(diffs)}
     row["train_over_val"] = mean_std([r["train_loss"] / r["val_loss"] for r in runs if r["train_loss"] is not None])
     row["step_time_ratio"] = mean_std([base[r["seed"]]["tokens_per_s"] / r["tokens_per_s"] for r in runs

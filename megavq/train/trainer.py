@@ -20,7 +20,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from megavq.config import Config, save_config
-from megavq.data import TokenData, prepare_data
+from megavq.data import TokenData, data_options, prepare_data
 from megavq.errors import ConfigError, FatalError, MegavqError, RetryableError, TrainingError
 from megavq.model import Transformer
 from megavq.model.flops import device_peak_tflops, flops_per_token, utilisation
@@ -37,8 +37,9 @@ from megavq.train.logging import MetricSums, RunLogger
 from megavq.train.preempt import StopSignals, step_end_agreed
 
 
-def load_data(source: str, rank: int):
+def load_data(data_cfg, rank: int):
     """Tokenize on rank 0 on first use (others wait), then open the token files on every rank."""
+    source = data_cfg.source
     data_dir, error = None, None
     if rank == 0:
         try:
@@ -49,7 +50,7 @@ def load_data(source: str, rank: int):
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise MegavqError(box[1])
-    return TokenData(box[0])
+    return TokenData(box[0], **data_options(data_cfg))
 
 
 def resolve_vocab(cfg: Config, vocab_size: int) -> None:
@@ -200,6 +201,7 @@ class Trainer:
         max_batches = math.ceil(tokens / (self.micro * self.cfg.model.seq_len)) if tokens else None
         test_loss, test_tokens = self.evaluate("test", max_batches, progress=True)
         val_loss, val_tokens = self.evaluate("val", max_batches, progress=True)
+        bytes_per_token = self.data.bytes_per_token("test")  # None: the source knows no bytes (Megatron)
         summary = {
             "steps": fit["steps"],
             "train_loss": fit["last"].get("train/lm_loss"),
@@ -208,7 +210,7 @@ class Trainer:
             "test_loss": test_loss,
             "test_tokens": test_tokens,
             "test_ppl": math.exp(test_loss),
-            "test_bits_per_byte": test_loss / math.log(2) / self.data.bytes_per_token("test"),
+            "test_bits_per_byte": None if bytes_per_token is None else test_loss / math.log(2) / bytes_per_token,
             "tokens_per_s": fit["last"].get("tokens_per_s"),
             **{k: fit["last"][k] for k in ("tflops_per_device", "mfu") if k in fit["last"]},
             "train_time_s": fit["train_time_s"],
@@ -269,7 +271,7 @@ def run(cfg: Config, ds_config: str | Path, out_dir: str | Path, resume: bool | 
 
 def train(cfg: Config, ds: dict, out_dir: Path, resume: str | None, init_from: str | None, attempt: dict) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    data = load_data(cfg.data.source, rank)
+    data = load_data(cfg.data, rank)
     resolve_vocab(cfg, data.vocab_size)
     model = build_model(cfg, init_from)
     engine = build_engine(model, cfg, ds)
@@ -278,7 +280,7 @@ def train(cfg: Config, ds: dict, out_dir: Path, resume: str | None, init_from: s
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.json")
-        write_manifest(out_dir, "run", cfg.to_dict(), data.tokenizer().path, data=str(data.dir))
+        write_manifest(out_dir, "run", cfg.to_dict(), data.tokenizer().path, data=data.source)
         update_run_state(out_dir, exit={"code": None, "reason": "running (null if this attempt was killed)",
                                         "step": start})
     state = run_state(out_dir, rank, cfg.train.wandb)
