@@ -352,3 +352,28 @@ def test_bad_groups_are_refused(options, message):
     with pytest.raises(ConfigError, match=message):
         build_router("topk", hidden_size=8, num_experts=8, top_k=3, **options)
     assert build_router("topk", hidden_size=8, num_experts=8, top_k=3, groups=4, group_top=2).hf_routing() is None
+
+
+# ---- vq's discrete path: a per-code bias on the distances -------------------------------------------------------
+def test_vq_code_bias_moves_the_choice_of_code_by_the_sign_rule_and_is_off_by_default():
+    torch.manual_seed(0)
+    assert "code_bias" not in build_router("vq", hidden_size=8, num_experts=E, top_k=K).state_dict()
+    router = build_router("vq", hidden_size=8, num_experts=E, top_k=K, code_bias_rate=0.5,
+                          codebook_init="random").train()
+    x = torch.randn(40, 8)
+    dist = ((x[:, None] - router.codebook[None]) ** 2).sum(-1)  # (T, Q) by brute force
+    with torch.no_grad():
+        router.code_bias.copy_(torch.tensor([3.0, 0.0, -1.0, 0.5]))
+    r = router(x)
+    codes = (dist - router.code_bias).argmin(-1)
+    assert torch.equal(r.indices[:, -1], codes % E) and not torch.equal(codes, dist.argmin(-1))
+    counts = torch.bincount(codes, minlength=E).float()
+    before = router.code_bias.clone()
+    router.post_step()
+    torch.testing.assert_close(router.code_bias, before + 0.5 * torch.sign(counts.mean() - counts))
+    assert r.metrics["code_bias_max"] == 3.0
+    router.eval()(x)
+    router.post_step()  # evaluation observes nothing: no update
+    torch.testing.assert_close(router.code_bias, before + 0.5 * torch.sign(counts.mean() - counts))
+    router.load_state_dict(build_router("vq", hidden_size=8, num_experts=E, top_k=K).state_dict())
+    assert (router.code_bias == 0).all()  # weights saved without it
