@@ -17,12 +17,14 @@ from megavq.moe.spec import MoESpec
 
 TOKEN_ROUTERS = [r for r in available_routers() if router_class(r).layer_kind == "token"]
 OPTIONS = {"compete": {"rate": 1.0, "warmup_steps": 0}}
+DEEPSEEK = {"score": "sigmoid", "route_scale": 2.5, "bias_rate": 0.01, "groups": 2, "group_top": 1}  # balancing
+CASES = [(r, OPTIONS.get(r, {})) for r in TOKEN_ROUTERS] + [("topk", DEEPSEEK)]
 
 
-def layer_pair(router: str, backend: str = "deepspeed", d_model: int = 16, d_hidden: int = 24, **moe):
+def layer_pair(router: str, backend: str = "deepspeed", d_model: int = 16, d_hidden: int = 24, options=None, **moe):
     """A native MoE layer and one of `backend` built from the same seeds (same weights)."""
-    cfg = MoEConfig(router=router, num_experts=4, top_k=2, capacity_factor=8.0, router_options=OPTIONS.get(router, {}),
-                    **moe)
+    options = OPTIONS.get(router, {}) if options is None else options
+    cfg = MoEConfig(router=router, num_experts=4, top_k=2, capacity_factor=8.0, router_options=options, **moe)
     layers = []
     for name in ("native", backend):
         torch.manual_seed(0)
@@ -30,10 +32,10 @@ def layer_pair(router: str, backend: str = "deepspeed", d_model: int = 16, d_hid
     return layers
 
 
-@pytest.mark.parametrize("router", TOKEN_ROUTERS)
-def test_deepspeed_backend_equals_native(router):
+@pytest.mark.parametrize("router, options", CASES, ids=[r + "-balancing" * bool(o.get("score")) for r, o in CASES])
+def test_deepspeed_backend_equals_native(router, options):
     """Forward, aux loss and gradients (inputs, router, experts) with capacity large enough to drop nothing."""
-    native, ds = layer_pair(router)
+    native, ds = layer_pair(router, options=options)
     assert isinstance(ds.dispatcher, DeepSpeedDispatcher)
     x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1))
     results = []

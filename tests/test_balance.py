@@ -352,3 +352,45 @@ def test_bad_groups_are_refused(options, message):
     with pytest.raises(ConfigError, match=message):
         build_router("topk", hidden_size=8, num_experts=8, top_k=3, **options)
     assert build_router("topk", hidden_size=8, num_experts=8, top_k=3, groups=4, group_top=2).hf_routing() is None
+
+
+# ---- vq's discrete path: a per-code bias on the distances -------------------------------------------------------
+def test_vq_code_bias_moves_the_choice_of_code_by_the_sign_rule_and_is_off_by_default():
+    torch.manual_seed(0)
+    assert "code_bias" not in build_router("vq", hidden_size=8, num_experts=E, top_k=K).state_dict()
+    router = build_router("vq", hidden_size=8, num_experts=E, top_k=K, code_bias_rate=0.5,
+                          codebook_init="random").train()
+    x = torch.randn(40, 8)
+    dist = ((x[:, None] - router.codebook[None]) ** 2).sum(-1)  # (T, Q) by brute force
+    with torch.no_grad():
+        router.code_bias.copy_(torch.tensor([3.0, 0.0, -1.0, 0.5]))
+    r = router(x)
+    codes = (dist - router.code_bias).argmin(-1)
+    assert torch.equal(r.indices[:, -1], codes % E) and not torch.equal(codes, dist.argmin(-1))
+    counts = torch.bincount(codes, minlength=E).float()
+    before = router.code_bias.clone()
+    router.post_step()
+    torch.testing.assert_close(router.code_bias, before + 0.5 * torch.sign(counts.mean() - counts))
+    assert r.metrics["code_bias_max"] == 3.0
+    router.eval()(x)
+    router.post_step()  # evaluation observes nothing: no update
+    torch.testing.assert_close(router.code_bias, before + 0.5 * torch.sign(counts.mean() - counts))
+    router.load_state_dict(build_router("vq", hidden_size=8, num_experts=E, top_k=K).state_dict())
+    assert (router.code_bias == 0).all()  # weights saved without it
+
+
+def test_global_loss_gradient_is_the_same_with_activation_checkpointing():
+    """The recomputed forward takes the running sum as its first forward left it (no second count, no collective)."""
+    grads = []
+    for overrides in ([], ["train.activation_checkpointing=1"]):
+        cfg = load_config("tiny", [*TINY, "moe.router_options.balance_scope=global", "moe.aux_loss_coef=1.0",
+                                   *overrides])
+        torch.manual_seed(0)
+        model = prepare_model(Transformer(cfg), cfg).train()
+        x = torch.randint(64, (8, 8), generator=torch.Generator().manual_seed(2))
+        for part in x.chunk(2):
+            (model(part, part).loss / 2).backward()
+        grads.append([r.gate.weight.grad.clone() for r in model.routers()])
+        assert all(r.balance.running.sum() == 8 * 8 * K for r in model.routers())
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)

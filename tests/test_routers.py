@@ -40,6 +40,9 @@ VARIANTS = [(name, {}) for name in ROUTERS] + [
     ("vq", {"continuous": "xmoe"}),
     ("expert_choice", {"group": "sequence"}),
     ("soft", {"slots_per_expert": 2}),
+    ("topk", {"bias_rate": 0.01, "score": "sigmoid", "route_scale": 2.5, "balance_scope": "sequence"}),  # DeepSeek-V3
+    ("topk", {"balance_scope": "global", "groups": 2, "group_top": 1}),
+    ("vq", {"code_bias_rate": 0.1, "bias_rate": 0.01}),
 ]
 VARIANT_IDS = [name + "".join(f"-{k}={v}" for k, v in opts.items()) for name, opts in VARIANTS]
 COMPETING = {"rate": 1.0, "warmup_steps": 0}

@@ -30,6 +30,11 @@ training steps. The experts read x itself, so the commitment term's only effect 
 toward its code, which the model satisfies by shrinking its pre-MoE norm gain.
 Balancing (megavq.moe.routers.balance): the balancing options act on the continuous router (with top_k = 1 there is
 none, and they are refused).
+Balancing of the discrete path (`code_bias_rate` > 0; default off): a per-code bias b (persistent, fp32, no
+gradient) subtracted from the squared distances for the choice of code, argmin_j ||z - c_j||^2 - b_j, moved after each
+optimizer step by code_bias_rate * sign(mean count - count_j) with the step's code counts over all ranks (as the
+expert bias of megavq.moe.routers.balance; the rate is in squared-distance units). It touches neither the codebook
+updates' statistics beyond which code a token takes nor any gradient.
 Codebook upkeep runs in training only, after the optimizer step: forward quantizes against the codebook as
 it stood when the step began and records the code counts, the code sums and a few random inputs (`observing`);
 `post_step()` then updates the EMA codebook and the usage counters once per optimizer step (so dead-code
@@ -55,12 +60,12 @@ from megavq.moe.routers.xmoe import XMoERouter
 CONTINUOUS_WEIGHTS = ("ratio", "offset", "prob")
 
 
-def nearest_code(z_NC: torch.Tensor, codebook_QC: torch.Tensor) -> torch.Tensor:
-    """argmin_j ||z - c_j||^2 for every row, (N,) int64."""
+def nearest_code(z_NC: torch.Tensor, codebook_QC: torch.Tensor, bias_Q: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_j ||z - c_j||^2 (- bias_j) for every row, (N,) int64."""
     with torch.no_grad():
         z, c = z_NC.float(), codebook_QC.float()
         dist_NQ = z.pow(2).sum(-1, keepdim=True) - 2 * z @ c.t() + c.pow(2).sum(-1)
-        return dist_NQ.argmin(dim=-1)
+        return (dist_NQ if bias_Q is None else dist_NQ - bias_Q).argmin(dim=-1)
 
 
 def kmeans(z_NC: torch.Tensor, num_codes: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
@@ -95,12 +100,15 @@ class VQRouter(Router):
                  discrete_only: bool = False, vq_coef: float = 0.08, beta: float = 0.0, ema: bool = True,
                  ema_decay: float = 0.99, dead_code_steps: int = 10, restart_dead_codes: bool = True,
                  codebook_init: str = "kmeans", continuous: str = "topk", normalize: bool = True,
-                 balance_coef: float = 0.01, z_loss_coef: float = 1e-3, continuous_weight: str = "ratio", **balance):
+                 balance_coef: float = 0.01, z_loss_coef: float = 1e-3, continuous_weight: str = "ratio", code_bias_rate: float = 0.0,
+                 **balance):
         super().__init__(hidden_size, num_experts, top_k)
         self._check_options(num_codes, code_dim, ema_decay, dead_code_steps, codebook_init, continuous)
         if continuous_weight not in CONTINUOUS_WEIGHTS:
             raise ConfigError(f"vq: continuous_weight must be one of {CONTINUOUS_WEIGHTS}, got {continuous_weight!r}")
-        self.continuous_weight = continuous_weight
+        if code_bias_rate < 0:
+            raise ConfigError(f"vq: code_bias_rate must be >= 0 (0 = off), got {code_bias_rate}")
+        self.continuous_weight, self.code_bias_rate = continuous_weight, code_bias_rate
         Q, C = num_codes or num_experts, code_dim or hidden_size
         self.num_codes, self.discrete_only = Q, discrete_only
         self.vq_coef, self.beta, self.ema, self.ema_decay = vq_coef, beta, ema, ema_decay
@@ -118,6 +126,8 @@ class VQRouter(Router):
         self.register_buffer("code_map", torch.arange(Q) % num_experts)
         self.register_buffer("unused_steps", torch.zeros(Q, dtype=torch.long))  # optimizer steps since last use
         self.register_buffer("initialized", torch.tensor(codebook_init == "random"))
+        if code_bias_rate > 0:
+            self.register_buffer("code_bias", torch.zeros(Q))
         self.initialized_seen = False  # `initialized` was found True (reset when a state dict is loaded)
         self.observed = None  # (code counts (Q,), code sums (Q, C), Q random inputs (Q, C)) since the last post_step
         self.num_continuous, self.normalize = top_k - 1, normalize
@@ -149,10 +159,12 @@ class VQRouter(Router):
             raise ConfigError(f"vq: continuous must be 'topk' or 'xmoe', got {continuous!r}")
 
     # ---- the codebook statistics stay fp32: an EMA step of 1 - ema_decay = 0.01 is below bf16's resolution ----
-    FP32_STATE = ("codebook", "ema_count", "ema_sum")  # buffers when ema=True
+    FP32_STATE = ("codebook", "ema_count", "ema_sum", "code_bias")  # buffers when ema=True (code_bias: when on)
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.code_bias_rate > 0:  # weights saved without the code bias load with it at 0
+            state_dict.setdefault(prefix + "code_bias", torch.zeros_like(self.code_bias))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.initialized_seen = False
 
     def _apply(self, fn, recurse=True):
@@ -181,7 +193,7 @@ class VQRouter(Router):
     def quantize(self, z_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes_N, z_q, codebook + beta * commitment loss). z_q has the code's value and an identity gradient into
         z, but nothing downstream reads it (the experts read x): it only gives the metric quant_error."""
-        codes_N = nearest_code(z_NC, self.codebook)
+        codes_N = nearest_code(z_NC, self.codebook, self._buffers.get("code_bias"))
         c_NC = self.codebook.float()[codes_N]
         loss = self.beta * F.mse_loss(c_NC.detach(), z_NC)
         if not self.ema:
@@ -293,6 +305,8 @@ class VQRouter(Router):
         count_Q, sum_QC, recent_QC = self.observed
         self.observed = None
         count_Q = sum_over_ranks(count_Q)
+        if self.code_bias_rate > 0:
+            self.code_bias.add_(self.code_bias_rate * torch.sign(count_Q.mean() - count_Q))
         self.unused_steps.copy_(torch.where(count_Q > 0, 0, self.unused_steps + 1))
         if self.ema:
             d = self.ema_decay
@@ -318,7 +332,11 @@ class VQRouter(Router):
             perplexity = torch.exp(-(p * p.clamp(min=1e-12).log()).sum())
             unused = (hist_Q == 0).sum().float()
             dead = (self.unused_steps >= self.dead_code_steps).sum().float() if self.dead_code_steps else unused
-            return {"code_perplexity": perplexity, "dead_codes": dead, "unused_codes": unused}
+            out = {"code_perplexity": perplexity, "dead_codes": dead, "unused_codes": unused}
+            if self.code_bias_rate > 0:
+                b = self.code_bias
+                out.update(code_bias_min=b.min(), code_bias_max=b.max(), code_bias_mean=b.mean())
+            return out
 
     # ---- declarations: evaluation and health ------------------------------------------------------------
     @property
@@ -332,6 +350,9 @@ class VQRouter(Router):
     def view(self, x_TD: torch.Tensor) -> tuple[str, torch.Tensor]:
         z_TC, c_QC = self.project(x_TD), self.codebook.float()
         neg_dist_TQ = -(z_TC.pow(2).sum(-1, keepdim=True) - 2 * z_TC @ c_QC.t() + c_QC.pow(2).sum(-1))
+        if self.code_bias_rate > 0:
+            return "negative squared distances plus the code bias -|z - c_j|^2 + b_j, (T, codes)", \
+                neg_dist_TQ + self.code_bias
         return "negative squared distances to the codes -|z - c_j|^2, (T, codes)", neg_dist_TQ
 
     def health(self, metrics: dict, limits: HealthLimits) -> dict[str, str | None]:
