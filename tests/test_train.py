@@ -60,15 +60,17 @@ def test_main_job_writes_the_run_directory(builtin_data, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_match_one_rank(builtin_data, tmp_path):
-    """2 ranks x micro-batch 4 and 1 rank x 2 accumulation steps x 4 see the same global batch."""
-    common = ["--ds_config", "ds_configs/zero2.json", "--data", str(builtin_data), *SMALL, "train.max_steps=6",
-              "train.save_every=100"]
+    """2 ranks x micro-batch 4 and 1 rank x 2 accumulation steps x 4 see the same global batch (of a mixture of
+    two sources, read under document masking)."""
+    common = ["--ds_config", "ds_configs/zero2.json", f"data.source={builtin_data}@0.7,{builtin_data}@0.3", *SMALL,
+              "train.max_steps=6", "train.save_every=100", "data.document_mask=true"]
     pretrain([*common, "--out_dir", str(tmp_path / "two")], launcher=("deepspeed", "--num_gpus", "2"))
     pretrain([*common, "--out_dir", str(tmp_path / "one"), "train.grad_accum_steps=2"], launcher=("deepspeed",))
     two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert len(two) == len(one) == 6
     assert two[-1] < two[0]
     assert max(abs(a - b) for a, b in zip(two, one)) < 1e-4, (two, one)
+    assert {"val/loss", f"val/{builtin_data.name}#1/loss"} <= set(metrics(tmp_path / "two")[3])
 
 
 @pytest.mark.slow
