@@ -48,8 +48,11 @@ def main():
         result = evaluate(model_dir, args.data, args.split, args.max_batches, args.batch_size, args.diag_tokens,
                           args.noise, args.seed, compare=args.compare)
         paths = write_report(result, args.out or model_dir / "eval")
+        bpb = "-" if result["bits_per_byte"] is None else f"{result['bits_per_byte']:.4f}"
         print(f"{result['data']} ({result['split']}): loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-              f"bits/byte {result['bits_per_byte']:.4f}")
+              f"bits/byte {bpb}")
+        for d in (result["domains"] or {}).get("layers", []):
+            print(f"layer {d['layer']}: I(source; expert) = {d['mutual_information']:.4f} nats")
         print("wrote " + ", ".join(str(p) for p in paths))
 
 

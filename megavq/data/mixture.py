@@ -71,6 +71,16 @@ def source_names(paths: list[str]) -> list[str]:
     return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
+def bits_per_byte(loss: float, bytes_per_token: float | None) -> float | None:
+    """Mean loss per token (nats) -> bits per byte of text; None where the source does not know its bytes."""
+    return None if bytes_per_token is None else loss / math.log(2) / bytes_per_token
+
+
+def tokenizer_sha256(data) -> str:
+    """The sha256 of the tokenizer of a source: as its meta.json records it, else of its tokenizer file."""
+    return getattr(data, "meta", {}).get("tokenizer_sha256") or data.tokenizer().sha256
+
+
 class Mixture:
     """Token sources with weights behind the batch interface of one source; one source is a mixture of one."""
 
@@ -78,7 +88,7 @@ class Mixture:
         self.sources, self.names, self.dirs = sources, names, list(dirs)  # dirs: where each source was read
         self.weights = [w / sum(weights) for w in weights]
         self.blend = Blend(weights)
-        shas = [s.tokenizer().sha256 for s in sources]
+        shas = [tokenizer_sha256(s) for s in sources] if len(sources) > 1 else []
         for name, sha in zip(names, shas):
             if sha != shas[0]:
                 raise DataError(f"data source {name} was encoded with the tokenizer of sha256 {sha[:12]}..., "

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from megavq.config import Config, parse_sources, save_config
 from megavq.data import prepare_data
-from megavq.data.mixture import Mixture
+from megavq.data.mixture import Mixture, bits_per_byte
 from megavq.data.sampler import build_sampler
 from megavq.errors import ConfigError, FatalError, MegavqError, RetryableError, TrainingError
 from megavq.model import Transformer
@@ -261,10 +261,6 @@ class Trainer:
                                                                              data.bytes_per_token("test"))}
                                   for name, w, data in zip(self.data.names, self.data.weights, self.data.sources)}
         return summary
-
-
-def bits_per_byte(loss: float, bytes_per_token: float | None) -> float | None:
-    return None if bytes_per_token is None else loss / math.log(2) / bytes_per_token
 
 
 def build_model(cfg: Config, init_from: str | None = None) -> Transformer:
