@@ -410,10 +410,10 @@ def test_evaluate_reports_each_source_and_the_routing_by_domain(tmp_path):
     low, high = (hand_made_data(tmp_path / name, ids=ids) for name, ids in [("low", (0, 32)), ("high", (32, 64))])
     model = domain_routed_model(0)
     save_model(model.state_dict(), model.cfg, tmp_path / "model")
-    result = evaluate(tmp_path / "model", f"{low}@0.75,{high}@0.25", "test", diag_tokens=64)
+    result = evaluate(tmp_path / "model", f"{low}@0.75,{high}@0.25", "test", max_batches=2, diag_tokens=64)
     names = [s["name"] for s in result["sources"]]
     assert names == ["low", "high"] and [s["weight"] for s in result["sources"]] == [0.75, 0.25]
-    apart = [evaluate(tmp_path / "model", str(d), "test", diag_tokens=64) for d in (low, high)]
+    apart = [evaluate(tmp_path / "model", str(d), "test", max_batches=2, diag_tokens=64) for d in (low, high)]
     assert [s["loss"] for s in result["sources"]] == pytest.approx([r["loss"] for r in apart], rel=1e-9)
     assert result["loss"] == pytest.approx(0.75 * apart[0]["loss"] + 0.25 * apart[1]["loss"], rel=1e-9)
     assert apart[0]["domains"] is None and apart[0]["sources"] is None

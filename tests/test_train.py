@@ -75,12 +75,19 @@ def test_two_ranks_match_one_rank(builtin_data, tmp_path):
 
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run(builtin_data, tmp_path):
+    """A run of the random sampler whose checkpoint does not record it (written before data.sampler existed)
+    resumes, with data.sampler left at auto, to the batches of the uninterrupted run."""
     common = ["--ds_config", "ds_configs/zero1.json", "--data", str(builtin_data), *SMALL, "train.max_steps=8",
               "train.save_every=4", "moe.router_options.jitter=0.01"]
-    pretrain([*common, "--out_dir", str(tmp_path / "full")])
-    pretrain([*common, "--out_dir", str(tmp_path / "part"), "train.stop_at_step=4"])
+    pretrain([*common, "--out_dir", str(tmp_path / "full"), "data.sampler=random"])
+    pretrain([*common, "--out_dir", str(tmp_path / "part"), "train.stop_at_step=4", "data.sampler=random"])
     assert [m["step"] for m in metrics(tmp_path / "part")][-1] == 4
+    manifest = tmp_path / "part" / "checkpoints" / "step_0000004" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    assert old["data"].pop("sampler") == "random"
+    manifest.write_text(json.dumps(old))
     pretrain([*common, "--out_dir", str(tmp_path / "part"), "--resume"])
+    assert json.loads((tmp_path / "part" / "config.json").read_text())["data"]["sampler"] == "random"
     full, part = metrics(tmp_path / "full"), metrics(tmp_path / "part")
     assert [m["step"] for m in part] == list(range(1, 9))
     assert abs(full[-1]["train/lm_loss"] - part[-1]["train/lm_loss"]) < 1e-5
