@@ -1,11 +1,12 @@
 """Evaluate a megavq checkpoint: loss, perplexity, bits per byte, routing diagnostics, robustness, top-k sweep.
 
-    python scripts/evaluate.py --checkpoint RUN_OR_CHECKPOINT [--data builtin|DIR] [--split test] [--out DIR]
+    python scripts/evaluate.py --checkpoint RUN_OR_CHECKPOINT [--data builtin|DIR|DIR@W,...] [--split test] [--out DIR]
         [--max_batches N] [--compare CHECKPOINT_OR_RUN]
 
 --data defaults to the data the checkpoint was trained on (its config's data.source); data encoded with
 another tokenizer than the checkpoint's is refused. Runs on a GPU when there is one. Writes eval.json, eval.md
-and PNG figures into --out (default: <checkpoint>/eval). With --compare, the routing consistency with another
+and PNG figures into --out (default: <checkpoint>/eval); data of several sources adds each one's figures and the
+routing by domain. With --compare, the routing consistency with another
 checkpoint, or with every checkpoint of a run directory. See docs/evaluation.md.
 """
 import argparse
@@ -17,8 +18,8 @@ from megavq.train.launch import user_errors
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model, checkpoint or run directory (newest checkpoint)")
-    p.add_argument("--data", default=None, help="'builtin' or a directory made by scripts/prepare_data.py "
-                                                  "(default: the checkpoint's data.source)")
+    p.add_argument("--data", default=None, help="'builtin' or a directory made by scripts/prepare_data.py, or a "
+                                                  "mixture DIR@W,DIR@W (default: the checkpoint's data.source)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/eval)")
     p.add_argument("--max_batches", type=int, default=None, help="evaluate on this many batches (default: all)")

@@ -76,7 +76,9 @@ class PermutedWindows:
     def permutation(self, n_windows: int, seed: int, source: int, epoch: int) -> WindowPermutation:
         key = (n_windows, seed, source, epoch)
         if key not in self.cache:
-            self.cache = {key: WindowPermutation(n_windows, [seed, source, epoch])}  # one epoch at a time
+            if len(self.cache) >= 64:  # a few epochs of each source
+                self.cache.clear()
+            self.cache[key] = WindowPermutation(n_windows, [seed, source, epoch])
         return self.cache[key]
 
     def starts(self, n_tokens: int, seq_len: int, seed: int, source: int, step: int, ordinals_N: np.ndarray):
