@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -76,3 +78,19 @@ def test_document_masking_scores_a_packed_sequence_as_its_documents_apart(overri
     plain.load_state_dict(model.state_dict())
     with torch.no_grad():  # without masking the later documents see the earlier ones
         assert abs(plain(x, y).lm_loss - out.lm_loss) > 1e-4
+
+
+def test_flex_attention_block_mask_equals_the_explicit_document_mask():
+    """The GPU path's BlockMask (run here by flex_attention's eager reference) attends as the CPU mask does."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    from megavq.compat.torch import document_block_mask
+    from megavq.model.kv_cache import document_layout
+    g = torch.Generator().manual_seed(0)
+    idx_BS = torch.randint(3, 50, (2, 128), generator=g)
+    idx_BS[0, [30, 100]], idx_BS[1, 5] = 2, 2
+    _, doc_BS, mask = document_layout(idx_BS, 2)
+    q, k, v = (torch.randn(2, 4, 128, 16, generator=g) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled
+        out = flex.flex_attention(q, k, v, block_mask=document_block_mask(doc_BS))
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
