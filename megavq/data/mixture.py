@@ -138,8 +138,8 @@ class Mixture:
 
     @staticmethod
     def windows(data, starts_B: np.ndarray, seq_len: int) -> tuple:
-        idx_BS = starts_B[:, None] + np.arange(seq_len + 1)  # (B, S + 1)
-        xy_BS = torch.from_numpy(np.asarray(data[idx_BS]).astype(np.int64))
+        """(x_BS, y_BS) of the windows [start, start + S + 1) of a 1-D sliceable token view."""
+        xy_BS = torch.from_numpy(np.stack([np.asarray(data[s:s + seq_len + 1], dtype=np.int64) for s in starts_B]))
         return xy_BS[:, :-1], xy_BS[:, 1:]
 
     def bytes_per_token(self, split: str) -> float | None:
