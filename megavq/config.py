@@ -44,16 +44,20 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     init_seed: int = -1  # seeds the experts' initialisation; -1: train.seed (what configs saved without it used)
+    document_eos_id: int = -1  # attention does not cross this id, positions restart after it (-1: off);
+    # data.document_mask=true sets it to the data's end-of-document id
 
 
 @dataclass
 class DataConfig:
-    source: str = "builtin"  # builtin | a tokenized data directory | megatron:PREFIX (a Megatron indexed dataset)
+    source: str = "builtin"  # builtin | a tokenized data directory | megatron:PREFIX | PATH@WEIGHT,... (a mixture)
     tokenizer: str = ""  # the SentencePiece model of a megatron: source's ids (a data directory's own must match)
     split: str = "969,30,1"  # train,val,test weights of a megatron: source's documents, as Megatron's --split
     append_eos: bool = True  # megatron: documents without an end-of-document id get one (false: refused)
     micro_batch_size: int = 16
-    eval_batches: int = 20
+    eval_batches: int = 20  # per source
+    sampler: str = "auto"  # permutation | random | auto: permutation for a new run, the checkpoint's when resuming
+    document_mask: bool = False  # attention within documents only (sets model.document_eos_id)
 
 
 @dataclass
@@ -125,6 +129,8 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     for name, value in data.items():
         key = f"{prefix}{name}"
+        if key == "data.source" and isinstance(value, list):  # a mixture written as a YAML list
+            value = source_text(value)
         if name not in hints:
             valid = ", ".join(f"{prefix}{n}" for n in hints)
             raise ConfigError(f"unknown config key '{key}' (valid: {valid})")
@@ -145,6 +151,38 @@ def _nest(dotted: str, value: Any) -> dict:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
+    return out
+
+
+# ---- data.source: one source or a weighted mixture ---------------------------------------------------------
+
+SAMPLERS = ("permutation", "random")
+
+
+def source_text(entries: list) -> str:
+    """[{path, weight}, ...] (YAML) -> 'PATH@WEIGHT,...' (the form data.source holds)."""
+    parts = []
+    for entry in entries:
+        check(isinstance(entry, dict) and set(entry) <= {"path", "weight"} and "path" in entry,
+              f"data.source: expected a list of {{path, weight}}, got {entry!r}")
+        parts.append(f"{entry['path']}@{entry.get('weight', 1.0)}")
+    return ",".join(parts)
+
+
+def parse_sources(text: str) -> list[tuple[str, float]]:
+    """'PATH[@WEIGHT],...' -> [(path, weight), ...]; a path without a weight weighs 1."""
+    out = []
+    for part in text.split(","):
+        path, at, weight = part.strip().rpartition("@")
+        if not at:  # no weight (a path holding '@' needs one)
+            path, weight = part.strip(), "1"
+        try:
+            value = float(weight)
+        except ValueError:
+            value = -1.0
+        check(bool(path), f"data.source: empty path in {text!r}")
+        check(0 < value < float("inf"), f"data.source: weight {weight!r} of {path} must be a number > 0")
+        out.append((path, value))
     return out
 
 
@@ -212,6 +250,8 @@ def resolved(cfg: Config) -> Config:
 def saved_config(data: dict) -> Config:
     """The Config of a saved run, checkpoint or model (its config.json). Router options it does not record (it
     was saved before options were recorded in full) take the value they had then (Router.legacy_options)."""
+    if "sampler" not in data.get("data", {}):  # saved before data.sampler existed: random windows
+        data = {**data, "data": {**data.get("data", {}), "sampler": "random"}}
     moe = data.get("moe", {})
     if moe.get("every", MoEConfig.every) and moe.get("router", MoEConfig.router) in available_routers():
         name = moe.get("router", MoEConfig.router)
@@ -226,6 +266,7 @@ def validate(cfg: Config, zero_stage: int | None = None) -> None:
     the launch adds the checks that need the world size (megavq.train.engine.check_world)."""
     _check_model(cfg.model)
     _check_train(cfg.train, cfg.data)
+    _check_data(cfg.data)
     cfg.moe.check(cfg.model.d_model, cfg.model.mlp_bias, zero_stage)
 
 
@@ -239,6 +280,7 @@ def _check_model(m: ModelConfig) -> None:
     check(m.norm in ("rmsnorm", "layernorm"), f"model.norm must be rmsnorm or layernorm, got {m.norm!r}")
     check(m.pos in ("rope", "learned"), f"model.pos must be rope or learned, got {m.pos!r}")
     check(m.vocab_size >= 0, f"model.vocab_size must be >= 0, got {m.vocab_size}")
+    check(m.document_eos_id >= -1, f"model.document_eos_id must be >= -1 (-1: off), got {m.document_eos_id}")
     check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
 
 
@@ -257,6 +299,12 @@ def _check_train(t: TrainConfig, data: DataConfig) -> None:
     check(0 < t.collapse_share <= 1, f"train.collapse_share must be in (0, 1], got {t.collapse_share}")
     check(0 < t.dead_code_frac <= 1, f"train.dead_code_frac must be in (0, 1], got {t.dead_code_frac}")
     check(0 <= t.code_usage_min <= 1, f"train.code_usage_min must be in [0, 1], got {t.code_usage_min}")
+
+
+def _check_data(d: DataConfig) -> None:
+    parse_sources(d.source)
+    check(d.sampler in SAMPLERS + ("auto",), f"data.sampler must be one of {', '.join(SAMPLERS)} or auto, "
+                                             f"got {d.sampler!r}")
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -1,11 +1,12 @@
 """Evaluate a megavq checkpoint: loss, perplexity, bits per byte, routing diagnostics, robustness, top-k sweep.
 
-    python scripts/evaluate.py --checkpoint RUN_OR_CHECKPOINT [--data builtin|DIR] [--split test] [--out DIR]
+    python scripts/evaluate.py --checkpoint RUN_OR_CHECKPOINT [--data builtin|DIR|DIR@W,...] [--split test] [--out DIR]
         [--max_batches N] [--compare CHECKPOINT_OR_RUN]
 
 --data defaults to the data the checkpoint was trained on (its config's data.source); data encoded with
 another tokenizer than the checkpoint's is refused. Runs on a GPU when there is one. Writes eval.json, eval.md
-and PNG figures into --out (default: <checkpoint>/eval). With --compare, the routing consistency with another
+and PNG figures into --out (default: <checkpoint>/eval); data of several sources adds each one's figures and the
+routing by domain. With --compare, the routing consistency with another
 checkpoint, or with every checkpoint of a run directory. See docs/evaluation.md.
 """
 import argparse
@@ -17,9 +18,10 @@ from megavq.train.launch import user_errors
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model, checkpoint or run directory (newest checkpoint)")
-    p.add_argument("--data", default=None, help="'builtin', a directory made by scripts/prepare_data.py or "
+    p.add_argument("--data", default=None, help="'builtin', a directory made by scripts/prepare_data.py, "
                                                   "megatron:PREFIX (with the checkpoint's data.tokenizer and "
-                                                  "data.split; default: the checkpoint's data.source)")
+                                                  "data.split), or a mixture DIR@W,DIR@W (default: the "
+                                                  "checkpoint's data.source)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/eval)")
     p.add_argument("--max_batches", type=int, default=None, help="evaluate on this many batches (default: all)")
@@ -49,8 +51,11 @@ def main():
         result = evaluate(model_dir, args.data, args.split, args.max_batches, args.batch_size, args.diag_tokens,
                           args.noise, args.seed, compare=args.compare)
         paths = write_report(result, args.out or model_dir / "eval")
-        bpb = "" if result["bits_per_byte"] is None else f"  bits/byte {result['bits_per_byte']:.4f}"
-        print(f"{result['data']} ({result['split']}): loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}{bpb}")
+        bpb = "-" if result["bits_per_byte"] is None else f"{result['bits_per_byte']:.4f}"
+        print(f"{result['data']} ({result['split']}): loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+              f"bits/byte {bpb}")
+        for d in (result["domains"] or {}).get("layers", []):
+            print(f"layer {d['layer']}: I(source; expert) = {d['mutual_information']:.4f} nats")
         print("wrote " + ", ".join(str(p) for p in paths))
 
 

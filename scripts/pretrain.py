@@ -24,7 +24,8 @@ def parse_args():
     p.add_argument("--config", default=None,
                    help="preset name or YAML/JSON path (default: tiny, or the config.json of --init_from)")
     p.add_argument("--data", default=None, help="'builtin', a directory made by scripts/prepare_data.py or "
-                                                  "megatron:PREFIX (with data.tokenizer=MODEL)")
+                                                  "megatron:PREFIX (with data.tokenizer=MODEL), or a weighted "
+                                                  "mixture DIR@0.7,DIR@0.3 (docs/mixtures.md)")
     p.add_argument("--out_dir", default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", choices=("strict", "auto"), default=None,
                    help="`--resume`: continue from the newest checkpoint in out_dir (it must exist and be intact); "

@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT
 
 from megavq.config import load_config
-from megavq.eval import CollapseMonitor, consistency, evaluate, lm, routing, write_report
+from megavq.eval import CollapseMonitor, consistency, domains, evaluate, lm, routing, write_report
 from megavq.eval.stats import (
     agreement,
     bits_per_byte,
@@ -29,8 +29,8 @@ VOCAB, SEQ = 64, 8
 TINY = ["model.n_layers=2", "model.d_model=16", "model.n_heads=2", "model.d_ff=32", f"model.seq_len={SEQ}",
         f"model.vocab_size={VOCAB}", "moe.num_experts=4", "moe.top_k=2", "data.micro_batch_size=4"]
 TOP_KEYS = ["checkpoint", "step", "data", "split", "router", "backend", "num_experts", "top_k", "moe_layers",
-            "causal", "bytes_per_token", "warnings", "tokens", "loss", "perplexity", "bits_per_byte", "layers",
-            "robustness", "topk_sweep", "discrete_only", "consistency", "figures"]
+            "causal", "bytes_per_token", "warnings", "tokens", "loss", "perplexity", "bits_per_byte", "sources",
+            "layers", "domains", "robustness", "topk_sweep", "discrete_only", "consistency", "figures"]
 LAYER_KEYS = ["layer", "load", "load_cv", "load_max_over_mean", "entropy", "entropy_max", "dropped_frac",
               "router_metrics", "tokens", "experts_per_token", "routing_stability", "effective_rank",
               "expert_output_cosine"]
@@ -48,13 +48,14 @@ def batches(n=3, seed=0):
             for _ in range(n)]
 
 
-def hand_made_data(path, tokens=400, n_bytes=1000):
-    """A data directory with three random splits of `tokens` tokens, each said to hold `n_bytes` bytes of text."""
+def hand_made_data(path, tokens=400, n_bytes=1000, ids=(0, VOCAB)):
+    """A data directory with three random splits of `tokens` tokens in [ids), each said to hold `n_bytes` bytes of
+    text."""
     path.mkdir()
     rng = np.random.default_rng(0)
     splits = {}
     for split in ["train", "val", "test"]:
-        rng.integers(0, VOCAB, tokens).astype(np.uint16).tofile(path / f"{split}.bin")
+        rng.integers(*ids, tokens).astype(np.uint16).tofile(path / f"{split}.bin")
         splits[split] = {"file": f"{split}.bin", "tokens": tokens, "bytes": n_bytes}
     meta = {"vocab_size": VOCAB, "dtype": "uint16", "tokenizer": "tokenizer.model", "tokenizer_sha256": "-",
             "source": "hand-made", "splits": splits}
@@ -382,3 +383,58 @@ def test_evaluate_reports_the_expert_bias_of_each_layer(tmp_path):
     assert "## Expert bias" in (tmp_path / "out" / "eval.md").read_text()
     logged = flatten_router_metrics(model(*batches(1)[0]).router_metrics, [0, 1])
     assert logged["moe/L1/bias_max"] == pytest.approx(0.6)
+# ---- routing by domain ---------------------------------------------------------------------------------------
+
+def domain_routed_model(dim: int):
+    """A model whose MoE layers see the token embeddings unchanged (attention and experts output zero) and route
+    by the sign of hidden dimension `dim`: +3 for ids below VOCAB / 2, -3 above (dim 0: the domain of the
+    vocabularies below), or a random sign per id (dim 1: independent of the domain)."""
+    model = tiny_model("moe.top_k=1")
+    signs = torch.randint(0, 2, (VOCAB,), generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with torch.no_grad():
+        model.embed.weight[:, 0] = torch.where(torch.arange(VOCAB) < VOCAB // 2, 3.0, -3.0)
+        model.embed.weight[:, 1] = 3.0 * signs
+        for block in model.blocks:
+            block.attn.o_proj.weight.zero_()
+            block.mlp.experts.w_out.zero_()
+            gate = block.mlp.router.gate.weight
+            gate.zero_()
+            gate[0, dim], gate[1, dim] = 10.0, -10.0
+    return model
+
+
+def domain_batches(low: bool, n=4):
+    g = torch.Generator().manual_seed(int(low))
+    ids = lambda: torch.randint(0, VOCAB // 2, (4, SEQ), generator=g) + (0 if low else VOCAB // 2)  # noqa: E731
+    return [(ids(), ids()) for _ in range(n)]
+
+
+def test_mutual_information_of_domain_and_expert():
+    by_domain = [domain_batches(True), domain_batches(False)]
+    forced = domains.domain_report(domain_routed_model(0), ["low", "high"], by_domain)
+    assert forced["mi_max"] == pytest.approx(math.log(2))
+    for layer in forced["layers"]:
+        assert layer["mutual_information"] == pytest.approx(math.log(2), abs=1e-9)
+        assert layer["load"] == [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
+    random = domains.domain_report(domain_routed_model(1), ["low", "high"], by_domain)
+    for layer in random["layers"]:
+        assert layer["mutual_information"] < 0.02, layer
+        assert min(layer["load"][0][:2] + layer["load"][1][:2]) > 0.3  # both domains use both experts
+    assert domains.mutual_information(torch.tensor([[3.0, 1.0], [3.0, 1.0]])) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_evaluate_reports_each_source_and_the_routing_by_domain(tmp_path):
+    low, high = (hand_made_data(tmp_path / name, ids=ids) for name, ids in [("low", (0, 32)), ("high", (32, 64))])
+    model = domain_routed_model(0)
+    save_model(model.state_dict(), model.cfg, tmp_path / "model")
+    result = evaluate(tmp_path / "model", f"{low}@0.75,{high}@0.25", "test", max_batches=2, diag_tokens=64)
+    names = [s["name"] for s in result["sources"]]
+    assert names == ["low", "high"] and [s["weight"] for s in result["sources"]] == [0.75, 0.25]
+    apart = [evaluate(tmp_path / "model", str(d), "test", max_batches=2, diag_tokens=64) for d in (low, high)]
+    assert [s["loss"] for s in result["sources"]] == pytest.approx([r["loss"] for r in apart], rel=1e-9)
+    assert result["loss"] == pytest.approx(0.75 * apart[0]["loss"] + 0.25 * apart[1]["loss"], rel=1e-9)
+    assert apart[0]["domains"] is None and apart[0]["sources"] is None
+    assert [L["mutual_information"] for L in result["domains"]["layers"]] == pytest.approx([math.log(2)] * 2)
+    paths = write_report(result, tmp_path / "eval")
+    assert_png(tmp_path / "eval" / "domains.png") and tmp_path / "eval" / "domains.png" in paths
+    assert "## Routing by domain" in (tmp_path / "eval" / "eval.md").read_text()

@@ -58,7 +58,10 @@ def assert_cache_matches_recompute(model):
     ["moe.router=vq", "model.n_kv_heads=1"],
     ["moe.router=topk", "model.pos=learned", "model.norm=layernorm", "model.mlp=gelu", "model.qkv_bias=true"],
     ["moe.every=0", "model.pos=learned", "model.n_kv_heads=2"],
-], ids=["dense", "topk", "vq", "compete", "topk-gqa", "vq-mqa", "topk-learned-pos", "dense-learned-gqa"])
+    ["moe.router=topk", "model.document_eos_id=3"],  # PROMPTS[1] holds two documents
+    ["moe.every=0", "model.pos=learned", "model.document_eos_id=3"],
+], ids=["dense", "topk", "vq", "compete", "topk-gqa", "vq-mqa", "topk-learned-pos", "dense-learned-gqa",
+        "topk-documents", "dense-learned-documents"])
 def test_kv_cache_decoding_equals_full_recomputation(overrides):
     assert_cache_matches_recompute(build(*overrides))
 

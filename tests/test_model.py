@@ -1,3 +1,6 @@
+import warnings
+
+import pytest
 import torch
 
 from megavq.config import load_config
@@ -47,3 +50,48 @@ def test_active_params_count_topk_experts():
     model = build("moe.num_experts=4", "moe.top_k=1")
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert model.num_params() - model.num_params(active=True) == experts - experts // 4
+
+
+def packed_documents(eos, lengths, generator):
+    """Documents of random non-EOS ids, each ending with eos, and their concatenation."""
+    docs = [torch.cat([torch.randint(3, 64, (n - 1,), generator=generator), torch.tensor([eos])]) for n in lengths]
+    return docs, torch.cat(docs)
+
+
+@pytest.mark.parametrize("overrides", [["moe.router=topk", "moe.backend=native"],
+                                       ["moe.router=topk", "moe.backend=native", "model.pos=learned"],
+                                       ["moe.every=0", "model.n_kv_heads=2"]],
+                         ids=["topk-dropless", "topk-learned-pos", "dense-gqa"])
+def test_document_masking_scores_a_packed_sequence_as_its_documents_apart(overrides):
+    """lm_loss of a packed sequence without the predictions made at EOS positions = the sum of the documents'."""
+    eos = 2
+    model = build(*overrides, f"model.document_eos_id={eos}")
+    docs, packed = packed_documents(eos, [5, 1, 7, 3], torch.Generator().manual_seed(0))  # 16 = seq_len
+    with torch.no_grad():
+        x, y = packed[None], torch.cat([packed[1:], torch.tensor([5])])[None]  # the last target: after an EOS
+        out = model(x, y)
+        losses = torch.nn.functional.cross_entropy(model(x)[0].double(), y[0], reduction="none")
+        packed_sum = out.lm_loss.double() * y.numel() - losses[x[0] == eos].sum()
+        apart = sum(model(d[None, :-1], d[None, 1:]).lm_loss.double() * (len(d) - 1) for d in docs if len(d) > 1)
+    n = sum(len(d) - 1 for d in docs)  # the predictions left: as a mean loss (lm_loss's scale), equal to 1e-6
+    assert n == (x != eos).sum() and abs(packed_sum - apart) / n < 1e-6, (packed_sum, apart)
+    plain = build(*overrides)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():  # without masking the later documents see the earlier ones
+        assert abs(plain(x, y).lm_loss - out.lm_loss) > 1e-4
+
+
+def test_flex_attention_block_mask_equals_the_explicit_document_mask():
+    """The GPU path's BlockMask (run here by flex_attention's eager reference) attends as the CPU mask does."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    from megavq.compat.torch import document_block_mask
+    from megavq.model.kv_cache import document_layout
+    g = torch.Generator().manual_seed(0)
+    idx_BS = torch.randint(3, 50, (2, 128), generator=g)
+    idx_BS[0, [30, 100]], idx_BS[1, 5] = 2, 2
+    _, doc_BS, mask = document_layout(idx_BS, 2)
+    q, k, v = (torch.randn(2, 4, 128, 16, generator=g) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled
+        out = flex.flex_attention(q, k, v, block_mask=document_block_mask(doc_BS))
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))

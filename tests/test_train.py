@@ -60,25 +60,34 @@ def test_main_job_writes_the_run_directory(builtin_data, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_match_one_rank(builtin_data, tmp_path):
-    """2 ranks x micro-batch 4 and 1 rank x 2 accumulation steps x 4 see the same global batch."""
-    common = ["--ds_config", "ds_configs/zero2.json", "--data", str(builtin_data), *SMALL, "train.max_steps=6",
-              "train.save_every=100"]
+    """2 ranks x micro-batch 4 and 1 rank x 2 accumulation steps x 4 see the same global batch (of a mixture of
+    two sources, read under document masking)."""
+    common = ["--ds_config", "ds_configs/zero2.json", f"data.source={builtin_data}@0.7,{builtin_data}@0.3", *SMALL,
+              "train.max_steps=6", "train.save_every=100", "data.document_mask=true"]
     pretrain([*common, "--out_dir", str(tmp_path / "two")], launcher=("deepspeed", "--num_gpus", "2"))
     pretrain([*common, "--out_dir", str(tmp_path / "one"), "train.grad_accum_steps=2"], launcher=("deepspeed",))
     two, one = losses(tmp_path / "two"), losses(tmp_path / "one")
     assert len(two) == len(one) == 6
     assert two[-1] < two[0]
     assert max(abs(a - b) for a, b in zip(two, one)) < 1e-4, (two, one)
+    assert {"val/loss", f"val/{builtin_data.name}#1/loss"} <= set(metrics(tmp_path / "two")[3])
 
 
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run(builtin_data, tmp_path):
+    """A run of the random sampler whose checkpoint does not record it (written before data.sampler existed)
+    resumes, with data.sampler left at auto, to the batches of the uninterrupted run."""
     common = ["--ds_config", "ds_configs/zero1.json", "--data", str(builtin_data), *SMALL, "train.max_steps=8",
               "train.save_every=4", "moe.router_options.jitter=0.01"]
-    pretrain([*common, "--out_dir", str(tmp_path / "full")])
-    pretrain([*common, "--out_dir", str(tmp_path / "part"), "train.stop_at_step=4"])
+    pretrain([*common, "--out_dir", str(tmp_path / "full"), "data.sampler=random"])
+    pretrain([*common, "--out_dir", str(tmp_path / "part"), "train.stop_at_step=4", "data.sampler=random"])
     assert [m["step"] for m in metrics(tmp_path / "part")][-1] == 4
+    manifest = tmp_path / "part" / "checkpoints" / "step_0000004" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    assert old["data"].pop("sampler") == "random"
+    manifest.write_text(json.dumps(old))
     pretrain([*common, "--out_dir", str(tmp_path / "part"), "--resume"])
+    assert json.loads((tmp_path / "part" / "config.json").read_text())["data"]["sampler"] == "random"
     full, part = metrics(tmp_path / "full"), metrics(tmp_path / "part")
     assert [m["step"] for m in part] == list(range(1, 9))
     assert abs(full[-1]["train/lm_loss"] - part[-1]["train/lm_loss"]) < 1e-5

@@ -119,6 +119,20 @@ def plot_consistency(c: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_domains(d: dict, path: Path) -> Path:
+    """A heat map per MoE layer: p(expert | domain), each row a source of the mixture."""
+    layers = d["layers"]
+    fig, axes = _grid(len(layers), height=0.6 + 0.45 * len(d["sources"]))
+    for ax, L in zip(axes, layers):
+        load_DE = np.array(L["load"])
+        image = ax.imshow(load_DE, aspect="auto", cmap="viridis", vmin=0, vmax=max(load_DE.max(), 1e-9))
+        ax.set(title=f"layer {L['layer']}: I = {L['mutual_information']:.3f} nats", xlabel="expert",
+               yticks=range(len(d["sources"])), yticklabels=d["sources"])
+        fig.colorbar(image, ax=ax, label="p(expert | source)")
+    fig.suptitle(f"Routing by domain (I(source; expert) at most ln {len(d['sources'])} = {d['mi_max']:.3f})")
+    return _save(fig, path)
+
+
 def evaluation_figures(result: dict, out_dir: Path) -> list[Path]:
     """The PNGs of one evaluation; figures that do not apply (no MoE layer, no sweep) are left out."""
     paths = [plot_robustness(result, out_dir / "robustness.png")]
@@ -128,6 +142,8 @@ def evaluation_figures(result: dict, out_dir: Path) -> list[Path]:
         paths.append(plot_routing_modes(result, out_dir / "routing_modes.png"))
     if result["consistency"]:
         paths.append(plot_consistency(result["consistency"], out_dir / "consistency.png"))
+    if result.get("domains"):
+        paths.append(plot_domains(result["domains"], out_dir / "domains.png"))
     return paths
 
 

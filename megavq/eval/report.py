@@ -14,10 +14,11 @@ import torch
 from tqdm import tqdm
 
 from megavq.convert.load import load_model
-from megavq.data import TokenData, data_options, prepare_data
+from megavq.data import data_options
+from megavq.data.mixture import Mixture, bits_per_byte, tokenizer_sha256
 from megavq.errors import MegavqError
-from megavq.eval import consistency, lm, routing
-from megavq.eval.stats import bits_per_byte, load_stats
+from megavq.eval import consistency, domains, lm, routing
+from megavq.eval.stats import load_stats
 from megavq.moe.routers import router_class
 from megavq.store.manifest import read_manifest
 from megavq.store.model_dir import MODEL_DIR_KINDS, is_hf_dir, resolve_model_dir
@@ -26,8 +27,8 @@ ROBUSTNESS_PS = (0.0, 0.05, 0.1, 0.2)
 STANDARD_METRICS = ("load", "load_cv", "load_max", "entropy")  # recomputed from the averaged load below
 
 
-def load_data(source: str, data_cfg):
-    return TokenData(prepare_data(source), **data_options(data_cfg))
+def load_data(source: str, data_cfg) -> Mixture:
+    return Mixture.open(source, **data_options(data_cfg))
 
 
 def eval_device() -> torch.device:
@@ -106,7 +107,7 @@ def recorded_tokenizer_sha256(path) -> str | None:
 
 def check_data_tokenizer(path, data, data_source: str) -> None:
     """Refuse data encoded with another tokenizer than the one the checkpoint records (when it records one)."""
-    recorded, used = recorded_tokenizer_sha256(path), data.meta.get("tokenizer_sha256")
+    recorded, used = recorded_tokenizer_sha256(path), tokenizer_sha256(data.sources[0])
     if recorded is not None and used != recorded:
         raise MegavqError(f"data {data_source} was encoded with the tokenizer of sha256 {str(used)[:12]}..., but "
                           f"{path} was trained with the one of sha256 {recorded[:12]}...: evaluate on data encoded "
@@ -136,22 +137,42 @@ def evaluate(path, data_source: str | None = None, split: str = "test", max_batc
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
     model, data, data_source = open_model_and_data(path, data_source, backend)
     cfg, device = model.cfg, eval_device()
-    batches = list(data.eval_batches(split, batch_size or cfg.data.micro_batch_size, cfg.model.seq_len, max_batches))
-    diag = diagnostic_batches(batches, diag_tokens)
+    size = batch_size or cfg.data.micro_batch_size
+    per_source = [list(s.eval_batches(split, size, cfg.model.seq_len, max_batches)) for s in data.sources]
+    batches = [b for source_batches in per_source for b in source_batches]
+    diags = [diagnostic_batches(b, diag_tokens) for b in per_source]
+    diag = [b for source_diag in diags for b in source_diag]
     result = {**header(path, model, data, data_source, split), "warnings": causality_warnings(cfg)}
     for message in result["warnings"]:
         warn(message)
-    base = lm.lm_eval(model, Batches(batches, device, "loss"))
-    info = data.meta["splits"][split]
-    result.update(tokens=base["tokens"], loss=base["loss"], perplexity=base["perplexity"],
-                  bits_per_byte=None if info["bytes"] is None else bits_per_byte(base["loss"], info["tokens"], info["bytes"]))
+    base, sources = source_evals(model, data, split, per_source, device)
+    result.update(tokens=base["tokens"], loss=base["loss"], perplexity=math.exp(base["loss"]),
+                  bits_per_byte=bits_per_byte(base["loss"], data.bytes_per_token(split)), sources=sources)
     result["layers"] = layer_reports(model, base, Batches(diag, device, "routing diagnostics"), noise, seed)
+    result["domains"] = domains.domain_report(model, data.names, [Batches(d, device, "domains") for d in diags]) \
+        if len(data) > 1 and result["layers"] else None
     result["robustness"] = lm.robustness(model, Batches(batches, device, "robustness"), list(ROBUSTNESS_PS),
                                          data.vocab_size, seed)
     result["topk_sweep"] = lm.topk_sweep(model, Batches(batches, device, "top-k sweep"))
     result.update(lm.variant_evals(model, Batches(batches, device, "variants")))
     result["consistency"] = compare_with(path, compare, diag, model, backend) if compare else None
     return result
+
+
+def source_evals(model, data: Mixture, split: str, per_source: list, device) -> tuple[dict, list | None]:
+    """(the mixture's loss, tokens and router metrics; for several sources, each one's figures): the mixture's
+    loss is the mean of the sources' under the weights, its router metrics the mean over all tokens."""
+    evals = [lm.lm_eval(model, Batches(b, device, f"loss {name}")) for name, b in zip(data.names, per_source)]
+    if len(evals) == 1:
+        return evals[0], None
+    tokens = sum(e["tokens"] for e in evals)
+    metrics = [{k: sum(e["router_metrics"][i][k] * e["tokens"] for e in evals) / tokens for k in layer}
+               for i, layer in enumerate(evals[0]["router_metrics"])]
+    sources = [{"name": name, "weight": w, "tokens": e["tokens"], "loss": e["loss"], "perplexity": e["perplexity"],
+                "bits_per_byte": bits_per_byte(e["loss"], s.bytes_per_token(split))}
+               for name, w, e, s in zip(data.names, data.weights, evals, data.sources)]
+    loss = sum(w * e["loss"] for w, e in zip(data.weights, evals))
+    return {"loss": loss, "tokens": tokens, "router_metrics": metrics}, sources
 
 
 def compare_with(path, other, diag: list, model, backend: str) -> dict:
@@ -191,6 +212,10 @@ def markdown(r: dict) -> str:
              f"({r['tokens']} tokens).", ""]
     lines += [f"> warning: {w}" for w in r["warnings"]] + ([""] if r["warnings"] else [])
     lines += _table(["loss", "perplexity", "bits per byte"], [[r["loss"], r["perplexity"], r["bits_per_byte"]]])
+    if r["sources"]:
+        lines += ["## Sources", ""] + _table(["source", "weight", "tokens", "loss", "perplexity", "bits per byte"],
+                                             [[s["name"], s["weight"], s["tokens"], s["loss"], s["perplexity"],
+                                               s["bits_per_byte"]] for s in r["sources"]])
     lines += ["## MoE layers", ""] + _table(
         ["layer", "load CV", "max/mean", "entropy", "ln E", "dropped", "top-1 changed by noise",
          "rank input", "rank router view", "expert cosine"],
@@ -212,7 +237,15 @@ def bias_table(layers: list[dict]) -> list[str]:
 
 
 def markdown_extras(r: dict) -> list[str]:
-    lines = bias_table(r["layers"]) + ["## Robustness (random input tokens)", ""]
+    lines = bias_table(r["layers"])
+    if r["domains"]:
+        d = r["domains"]
+        lines += [f"## Routing by domain (mutual information, nats; ln {len(d['sources'])} = {d['mi_max']:.4g})", ""]
+        lines += _table(["layer", "mutual information"] + [f"{s}: top expert (share)" for s in d["sources"]],
+                        [[L["layer"], L["mutual_information"]] +
+                         [f"{max(range(len(row)), key=row.__getitem__)} ({max(row):.2f})" for row in L["load"]]
+                         for L in d["layers"]])
+    lines += ["## Robustness (random input tokens)", ""]
     lines += _table(["p", "loss", "perplexity"], [[x["p"], x["loss"], x["perplexity"]] for x in r["robustness"]])
     if r["topk_sweep"]:
         lines += ["## Top-k sweep", ""] + _table(["k", "loss", "perplexity"],

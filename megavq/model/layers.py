@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megavq.compat.torch import flex_attention
 from megavq.config import ModelConfig
 from megavq.model.kv_cache import LayerKV
 
@@ -90,8 +91,9 @@ class CausalSelfAttention(nn.Module):
         self.use_rope = cfg.pos == "rope"
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                kv: LayerKV | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Without kv: causal attention over x (training, scoring), rope the full (S_max, hs/2) tables.
+                kv: LayerKV | None = None, mask=None) -> torch.Tensor:
+        """Without kv: causal attention over x (training, scoring), rope the full (S_max, hs/2) tables; with a
+        mask (documents: megavq.model.kv_cache.document_layout), attention under it, rope per-row tables.
         With kv (generation): x holds only the new tokens, rope their per-row tables (B, 1, S, hs/2), and
         the attention reads the cached keys and values under mask (B, 1, S, L) (see megavq.model.kv_cache)."""
         B, S, D = x.shape
@@ -99,16 +101,23 @@ class CausalSelfAttention(nn.Module):
         k = self.k_proj(x).view(B, S, self.n_kv, self.head_size).transpose(1, 2)  # (B, nkv, S, hs)
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_size).transpose(1, 2)
         if self.use_rope:
-            cos, sin = rope if kv is not None else (t[:S] for t in rope)
+            cos, sin = rope if kv is not None or mask is not None else (t[:S] for t in rope)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv != self.n_heads
-        if kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa,
-                                               dropout_p=self.dropout if self.training else 0.0)
-        else:
+        if kv is not None:
             k, v = kv.update(k, v)  # (B, nkv, L, hs): the cached slots and the new ones
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = attend(q, k, v, mask, gqa, self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+def attend(q, k, v, mask, gqa: bool, dropout_p: float) -> torch.Tensor:
+    """Causal attention (mask None), or attention under mask: a bool (B, 1, S, L) tensor (True: may attend), or
+    a flex_attention BlockMask (documents on a GPU, megavq.compat.torch.block_mask)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=dropout_p)
+    if not torch.is_tensor(mask):
+        return flex_attention(q, k, v, mask, gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, dropout_p=dropout_p)
 
 
 class MLP(nn.Module):

@@ -19,7 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from megavq.config import Config, ModelConfig, MoEConfig
 from megavq.model.generate import generate
-from megavq.model.kv_cache import KVCache, LayerKV
+from megavq.compat.torch import document_block_mask, has_flex_attention
+from megavq.model.kv_cache import KVCache, LayerKV, document_layout
 from megavq.model.layers import MLP, CausalSelfAttention, Rope, make_norm
 from megavq.model.loss import head_cross_entropy
 from megavq.moe.experts import expert_out_std
@@ -106,18 +107,19 @@ class Transformer(nn.Module):
         (generation), idx_BS holds the next tokens of each row and the cache is read and extended."""
         if cache is not None:
             return self._forward_cached(idx_BS, cache)
-        B, S = idx_BS.shape
+        pos, mask = self.layout(idx_BS)
         x = self.embed(idx_BS)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(S, device=idx_BS.device))
+            x = x + self.pos_embed(pos)
         x = self.drop(x)
-        rope = None if self.rope is None else self.rope()
+        rope = None if self.rope is None else (self.rope() if mask is None else self.rope.at(pos))
         aux_losses, metrics = [], []
         for i, block in enumerate(self.blocks):
             if self.checkpointed(i):
-                x, aux, met = checkpoint(block, x, rope, use_reentrant=False, context_fn=_recompute_contexts)
+                x, aux, met = checkpoint(block, x, rope, None, mask, use_reentrant=False,
+                                         context_fn=_recompute_contexts)
             else:
-                x, aux, met = block(x, rope)
+                x, aux, met = block(x, rope, None, mask)
             if aux is not None:
                 aux_losses.append(aux)
                 metrics.append(met)
@@ -127,6 +129,18 @@ class Transformer(nn.Module):
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else lm_loss.new_zeros(())
         return LMOutput(None, lm_loss + aux_loss, lm_loss, aux_loss, metrics)
 
+    def layout(self, idx_BS: torch.Tensor) -> tuple:
+        """(positions, attention mask): (S,) and None (causal) for one stream; with document masking (B, S)
+        positions from each document's start and the mask of megavq.model.kv_cache.document_layout (a BlockMask
+        of flex_attention on a GPU, where torch has it and dropout is off)."""
+        eos_id = self.cfg.model.document_eos_id
+        if eos_id < 0:
+            return torch.arange(idx_BS.shape[1], device=idx_BS.device), None
+        pos_BS, doc_BS, mask = document_layout(idx_BS, eos_id)
+        if has_flex_attention(idx_BS.device) and not (self.training and self.cfg.model.dropout):
+            mask = document_block_mask(doc_BS)
+        return pos_BS, mask
+
     def checkpointed(self, i: int) -> bool:
         """Whether block i recomputes its forward in the backward (activation checkpointing, training only)."""
         n = self.checkpoint_every
@@ -134,8 +148,7 @@ class Transformer(nn.Module):
 
     def _forward_cached(self, idx_BS: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, S, V) of the next S tokens of every row; positions and padding come from the cache."""
-        S = idx_BS.shape[1]
-        pos_BS, mask = cache.positions(S), cache.mask(S)  # (B, S), (B, 1, S, L)
+        pos_BS, mask = cache.layout(idx_BS)  # (B, S), (B, 1, S, L)
         x = self.embed(idx_BS)
         if self.pos_embed is not None:
             x = x + self.pos_embed(pos_BS)

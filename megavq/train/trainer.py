@@ -19,8 +19,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megavq.config import Config, save_config
-from megavq.data import TokenData, data_options, prepare_data
+from megavq.config import Config, parse_sources, save_config
+from megavq.data import data_options, prepare_data
+from megavq.data.mixture import Mixture, bits_per_byte
+from megavq.data.sampler import build_sampler
 from megavq.errors import ConfigError, FatalError, MegavqError, RetryableError, TrainingError
 from megavq.model import Transformer
 from megavq.model.flops import device_peak_tflops, flops_per_token, utilisation
@@ -37,20 +39,21 @@ from megavq.train.logging import MetricSums, RunLogger
 from megavq.train.preempt import StopSignals, step_end_agreed
 
 
-def load_data(data_cfg, rank: int):
-    """Tokenize on rank 0 on first use (others wait), then open the token files on every rank."""
-    source = data_cfg.source
-    data_dir, error = None, None
+def load_data(data_cfg, rank: int) -> Mixture:
+    """Tokenize on rank 0 on first use (others wait), then open the token files of every source on every rank."""
+    source, options = data_cfg.source, data_options(data_cfg)
+    dirs, error = None, None
     if rank == 0:
         try:
-            data_dir = prepare_data(source)
+            dirs = {path: prepare_data(path) for path, _ in parse_sources(source)}
+            Mixture.open(source, dirs.__getitem__, **options)  # one line for a bad mixture, from rank 0
         except MegavqError as e:
             error = str(e)
-    box = [data_dir, error]
+    box = [dirs, error]
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise MegavqError(box[1])
-    return TokenData(box[0], **data_options(data_cfg))
+    return Mixture.open(source, box[0].__getitem__, **options)
 
 
 def resolve_vocab(cfg: Config, vocab_size: int) -> None:
@@ -58,6 +61,16 @@ def resolve_vocab(cfg: Config, vocab_size: int) -> None:
         cfg.model.vocab_size = vocab_size
     elif cfg.model.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab_size}")
+
+
+def resolve_document_mask(cfg: Config, eos_id: int | None) -> None:
+    """data.document_mask=true: the model's attention stops at the data's end-of-document id."""
+    if not cfg.data.document_mask:
+        return
+    if eos_id is None:
+        raise ConfigError(f"data.document_mask=true needs end-of-document ids, and {cfg.data.source} has none "
+                          f"(format 1: rebuild it with scripts/prepare_data.py)")
+    cfg.model.document_eos_id = eos_id
 
 
 class Trainer:
@@ -71,6 +84,7 @@ class Trainer:
         self.health = CollapseMonitor.for_model(model, cfg.train)
         self.checkpoints = Checkpointer(engine, model, cfg, out_dir, rank, world)
         self.saved, self.current_step = None, 0
+        self.sampler = build_sampler(cfg.data.sampler) if cfg.data.sampler != "auto" else None  # set by resume
         self.router_metrics = MetricSums()
         self.flops_token, self.peak_tflops = flops_per_token(model), device_peak_tflops(cfg.train.peak_tflops)
         if wants("step"):  # MEGAVQ_FAULT=step...: fail in the middle of a step (megavq.train.faults)
@@ -86,7 +100,8 @@ class Trainer:
             micro = m * self.world + self.rank  # this micro-batch's index in the global batch
             self.model.set_step(step, micro)
             rows = slice(micro * self.micro, (micro + 1) * self.micro)
-            x, y = self.data.batch("train", step, self.global_batch, cfg.model.seq_len, cfg.train.seed, rows)
+            x, y = self.data.batch("train", step, self.global_batch, cfg.model.seq_len, cfg.train.seed, rows,
+                                   self.sampler)
             out = self.engine(x.to(device), y.to(device))
             loss = out.loss.detach()
             totals += torch.stack([out.lm_loss.detach().float(), out.aux_loss.detach().float(),
@@ -98,12 +113,19 @@ class Trainer:
         return totals
 
     # ---- evaluation: every rank runs the same batches (safe under ZeRO-3 and expert parallelism) ------
+    def evaluate(self, split: str, max_batches: int | None, progress: bool = False) -> dict:
+        """{"loss", "tokens", "sources"}: the loss of each source ({name: (mean loss, tokens)}) over max_batches
+        batches spread evenly over its split (None: all of it), and the mixture's, their mean under the weights."""
+        per_source = {name: self.evaluate_source(data, split, max_batches, progress)
+                      for name, data in zip(self.data.names, self.data.sources)}
+        loss = sum(w * loss for w, (loss, _) in zip(self.data.weights, per_source.values()))
+        return {"loss": loss, "tokens": sum(n for _, n in per_source.values()), "sources": per_source}
+
     @torch.no_grad()
-    def evaluate(self, split: str, max_batches: int | None, progress: bool = False) -> tuple[float, int]:
-        """(mean loss, tokens) over max_batches batches spread evenly over the split (None: all of it)."""
+    def evaluate_source(self, data, split: str, max_batches: int | None, progress: bool) -> tuple[float, int]:
         self.engine.eval()
         total, count = 0.0, 0
-        batches = self.data.eval_batches(split, self.micro, self.cfg.model.seq_len, max_batches)
+        batches = data.eval_batches(split, self.micro, self.cfg.model.seq_len, max_batches)
         for x, y in tqdm(batches, desc=f"eval {split}", disable=not progress or self.rank != 0, mininterval=5):
             out = self.engine(x.to(self.engine.device), y.to(self.engine.device))
             total += out.lm_loss.float().item() * y.numel()
@@ -114,7 +136,8 @@ class Trainer:
     # ---- checkpoints (megavq.train.checkpoint) ----------------------------------------------------------
     def save(self, step: int) -> None:
         self.checkpoints.save(step, {"next_step": step, "global_batch": self.global_batch,
-                                     "samples": step * self.global_batch, "seed": self.cfg.train.seed})
+                                     "samples": step * self.global_batch, "seed": self.cfg.train.seed,
+                                     "sampler": self.cfg.data.sampler, "source": self.cfg.data.source})
         self.saved = step
 
     def resume(self, mode: str) -> int:
@@ -123,6 +146,7 @@ class Trainer:
         if state is None:
             return 0
         batch = state["data"].get("global_batch")
+        self.resume_sampler(state["data"].get("sampler", "random"), state["path"])  # random: before data.sampler
         if self.rank == 0:
             print(f"resuming from {state['path']} (step {state['step']})", file=sys.stderr, flush=True)
             if batch not in (None, self.global_batch):
@@ -130,6 +154,16 @@ class Trainer:
                       f"{self.global_batch}: the batches after it differ from the first run's", file=sys.stderr)
         self.saved = state["step"]
         return state["step"]
+
+    def resume_sampler(self, recorded: str, path) -> None:
+        """data.sampler=auto continues with the checkpoint's sampler; another one than it recorded is warned of."""
+        data = self.cfg.data
+        if data.sampler == "auto":
+            data.sampler = recorded
+        elif data.sampler != recorded and self.rank == 0:
+            print(f"warning: {path} was written with data.sampler={recorded}, this run has data.sampler="
+                  f"{data.sampler}: the batches after it differ from the first run's", file=sys.stderr)
+        self.sampler = build_sampler(data.sampler)
 
     # ---- the loop -------------------------------------------------------------------------------------
     def fit(self, start: int, logger: RunLogger, stop: StopSignals) -> dict:
@@ -187,30 +221,33 @@ class Trainer:
                   **self.router_metrics.read(), "lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s,
                   **utilisation(self.flops_token, tokens_per_s, self.world, self.peak_tflops)}
         if done % self.cfg.train.eval_every == 0:
-            record["val/loss"], _ = self.evaluate("val", self.cfg.data.eval_batches)
+            record.update(self.loss_records("val", self.evaluate("val", self.cfg.data.eval_batches)))
             for message in self.health.check(done, record):  # router metrics of the training window
                 if self.rank == 0:
                     tqdm.write(message)
         logger.log(record)
         return record
 
+    def loss_records(self, split: str, result: dict) -> dict:
+        """{"val/loss": the mixture's} and, for several sources, {"val/NAME/loss": each source's}."""
+        per_source = result["sources"] if len(self.data) > 1 else {}
+        return {f"{split}/loss": result["loss"], **{f"{split}/{n}/loss": v[0] for n, v in per_source.items()}}
+
     def final_eval(self, fit: dict) -> dict:
-        """Val and test loss on at most train.final_eval_tokens tokens per split (0: the whole split), spread
-        evenly over it; bits per byte use the split's bytes per token."""
+        """Val and test loss on at most train.final_eval_tokens tokens per split and source (0: the whole split),
+        spread evenly over it; bits per byte use the split's bytes per token (None where they are not known)."""
         tokens = self.cfg.train.final_eval_tokens
         max_batches = math.ceil(tokens / (self.micro * self.cfg.model.seq_len)) if tokens else None
-        test_loss, test_tokens = self.evaluate("test", max_batches, progress=True)
-        val_loss, val_tokens = self.evaluate("val", max_batches, progress=True)
-        bytes_per_token = self.data.bytes_per_token("test")  # None: the source knows no bytes (Megatron)
+        test, val = (self.evaluate(split, max_batches, progress=True) for split in ("test", "val"))
         summary = {
             "steps": fit["steps"],
             "train_loss": fit["last"].get("train/lm_loss"),
-            "val_loss": val_loss,
-            "val_tokens": val_tokens,
-            "test_loss": test_loss,
-            "test_tokens": test_tokens,
-            "test_ppl": math.exp(test_loss),
-            "test_bits_per_byte": None if bytes_per_token is None else test_loss / math.log(2) / bytes_per_token,
+            "val_loss": val["loss"],
+            "val_tokens": val["tokens"],
+            "test_loss": test["loss"],
+            "test_tokens": test["tokens"],
+            "test_ppl": math.exp(test["loss"]),
+            "test_bits_per_byte": bits_per_byte(test["loss"], self.data.bytes_per_token("test")),
             "tokens_per_s": fit["last"].get("tokens_per_s"),
             **{k: fit["last"][k] for k in ("tflops_per_device", "mfu") if k in fit["last"]},
             "train_time_s": fit["train_time_s"],
@@ -218,6 +255,12 @@ class Trainer:
             "active_params": self.model.num_params(active=True),
             "vocab_size": self.cfg.model.vocab_size,
         }
+        if len(self.data) > 1:
+            summary["sources"] = {name: {"weight": w, "val_loss": val["sources"][name][0],
+                                         "test_loss": test["sources"][name][0],
+                                         "test_bits_per_byte": bits_per_byte(test["sources"][name][0],
+                                                                             data.bytes_per_token("test"))}
+                                  for name, w, data in zip(self.data.names, self.data.weights, self.data.sources)}
         return summary
 
 
@@ -273,14 +316,18 @@ def train(cfg: Config, ds: dict, out_dir: Path, resume: str | None, init_from: s
     rank, world = dist.get_rank(), dist.get_world_size()
     data = load_data(cfg.data, rank)
     resolve_vocab(cfg, data.vocab_size)
+    resolve_document_mask(cfg, data.eos_id)
     model = build_model(cfg, init_from)
     engine = build_engine(model, cfg, ds)
     trainer = attempt["trainer"] = Trainer(engine, model, cfg, data, out_dir, rank, world)
     start = trainer.resume(resume) if resume else 0  # a run that cannot resume is left as it was
+    if trainer.sampler is None:  # data.sampler=auto and nothing to resume: a new run samples without replacement
+        cfg.data.sampler = "permutation"
+        trainer.sampler = build_sampler(cfg.data.sampler)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.json")
-        write_manifest(out_dir, "run", cfg.to_dict(), data.tokenizer().path, data=data.source)
+        write_manifest(out_dir, "run", cfg.to_dict(), data.tokenizer().path, data=",".join(data.dirs))
         update_run_state(out_dir, exit={"code": None, "reason": "running (null if this attempt was killed)",
                                         "step": start})
     state = run_state(out_dir, rank, cfg.train.wandb)
