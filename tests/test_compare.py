@@ -57,6 +57,8 @@ def test_paired_differences_are_a_gain_or_a_loss_only_when_every_seed_agrees():
     assert better["val_loss"]["mean"] == pytest.approx(9.05 / 3) and better["val_loss"]["std"] > 0
     mixed = summarize("b", [run(1, 2.9, 1.6), run(2, 3.3, 1.7)], base)
     assert mixed["val_loss_diff"]["verdict"] == "mixed" and mixed["test_bits_per_byte_diff"]["verdict"] == "loss"
+    megatron = summarize("m", [run(1, 2.9, None), run(2, 3.1, None)], {1: run(1, 3.0, None), 2: run(2, 3.2, None)})
+    assert megatron["test_bits_per_byte"]["n"] == megatron["test_bits_per_byte_diff"]["n"] == 0  # no bytes known
     one = summarize("c", [run(2, 3.3, 1.7, speed=50.0)], base)
     assert one["val_loss"]["std"] is None and one["step_time_ratio"]["mean"] == 2.0
     table = markdown_table([summarize("topk", list(base.values()), base), better, mixed, one])
