@@ -85,11 +85,12 @@ def test_flex_attention_block_mask_equals_the_explicit_document_mask():
     """The GPU path's BlockMask (run here by flex_attention's eager reference) attends as the CPU mask does."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     from megavq.compat.torch import document_block_mask
-    from megavq.model.kv_cache import document_layout
+    from megavq.model.kv_cache import document_layout, document_mask
     g = torch.Generator().manual_seed(0)
     idx_BS = torch.randint(3, 50, (2, 128), generator=g)
     idx_BS[0, [30, 100]], idx_BS[1, 5] = 2, 2
-    _, doc_BS, mask = document_layout(idx_BS, 2)
+    _, doc_BS = document_layout(idx_BS, 2)
+    mask = document_mask(doc_BS)
     q, k, v = (torch.randn(2, 4, 128, 16, generator=g) for _ in range(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled

@@ -122,13 +122,13 @@ def plot_consistency(c: dict, path: Path) -> Path:
 def plot_domains(d: dict, path: Path) -> Path:
     """A heat map per MoE layer: p(expert | domain), each row a source of the mixture."""
     layers = d["layers"]
-    fig, axes = _grid(len(layers), height=0.6 + 0.45 * len(d["sources"]))
+    fig, axes = _grid(len(layers), height=1.4 + 0.4 * len(d["sources"]))
     for ax, L in zip(axes, layers):
         load_DE = np.array(L["load"])
         image = ax.imshow(load_DE, aspect="auto", cmap="viridis", vmin=0, vmax=max(load_DE.max(), 1e-9))
         ax.set(title=f"layer {L['layer']}: I = {L['mutual_information']:.3f} nats", xlabel="expert",
                yticks=range(len(d["sources"])), yticklabels=d["sources"])
-        fig.colorbar(image, ax=ax, label="p(expert | source)")
+        fig.colorbar(image, ax=ax, label="p(e | source)")
     fig.suptitle(f"Routing by domain (I(source; expert) at most ln {len(d['sources'])} = {d['mi_max']:.3f})")
     return _save(fig, path)
 

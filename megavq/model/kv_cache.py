@@ -28,14 +28,18 @@ def documents(idx_BS: torch.Tensor, eos_id: int, slots_S: torch.Tensor, pad_B: t
     return doc_BS, start_BS, eos_BS
 
 
-def document_layout(idx_BS: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pos_BS, doc_BS, mask (B, 1, S, S)) of rows of packed documents: positions restart after each EOS, and
-    a token attends to the earlier tokens of its document only."""
+def document_layout(idx_BS: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pos_BS, doc_BS) of rows of packed documents: positions restart after each EOS; document indices."""
     B, S = idx_BS.shape
     slots_S, zeros_B = torch.arange(S, device=idx_BS.device), idx_BS.new_zeros(B)
     doc_BS, start_BS, _ = documents(idx_BS, eos_id, slots_S, zeros_B, zeros_B, zeros_B, zeros_B.bool())
-    mask = (doc_BS[:, :, None] == doc_BS[:, None, :]) & (slots_S[:, None] >= slots_S[None])
-    return slots_S - start_BS, doc_BS, mask[:, None]
+    return slots_S - start_BS, doc_BS
+
+
+def document_mask(doc_BS: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) bool: a token attends to the earlier tokens of its own document."""
+    slots_S = torch.arange(doc_BS.shape[1], device=doc_BS.device)
+    return ((doc_BS[:, :, None] == doc_BS[:, None, :]) & (slots_S[:, None] >= slots_S[None]))[:, None]
 
 
 class LayerKV:

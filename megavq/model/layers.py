@@ -93,7 +93,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv: LayerKV | None = None, mask=None) -> torch.Tensor:
         """Without kv: causal attention over x (training, scoring), rope the full (S_max, hs/2) tables; with a
-        mask (documents: megavq.model.kv_cache.document_layout), attention under it, rope per-row tables.
+        mask (documents: megavq.model.transformer.Transformer.layout), attention under it, rope per-row tables.
         With kv (generation): x holds only the new tokens, rope their per-row tables (B, 1, S, hs/2), and
         the attention reads the cached keys and values under mask (B, 1, S, L) (see megavq.model.kv_cache)."""
         B, S, D = x.shape
@@ -112,7 +112,7 @@ class CausalSelfAttention(nn.Module):
 
 def attend(q, k, v, mask, gqa: bool, dropout_p: float) -> torch.Tensor:
     """Causal attention (mask None), or attention under mask: a bool (B, 1, S, L) tensor (True: may attend), or
-    a flex_attention BlockMask (documents on a GPU, megavq.compat.torch.block_mask)."""
+    a flex_attention BlockMask (documents on a GPU, megavq.compat.torch.document_block_mask)."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa, dropout_p=dropout_p)
     if not torch.is_tensor(mask):

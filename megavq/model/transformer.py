@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megavq.compat.torch import document_block_mask, has_flex_attention
 from megavq.config import Config, ModelConfig, MoEConfig
 from megavq.model.generate import generate
-from megavq.compat.torch import document_block_mask, has_flex_attention
-from megavq.model.kv_cache import KVCache, LayerKV, document_layout
+from megavq.model.kv_cache import KVCache, LayerKV, document_layout, document_mask
 from megavq.model.layers import MLP, CausalSelfAttention, Rope, make_norm
 from megavq.model.loss import head_cross_entropy
 from megavq.moe.experts import expert_out_std
@@ -131,15 +131,15 @@ class Transformer(nn.Module):
 
     def layout(self, idx_BS: torch.Tensor) -> tuple:
         """(positions, attention mask): (S,) and None (causal) for one stream; with document masking (B, S)
-        positions from each document's start and the mask of megavq.model.kv_cache.document_layout (a BlockMask
-        of flex_attention on a GPU, where torch has it and dropout is off)."""
+        positions from each document's start and attention within documents (megavq.model.kv_cache): a BlockMask
+        of flex_attention on a GPU where torch has it and dropout is off, else a (B, 1, S, S) bool mask."""
         eos_id = self.cfg.model.document_eos_id
         if eos_id < 0:
             return torch.arange(idx_BS.shape[1], device=idx_BS.device), None
-        pos_BS, doc_BS, mask = document_layout(idx_BS, eos_id)
+        pos_BS, doc_BS = document_layout(idx_BS, eos_id)
         if has_flex_attention(idx_BS.device) and not (self.training and self.cfg.model.dropout):
-            mask = document_block_mask(doc_BS)
-        return pos_BS, mask
+            return pos_BS, document_block_mask(doc_BS)
+        return pos_BS, document_mask(doc_BS)
 
     def checkpointed(self, i: int) -> bool:
         """Whether block i recomputes its forward in the backward (activation checkpointing, training only)."""
