@@ -15,6 +15,9 @@ health checks and export read them, and nothing outside this package tests a rou
   hf_routing()          how Hugging Face's softmax top-k MoE (Mixtral, Qwen2-MoE) reproduces the evaluation-time
                         routing, or None; hf_import: the router Hugging Face MoE models are imported with
   health(), view(), experts_per_token: diagnostics; init_from_data() (init_from_data_needed): upcycling
+  learned_buffers       buffers that hold what the router learned, beside its parameters (vq's codebook): a router
+                        put on a trained model without them routes at random; init_from_routing() builds them
+                        from hidden states and another router's choices (router swap)
 
 Router state changes after the optimizer step, never inside forward: a router that keeps state records what
 forward observed (only in training mode, and not while a forward is recomputed for activation checkpointing:
@@ -115,6 +118,7 @@ class Router(nn.Module):
     legacy_options: ClassVar[dict] = {}  # options whose default changed, with the value saved runs that do not
     #                                      record them were trained with (see recorded_options)
     init_from_data_needed: ClassVar[bool] = False  # upcycling must give calibration data (init_from_data)
+    learned_buffers: ClassVar[tuple[str, ...]] = ()  # learned state kept in buffers (see learned_tensors)
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int):
         super().__init__()
@@ -194,6 +198,15 @@ class Router(nn.Module):
     def init_from_data(self, x_ND: torch.Tensor, seed: int = 0) -> float | None:
         """Initialise from hidden states entering the layer (upcycling); the fraction of codes used, or None
         when the router does not initialise from data."""
+        return None
+
+    def learned_tensors(self) -> list[str]:
+        """State-dict names of what training taught the router: its parameters and its learned buffers."""
+        return [n for n, _ in self.named_parameters()] + [n for n in self.learned_buffers if n in self._buffers]
+
+    def init_from_routing(self, x_ND: torch.Tensor, weights_NE: torch.Tensor, seed: int = 0) -> float | None:
+        """Build the learned buffers from hidden states x_ND and another router's routing weights of them, (N, E)
+        (router swap; parameters are fitted by gradient steps afterwards); a figure of the fit, or None."""
         return None
 
 
