@@ -21,8 +21,9 @@ import math
 import torch
 import yaml
 
-from megavq.config import Config, config_from_dict
-from megavq.convert.upcycle import mlp_inputs
+from megavq.config import Config, config_from_dict, parse_override
+from megavq.convert.upcycle import calibration_batches, merge_dicts, mlp_inputs
+from megavq.data import TokenData, prepare_data
 from megavq.errors import ConfigError, MegavqError
 from megavq.model import Transformer
 from megavq.moe.routers import router_class
@@ -44,10 +45,11 @@ def parse_router_spec(text: str) -> tuple[str, dict]:
     return name, options
 
 
-def routed_config(cfg: Config, name: str, options: dict, allow_noncausal: bool = False) -> Config:
+def routed_config(cfg: Config, name: str, options: dict, allow_noncausal: bool = False,
+                  overrides: list[str] = ()) -> Config:
     """cfg with router `name` and `options` (merged into the old options when the router is the same; `top_k` sets
-    moe.top_k), validated: an unknown router or option is refused in one line. allow_noncausal: set
-    moe.allow_noncausal (evaluation)."""
+    moe.top_k), then dotted key=value overrides, validated: an unknown router or option is refused in one line.
+    allow_noncausal: set moe.allow_noncausal (evaluation)."""
     if cfg.moe.every == 0:
         raise MegavqError("the model is dense (moe.every=0): it has no routers to change")
     data = cfg.to_dict()
@@ -56,6 +58,8 @@ def routed_config(cfg: Config, name: str, options: dict, allow_noncausal: bool =
     moe["router_options"] = {**(moe["router_options"] if name == moe["router"] else {}), **options}
     moe["router"] = name
     moe["allow_noncausal"] = moe["allow_noncausal"] or allow_noncausal
+    for text in overrides:
+        data = merge_dicts(data, parse_override(text))
     return config_from_dict(data)
 
 
@@ -148,14 +152,18 @@ def fit_router(layer, x_BSD: torch.Tensor, target_NE: torch.Tensor, steps: int, 
     return report
 
 
-def swap_routers(model: Transformer, cfg: Config, batches: list, fit_steps: int = 200, lr: float = 1e-2,
-                 seed: int = 0) -> tuple[Transformer, dict]:
-    """(model with cfg's routers built from data, {block: fit report}); batches: (x_BS, y_BS) of equal length."""
-    if cfg.moe.every != model.cfg.moe.every or cfg.moe.num_experts != model.cfg.moe.num_experts:
+def check_swap(old: Config, cfg: Config) -> None:
+    if cfg.moe.every != old.moe.every or cfg.moe.num_experts != old.moe.num_experts:
         raise MegavqError("a router swap keeps the experts: moe.every and moe.num_experts cannot change")
     if router_class(cfg.moe.router).layer_kind != "token":
         raise MegavqError(f"router {cfg.moe.router} does not route tokens to experts: it cannot be fitted to "
                           f"another router's choices")
+
+
+def swap_routers(model: Transformer, cfg: Config, batches: list, fit_steps: int = 200, lr: float = 1e-2,
+                 seed: int = 0) -> tuple[Transformer, dict]:
+    """(model with cfg's routers built from data, {block: fit report}); batches: (x_BS, y_BS) of equal length."""
+    check_swap(model.cfg, cfg)
     new, _ = with_routers(model, cfg)
     states, report = layer_states(model, batches), {}
     for (prefix, old), (_, layer) in zip(model.moe_layers(), new.moe_layers()):
@@ -248,3 +256,27 @@ def heldout_loss(model: Transformer, batches) -> float:
         total += model(x_BS, y_BS).lm_loss.double().item() * y_BS.numel()
         count += y_BS.numel()
     return total / count if count else math.nan
+
+
+# ---- the whole recipe -------------------------------------------------------------------------------------------
+def swap_and_distil(old: Transformer, cfg: Config, source: str, calib_tokens: int = 8192, fit_steps: int = 200,
+                    fit_lr: float = 1e-2, distil_steps: int = 0, distil_lr: float = 1e-3, batch_size: int = 8,
+                    eval_batches: int = 8, seed: int = 0) -> tuple[Transformer, dict]:
+    """(new model, report): routers of cfg built from the train split of `source` (calib_tokens tokens), then
+    distilled for distil_steps batches of it; agreement with the old routing and loss on eval_batches batches of
+    the val split, before and after the distillation (the old model's loss as `original_loss`)."""
+    check_swap(old.cfg, cfg)
+    m = old.cfg.model
+    calib = calibration_batches(source, m.vocab_size, m.seq_len, calib_tokens, batch_size)
+    new, fit = swap_routers(old, cfg, calib, fit_steps, fit_lr, seed)
+    data = TokenData(prepare_data(source))
+    S = calib[0][0].shape[1]
+    heldout = list(data.eval_batches("val", batch_size, S, eval_batches))
+    report = {"fit": fit, "original_loss": heldout_loss(old, heldout),
+              "before": {"loss": heldout_loss(new, heldout), **agreement(old, new, heldout)}, "after": None}
+    if distil_steps:
+        train = (data.batch("train", step, batch_size, S, seed + 1) for step in range(distil_steps))
+        losses = distil_routers(old, new, train, distil_lr)
+        report["after"] = {"loss": heldout_loss(new, heldout), **agreement(old, new, heldout),
+                           "distil_loss_first": losses[0], "distil_loss_last": losses[-1]}
+    return new.eval(), report

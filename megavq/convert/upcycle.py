@@ -61,10 +61,11 @@ class Recipe:
 
 
 # ---- config ---------------------------------------------------------------------------------------------------
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """base with extra merged in, nested dicts key by key."""
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -80,9 +81,9 @@ def upcycle_config(dense: Config, num_experts: int, top_k: int, router: str, eve
     _check_granularity(granularity, dense.model.d_ff, num_experts, top_k)
     moe = {"router": router, "num_experts": num_experts, "top_k": top_k, "every": every,
            "d_expert": 0 if granularity == 1 else dense.model.d_ff // granularity, "router_options": {}}
-    data = _merge(dense.to_dict(), {"moe": moe})
+    data = merge_dicts(dense.to_dict(), {"moe": moe})
     for text in overrides:
-        data = _merge(data, parse_override(text))
+        data = merge_dicts(data, parse_override(text))
     cfg = config_from_dict(data)  # validated: a non-causal router is refused now, not when training starts
     _check_shapes(dense, cfg, granularity)
     return cfg
