@@ -39,7 +39,11 @@ def main():
     args = parse_args()
     with user_errors():
         from megavq.convert.load import load_model
-        from megavq.convert.swap import parse_router_spec, routed_config, swap_and_distil
+        from megavq.convert.swap import (
+            parse_router_spec,
+            routed_config,
+            swap_and_distil,
+        )
         from megavq.errors import MegavqError
         from megavq.store.model_dir import is_hf_dir, model_tokenizer, save_model
         for key in ("calib_tokens", "batch_size", "eval_batches"):
@@ -58,10 +62,13 @@ def main():
     for stage in ("before", "after"):
         r = report[stage]
         if r:
-            mean = lambda v: sum(v) / len(v)  # noqa: E731
             print(f"{stage} distillation: held-out loss {r['loss']:.4f}  top-1 agreement {mean(r['top1']):.3f}  "
                   f"top-k overlap {mean(r['topk']):.3f}  (per layer top-1 "
                   f"{' '.join(f'{a:.3f}' for a in r['top1'])})")
+
+
+def mean(values: list) -> float:
+    return sum(values) / len(values)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from megavq.convert.swap import (
     with_routers,
 )
 from megavq.errors import MegavqError
-from megavq.eval import evaluate, write_report
+from megavq.eval import evaluate, lm, write_report
 from megavq.moe.routers import build_router
 from megavq.store.model_dir import save_model
 from megavq.train.trainer import build_model
@@ -85,6 +85,11 @@ def test_routers_that_cannot_be_changed_are_refused_in_one_line(spec, message):
     with pytest.raises(MegavqError, match=message) as e:
         change_routers(tiny_model(), spec)
     assert "\n" not in str(e.value)
+
+
+def test_the_budget_sweep_needs_a_router_with_a_budget():
+    with pytest.raises(MegavqError, match="--sweep_router xmoe: the budget sweep needs a router with a `budget`"):
+        lm.budget_sweep(tiny_model(), token_batches(1), [0.5], "xmoe")
 
 
 def test_a_dense_model_has_no_routers_to_change():

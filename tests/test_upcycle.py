@@ -164,7 +164,7 @@ def test_granular_upcycling_starts_at_the_dense_function(mlp, bias, router, E, k
     dense = dense_megavq(mlp=mlp, mlp_bias=bias, norm="layernorm" if bias else "rmsnorm")
     cfg = upcycle_config(dense.cfg, E, k, router, every=1, granularity=G)
     assert cfg.moe.d_expert == 48 // G
-    model, report = upcycle(dense, cfg, recipe=Recipe(granularity=G))
+    _, report = upcycle(dense, cfg, recipe=Recipe(granularity=G))
     print(f"{mlp} {router} E={E} k={k} G={G}: max |logit diff| {report['max_logit_diff']:.2e}")
     assert preserves_function(report) == exact
     if exact:

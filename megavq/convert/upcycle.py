@@ -170,8 +170,9 @@ def vary_experts(experts: dict, recipe: Recipe, block: int) -> dict:
     return out
 
 
-def upcycle_state_dict(dense_sd: dict, cfg: Config, recipe: Recipe = Recipe()) -> dict:
+def upcycle_state_dict(dense_sd: dict, cfg: Config, recipe: Recipe | None = None) -> dict:
     """The MoE model's state dict without its routers: MLPs of MoE blocks become experts, the rest is copied."""
+    recipe = recipe or Recipe()
     out, mlps = {}, {}
     for key, value in dense_sd.items():
         m = re.fullmatch(r"blocks\.(\d+)\.mlp\.(.+)", key)
@@ -185,8 +186,9 @@ def upcycle_state_dict(dense_sd: dict, cfg: Config, recipe: Recipe = Recipe()) -
     return out
 
 
-def build_upcycled(dense_sd: dict, cfg: Config, recipe: Recipe = Recipe()) -> Transformer:
+def build_upcycled(dense_sd: dict, cfg: Config, recipe: Recipe | None = None) -> Transformer:
     """The MoE Transformer (native backend, one process) with fresh routers and the upcycled tensors."""
+    recipe = recipe or Recipe()
     build_cfg = copy.deepcopy(cfg)
     build_cfg.moe.backend, build_cfg.moe.ep_size = "native", 1
     torch.manual_seed(cfg.train.seed)  # router initialisation
@@ -258,13 +260,14 @@ def init_routers_from_data(model: Transformer, states: dict, seed: int = 0) -> d
 
 # ---- the whole recipe ----------------------------------------------------------------------------------------
 def upcycle(dense: Transformer, cfg: Config, calib_batches=None, calib_tokens: int = 8192,
-            recipe: Recipe = Recipe()) -> tuple:
+            recipe: Recipe | None = None) -> tuple:
     """(MoE Transformer, report) from a dense Transformer and the upcycled config (see upcycle_config).
 
     calib_batches: (x_BS, y_BS) batches for routers that initialise from data (vq); needed only by those.
     recipe: noise, Drop-Upcycling, granularity (the granularity must be the one upcycle_config was given).
     The report holds the MoE blocks, the code usage per block and the step-0 logit check.
     """
+    recipe = recipe or Recipe()
     recipe.check()
     _check_granularity(recipe.granularity, cfg.model.d_ff, cfg.moe.num_experts, cfg.moe.top_k)
     model = build_upcycled(dense.state_dict(), cfg, recipe)

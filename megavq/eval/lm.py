@@ -15,8 +15,6 @@ from megavq.errors import MegavqError
 from megavq.moe.routers import available_routers, router_class
 from megavq.moe.routers.base import option_names
 
-BUDGETS = (0.125, 0.25, 0.5, 0.75, 1.0)
-
 
 def corrupt_tokens(x_BS: torch.Tensor, p: float, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
     """Each token replaced, with probability p, by a token drawn uniformly from [0, vocab_size)."""
@@ -128,7 +126,7 @@ def budget_sweep(model, batches: list, budgets: list[float], spec: str = "usmoe"
     """Loss against experts per token for a router with a `budget` option (usmoe) put on the model's routers at
     each budget (experts kept, nothing trained; megavq.convert.swap.change_routers), beside the model's own router
     (`original`, from `base`, its lm_eval result, when given)."""
-    name, _ = parse_router_spec(spec)
+    name, options = parse_router_spec(spec)
     if name not in available_routers() or "budget" not in option_names(name):
         raise MegavqError(f"--sweep_router {spec}: the budget sweep needs a router with a `budget` option "
                           f"(usmoe), got {name!r}")
@@ -139,7 +137,7 @@ def budget_sweep(model, batches: list, budgets: list[float], spec: str = "usmoe"
         points.append({"budget": budget, "experts_per_token": experts_per_token(swept, r["router_metrics"]),
                        "loss": r["loss"], "perplexity": r["perplexity"],
                        "unrouted_tokens": _layer_mean(r["router_metrics"], "unrouted_tokens")})
-    causal = router_class(name).is_causal(parse_router_spec(spec)[1])
+    causal = router_class(name).is_causal(options)
     original = None if base is None else {
         "router": model.cfg.moe.router, "experts_per_token": experts_per_token(model, base["router_metrics"]),
         "loss": base["loss"], "perplexity": base["perplexity"]}
