@@ -28,9 +28,10 @@ from megavq.train.logging import flatten_router_metrics
 VOCAB, SEQ = 64, 8
 TINY = ["model.n_layers=2", "model.d_model=16", "model.n_heads=2", "model.d_ff=32", f"model.seq_len={SEQ}",
         f"model.vocab_size={VOCAB}", "moe.num_experts=4", "moe.top_k=2", "data.micro_batch_size=4"]
-TOP_KEYS = ["checkpoint", "step", "data", "split", "router", "backend", "num_experts", "top_k", "moe_layers",
-            "causal", "bytes_per_token", "warnings", "tokens", "loss", "perplexity", "bits_per_byte", "sources",
-            "layers", "domains", "robustness", "topk_sweep", "discrete_only", "consistency", "figures"]
+TOP_KEYS = ["checkpoint", "step", "data", "split", "router", "router_options", "backend", "num_experts", "top_k",
+            "moe_layers", "causal", "bytes_per_token", "trained_router", "warnings", "tokens", "loss", "perplexity",
+            "bits_per_byte", "sources", "layers", "domains", "robustness", "topk_sweep", "discrete_only",
+            "budget_sweep", "consistency", "figures"]
 LAYER_KEYS = ["layer", "load", "load_cv", "load_max_over_mean", "entropy", "entropy_max", "dropped_frac",
               "router_metrics", "tokens", "experts_per_token", "routing_stability", "effective_rank",
               "expert_output_cosine"]

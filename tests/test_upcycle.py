@@ -11,7 +11,9 @@ import torch
 from megavq.config import config_from_dict
 from megavq.convert.load import load_model
 from megavq.convert.upcycle import (
+    Recipe,
     calibration_batches,
+    dropped_units,
     mlp_inputs,
     preserves_function,
     upcycle,
@@ -149,6 +151,94 @@ def test_preservation_per_router(router, top_k):
     assert preserves_function(report) == PRESERVES[router, top_k], report
 
 
+# ---- variants: granular upcycling, noise, Drop-Upcycling ------------------------------------------------------
+@pytest.mark.parametrize("mlp, bias", [("swiglu", False), ("gelu", True)])
+@pytest.mark.parametrize("router, E, k, G, exact", [
+    ("topk", 8, 4, 2, True),  # 4 copies split in 2; top-4 = 2 whole copies, renormalised
+    ("topk", 4, 4, 4, True),  # one copy split in 4, every expert active
+    ("topk", 8, 2, 2, True),  # top-2 of shared gate rows = one whole copy
+    ("compete", 8, 4, 2, True),  # softmax over the top-k logits: the same weights at evaluation
+    ("xmoe", 8, 4, 2, False),  # no gate rows to share: its top-k splits copies
+])
+def test_granular_upcycling_starts_at_the_dense_function(mlp, bias, router, E, k, G, exact):
+    dense = dense_megavq(mlp=mlp, mlp_bias=bias, norm="layernorm" if bias else "rmsnorm")
+    cfg = upcycle_config(dense.cfg, E, k, router, every=1, granularity=G)
+    assert cfg.moe.d_expert == 48 // G
+    _, report = upcycle(dense, cfg, recipe=Recipe(granularity=G))
+    print(f"{mlp} {router} E={E} k={k} G={G}: max |logit diff| {report['max_logit_diff']:.2e}")
+    assert preserves_function(report) == exact
+    if exact:
+        assert report["max_logit_diff"] < 1e-5 * max(1.0, report["logit_scale"])
+
+
+def test_noise_on_the_copies():
+    dense = dense_megavq()
+    cfg = upcycle_config(dense.cfg, 4, 2, "topk")
+    exact = upcycle_state_dict(dense.state_dict(), cfg)["blocks.1.mlp.experts.w_in"]
+    noisy = upcycle_state_dict(dense.state_dict(), cfg, Recipe(noise=0.01))["blocks.1.mlp.experts.w_in"]
+    rel_E = (noisy - exact).flatten(1).std(1) / exact[0].std()
+    assert torch.allclose(rel_E, torch.full((4,), 0.01), rtol=0.1), rel_E
+    assert not torch.equal(noisy[0], noisy[1])
+    again = upcycle_state_dict(dense.state_dict(), cfg, Recipe(noise=0.01))["blocks.1.mlp.experts.w_in"]
+    assert torch.equal(noisy, again)
+    _, report = upcycle(dense, cfg, recipe=Recipe(noise=0.01))
+    assert not preserves_function(report)
+
+
+def changed_units(sd: dict, exact: dict, prefix: str, e: int) -> tuple:
+    """The hidden units of expert e that differ from the exact copy: in each input projection, and in the output."""
+    w_in, w_out = sd[prefix + "w_in"][e], sd[prefix + "w_out"][e]  # (1|2, D, h), (h, D)
+    ins = [(w_in[j] != exact[prefix + "w_in"][e][j]).any(0).nonzero().flatten() for j in range(w_in.shape[0])]
+    return ins, (w_out != exact[prefix + "w_out"][e]).any(1).nonzero().flatten()
+
+
+@pytest.mark.parametrize("mlp, bias, G", [("swiglu", False, 1), ("gelu", True, 1), ("swiglu", False, 2)])
+def test_drop_upcycling_reinitialises_the_chosen_units(mlp, bias, G):
+    dense = dense_megavq(mlp=mlp, mlp_bias=bias, norm="layernorm" if bias else "rmsnorm", d_ff=64)
+    cfg = upcycle_config(dense.cfg, 4, 2, "topk", granularity=G)
+    exact = upcycle_state_dict(dense.state_dict(), cfg, Recipe(granularity=G))
+    recipe = Recipe(drop=0.5, granularity=G, seed=3)
+    sd = upcycle_state_dict(dense.state_dict(), cfg, recipe)
+    h, sets = 64 // G, []
+    for block in (1, 3):
+        prefix = f"blocks.{block}.mlp.experts."
+        for e in range(4):
+            chosen = dropped_units(recipe, block, e, h)
+            assert chosen.numel() == h // 2
+            ins, out = changed_units(sd, exact, prefix, e)
+            for units in ins + [out]:
+                assert torch.equal(units, chosen)  # the same units in gate, up and down, and only those
+            if bias:
+                assert torch.equal((sd[prefix + "b_in"][e] != exact[prefix + "b_in"][e]).any(0).nonzero().flatten(),
+                                   chosen)
+            sets.append(tuple(chosen.tolist()))
+    assert len(set(sets)) == len(sets)  # every expert of every block its own set
+    dense_up = dense.state_dict()["blocks.1.mlp.up_proj.weight"]
+    new = torch.cat([sd["blocks.1.mlp.experts.w_in"][e, -1][:, dropped_units(recipe, 1, e, h)].flatten()
+                     for e in range(4)])
+    scale = dense_up.std()
+    assert abs(new.mean() - dense_up.mean()) < 0.1 * scale and abs(new.std() / scale - 1) < 0.1
+    assert all(torch.equal(v, upcycle_state_dict(dense.state_dict(), cfg, recipe)[k]) for k, v in sd.items())
+    other = upcycle_state_dict(dense.state_dict(), cfg, Recipe(drop=0.5, granularity=G, seed=4))
+    assert not torch.equal(other["blocks.1.mlp.experts.w_in"], sd["blocks.1.mlp.experts.w_in"])
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"granularity": 3}, "granularity must be >= 1 and divide model.d_ff"),
+    ({"granularity": 2, "top_k": 1}, "divide .* top_k"),
+])
+def test_bad_granularity(kw, message):
+    args = {"num_experts": 4, "top_k": 2, "router": "topk", **kw}
+    with pytest.raises(MegavqError, match=message):
+        upcycle_config(dense_megavq().cfg, **args)
+
+
+def test_bad_recipe():
+    dense = dense_megavq()
+    with pytest.raises(MegavqError, match="drop in"):
+        upcycle(dense, upcycle_config(dense.cfg, 4, 2, "topk"), recipe=Recipe(drop=1.5))
+
+
 # ---- k-means codebooks ---------------------------------------------------------------------------------
 def test_kmeans_codebook_uses_most_codes_on_calibration_data():
     need_router("vq")
@@ -218,6 +308,14 @@ def test_upcycle_and_export_scripts(tmp_path):
     bad = run_script("upcycle.py", "--dense", tmp_path / "moe", "--out", tmp_path / "x", "--num_experts", 4,
                      "--top_k", 2, "--router", "topk")
     assert bad.returncode == 2 and bad.stderr.startswith("error: the model is already an MoE model")
+    r = run_script("upcycle.py", "--dense", tmp_path / "dense", "--out", tmp_path / "fine", "--num_experts", 8,
+                   "--top_k", 4, "--router", "topk", "--granularity", 2, "--drop", 0.25, "--seed", 5)
+    assert r.returncode == 0, r.stderr
+    assert "NOT the dense function" in r.stdout  # dropped units
+    manifest = json.loads((tmp_path / "fine" / "manifest.json").read_text())
+    assert manifest["upcycled"] == {"dense": str(tmp_path / "dense"), "noise": 0.0, "drop": 0.25, "granularity": 2,
+                                    "seed": 5}
+    assert load_model(tmp_path / "fine").cfg.moe.d_expert == 24
 
 
 @pytest.mark.slow

@@ -2,8 +2,16 @@
 
 The MLP of every `every`-th block (zero-based i with (i + 1) % every == 0, as moe.every; by default every other
 block starting with the second) becomes an MoE layer whose E experts are exact copies of that MLP (weights
-and biases, no noise). The router is new, initialised as the router initialises itself (normal std 0.02 for
+and biases). The router is new, initialised as the router initialises itself (normal std 0.02 for
 topk). Every other tensor is copied. Optimizer state is not carried over.
+
+Variants (a `Recipe`): Gaussian noise on the copies (std `noise` times the std of the dense tensor); Drop-Upcycling
+(Nakamura et al. 2025, arXiv 2502.19261): in each expert a seeded set of a fraction `drop` of its hidden units,
+the same units in its gate, up and down projections (and input biases), re-initialised from a normal with the mean
+and std of the dense tensor; granular upcycling: with `granularity` G, expert e holds segment e % G of the dense
+hidden units (H / G of them) with its output projection times G, and the G experts of one copy share a router
+gate row, so that a renormalised top-k (top_k a multiple of G) picks whole copies and the sum of the segments
+is the dense output.
 
 A router that declares `init_from_data_needed` (vq) initialises from the dense model's hidden states entering
 that block's MLP (after mlp_norm) on calibration batches (vq: a k-means codebook).
@@ -11,13 +19,14 @@ that block's MLP (after mlp_norm) on calibration batches (vq: a k-means codebook
 With identical experts the MoE output is sum_k w_k MLP(x) = (sum_k w_k) MLP(x): the upcycled model computes
 the dense model's function wherever the router's weights sum to 1 per token (docs/upcycling.md, per router).
 
-Legend: B batch, S sequence, N rows (tokens), D hidden, H MLP hidden, E experts.
+Legend: B batch, S sequence, N rows (tokens), D hidden, H MLP hidden, E experts, G granularity.
 """
 from __future__ import annotations
 
 import copy
 import math
 import re
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -26,6 +35,7 @@ from megavq.data import TokenData, prepare_data
 from megavq.errors import MegavqError
 from megavq.model import Transformer
 from megavq.moe.routers import router_class
+from megavq.moe.routers.base import mix64
 from megavq.moe.spec import is_moe_layer, moe_blocks
 
 # ModelConfig fields that fix the shapes of the copied tensors
@@ -33,33 +43,59 @@ SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "vocab_size", "d_f
               "out_bias", "mlp_bias", "tie_embeddings")
 
 
+@dataclass
+class Recipe:
+    """How the experts start besides exact copies (the module docstring): noise, Drop-Upcycling, granularity."""
+    noise: float = 0.0  # std of the Gaussian noise on each copy's weights, times the dense tensor's std
+    drop: float = 0.0  # Drop-Upcycling: the fraction r of each expert's hidden units re-initialised
+    granularity: int = 1  # G: each expert one of G segments of the dense hidden units
+    seed: int = 0  # of the noise and of the dropped units
+
+    def check(self) -> None:
+        if self.noise < 0 or not 0.0 <= self.drop <= 1.0 or self.granularity < 1:
+            raise MegavqError(f"upcycling: noise must be >= 0, drop in [0, 1] and granularity >= 1, got "
+                              f"noise={self.noise}, drop={self.drop}, granularity={self.granularity}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 # ---- config ---------------------------------------------------------------------------------------------------
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """base with extra merged in, nested dicts key by key."""
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_dicts(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
 def upcycle_config(dense: Config, num_experts: int, top_k: int, router: str, every: int = 2,
-                   overrides: list[str] = ()) -> Config:
-    """The MoE config: the dense config, its MoE section set as asked, then dotted key=value overrides."""
+                   overrides: list[str] = (), granularity: int = 1) -> Config:
+    """The MoE config: the dense config, its MoE section set as asked, then dotted key=value overrides. With
+    granularity G > 1 the experts are d_ff / G wide, and G divides num_experts and top_k (whole copies)."""
     if dense.moe.every != 0:
         raise MegavqError(f"the model is already an MoE model (moe.every={dense.moe.every}); "
                           f"upcycling starts from a dense one (moe.every=0)")
     if every < 1:
         raise MegavqError(f"every must be >= 1 (1 = every block, 2 = every other block), got {every}")
-    moe = {"router": router, "num_experts": num_experts, "top_k": top_k, "every": every, "d_expert": 0,
-           "router_options": {}}
-    data = _merge(dense.to_dict(), {"moe": moe})
+    _check_granularity(granularity, dense.model.d_ff, num_experts, top_k)
+    moe = {"router": router, "num_experts": num_experts, "top_k": top_k, "every": every,
+           "d_expert": 0 if granularity == 1 else dense.model.d_ff // granularity, "router_options": {}}
+    data = merge_dicts(dense.to_dict(), {"moe": moe})
     for text in overrides:
-        data = _merge(data, parse_override(text))
+        data = merge_dicts(data, parse_override(text))
     cfg = config_from_dict(data)  # validated: a non-causal router is refused now, not when training starts
-    _check_shapes(dense, cfg)
+    _check_shapes(dense, cfg, granularity)
     return cfg
 
 
-def _check_shapes(dense: Config, cfg: Config) -> None:
+def _check_granularity(granularity: int, d_ff: int, num_experts: int, top_k: int) -> None:
+    if granularity < 1 or d_ff % granularity or num_experts % granularity or top_k % granularity:
+        raise MegavqError(f"granularity must be >= 1 and divide model.d_ff ({d_ff}), num_experts ({num_experts}) "
+                          f"and top_k ({top_k}), got {granularity}")
+
+
+def _check_shapes(dense: Config, cfg: Config, granularity: int = 1) -> None:
     keys = SHAPE_KEYS + (("seq_len",) if dense.model.pos == "learned" else ())  # learned positions: (S, D)
     for key in keys:
         if getattr(cfg.model, key) != getattr(dense.model, key):
@@ -67,9 +103,10 @@ def _check_shapes(dense: Config, cfg: Config) -> None:
                               f"{getattr(dense.model, key)!r}, asked: {getattr(cfg.model, key)!r})")
     if cfg.moe.every < 1:
         raise MegavqError(f"moe.every must be >= 1 for an upcycled model, got {cfg.moe.every}")
-    if cfg.moe.d_expert not in (0, cfg.model.d_ff):
-        raise MegavqError(f"experts are copies of the dense MLP: moe.d_expert must be 0 or model.d_ff "
-                          f"({cfg.model.d_ff}), got {cfg.moe.d_expert}")
+    width = cfg.model.d_ff // granularity
+    if (cfg.moe.d_expert or cfg.model.d_ff) != width:
+        raise MegavqError(f"experts are copies of the dense MLP (or of 1/granularity of it): moe.d_expert must be "
+                          f"{'0 or ' if granularity == 1 else ''}{width}, got {cfg.moe.d_expert}")
 
 
 def moe_layer_ids(cfg: Config) -> list[int]:
@@ -77,21 +114,65 @@ def moe_layer_ids(cfg: Config) -> list[int]:
 
 
 # ---- the state-dict transformation ------------------------------------------------------------------------
-def expert_tensors(mlp_sd: dict, num_experts: int) -> dict:
-    """One dense MLP's tensors ({gate,up,down}_proj.{weight,bias}) as the Experts tensors of E exact copies."""
-    def copies(t: torch.Tensor) -> torch.Tensor:
-        return t.expand(num_experts, *t.shape).contiguous()
+def expert_tensors(mlp_sd: dict, num_experts: int, granularity: int = 1) -> dict:
+    """One dense MLP's tensors ({gate,up,down}_proj.{weight,bias}) as the Experts tensors of E copies; with
+    granularity G, expert e holds hidden units [s h, (s + 1) h) (s = e % G, h = H / G), output projection times G."""
+    G = granularity
     ins = [p for p in ("gate", "up") if f"{p}_proj.weight" in mlp_sd]  # swiglu: [gate, up]; gelu: [up]
-    out = {"w_in": copies(torch.stack([mlp_sd[f"{p}_proj.weight"].t() for p in ins])),  # (E, 1|2, D, H)
-           "w_out": copies(mlp_sd["down_proj.weight"].t())}  # (E, H, D)
+    w_in = torch.stack([mlp_sd[f"{p}_proj.weight"].t() for p in ins])  # (1|2, D, H)
+    h = w_in.shape[-1] // G
+
+    def experts(t: torch.Tensor, dim: int) -> torch.Tensor:  # expert e: segment e % G of `dim`, stacked first
+        return torch.stack([t.narrow(dim, (e % G) * h, h) for e in range(num_experts)]).contiguous()
+    w_out = mlp_sd["down_proj.weight"].t() * G  # (H, D)
+    out = {"w_in": experts(w_in, -1), "w_out": experts(w_out, 0)}  # (E, 1|2, D, h), (E, h, D)
     if "down_proj.bias" in mlp_sd:
-        out["b_in"] = copies(torch.stack([mlp_sd[f"{p}_proj.bias"] for p in ins]))  # (E, 1|2, H)
-        out["b_out"] = copies(mlp_sd["down_proj.bias"])  # (E, D)
+        out["b_in"] = experts(torch.stack([mlp_sd[f"{p}_proj.bias"] for p in ins]), -1)  # (E, 1|2, h)
+        out["b_out"] = mlp_sd["down_proj.bias"].expand(num_experts, -1).contiguous()  # (E, D)
     return out
 
 
-def upcycle_state_dict(dense_sd: dict, cfg: Config) -> dict:
+def expert_generator(seed: int, block: int, expert: int) -> torch.Generator:
+    return torch.Generator().manual_seed(mix64(seed, block, expert) & ((1 << 63) - 1))
+
+
+def dropped_units(recipe: Recipe, block: int, expert: int, hidden: int) -> torch.Tensor:
+    """Drop-Upcycling: the round(drop * hidden) hidden units of an expert that are re-initialised, sorted."""
+    g = expert_generator(recipe.seed, block, expert)
+    return torch.randperm(hidden, generator=g)[:round(recipe.drop * hidden)].sort().values
+
+
+@torch.no_grad()
+def vary_experts(experts: dict, recipe: Recipe, block: int) -> dict:
+    """The copies with the recipe's noise and Drop-Upcycling applied (each expert from its own generator). The
+    means and stds are the dense tensors' (every segment appears equally often among the E experts)."""
+    if not recipe.noise and not recipe.drop:
+        return experts
+    out = {k: v.clone() for k, v in experts.items()}
+    w_in, w_out, b_in = out["w_in"], out["w_out"], out.get("b_in")  # (E, 1|2, D, h), (E, h, D), (E, 1|2, h)
+    std_in, mean_in = torch.std_mean(w_in, dim=(0, 2, 3))  # per projection: gate, up
+    std_out, mean_out = torch.std_mean(w_out)
+    if b_in is not None:
+        std_b, mean_b = torch.std_mean(b_in, dim=(0, 2))
+    for e in range(w_in.shape[0]):
+        g = expert_generator(recipe.seed + 1, block, e)  # apart from the dropped units' draw
+        if recipe.noise:
+            w_in[e] += recipe.noise * std_in[:, None, None] * torch.randn(w_in[e].shape, generator=g)
+            w_out[e] += recipe.noise * std_out * torch.randn(w_out[e].shape, generator=g)
+        idx = dropped_units(recipe, block, e, w_out.shape[1])
+        if idx.numel():
+            n_in, D = w_in.shape[1], w_in.shape[2]
+            w_in[e][:, :, idx] = mean_in[:, None, None] + std_in[:, None, None] * torch.randn(n_in, D, len(idx),
+                                                                                             generator=g)
+            w_out[e][idx] = mean_out + std_out * torch.randn(len(idx), w_out.shape[2], generator=g)
+            if b_in is not None:
+                b_in[e][:, idx] = mean_b[:, None] + std_b[:, None] * torch.randn(n_in, len(idx), generator=g)
+    return out
+
+
+def upcycle_state_dict(dense_sd: dict, cfg: Config, recipe: Recipe | None = None) -> dict:
     """The MoE model's state dict without its routers: MLPs of MoE blocks become experts, the rest is copied."""
+    recipe = recipe or Recipe()
     out, mlps = {}, {}
     for key, value in dense_sd.items():
         m = re.fullmatch(r"blocks\.(\d+)\.mlp\.(.+)", key)
@@ -100,21 +181,35 @@ def upcycle_state_dict(dense_sd: dict, cfg: Config) -> dict:
         else:
             out[key] = value
     for i, mlp_sd in sorted(mlps.items()):
-        out.update({f"blocks.{i}.mlp.experts.{k}": v for k, v in expert_tensors(mlp_sd, cfg.moe.num_experts).items()})
+        experts = vary_experts(expert_tensors(mlp_sd, cfg.moe.num_experts, recipe.granularity), recipe, i)
+        out.update({f"blocks.{i}.mlp.experts.{k}": v for k, v in experts.items()})
     return out
 
 
-def build_upcycled(dense_sd: dict, cfg: Config) -> Transformer:
+def build_upcycled(dense_sd: dict, cfg: Config, recipe: Recipe | None = None) -> Transformer:
     """The MoE Transformer (native backend, one process) with fresh routers and the upcycled tensors."""
+    recipe = recipe or Recipe()
     build_cfg = copy.deepcopy(cfg)
     build_cfg.moe.backend, build_cfg.moe.ep_size = "native", 1
     torch.manual_seed(cfg.train.seed)  # router initialisation
     model = Transformer(build_cfg)
-    missing, unexpected = model.load_state_dict(upcycle_state_dict(dense_sd, cfg), strict=False)
+    missing, unexpected = model.load_state_dict(upcycle_state_dict(dense_sd, cfg, recipe), strict=False)
     tied = {"lm_head.weight"} if cfg.model.tie_embeddings else set()
     new = [k for k in missing if not _is_routing_key(k, cfg) and k not in tied]
     assert not unexpected and not new, f"upcycled state does not fit: unexpected {unexpected[:3]}, missing {new[:3]}"
+    for router in model.routers():
+        share_gate_rows(router, recipe.granularity)
     return model.eval()
+
+
+@torch.no_grad()
+def share_gate_rows(router, granularity: int) -> None:
+    """Granular upcycling: the G experts of one copy (e // G) get the same router gate row, so that a top-k over
+    them keeps or drops whole copies. Routers without a linear gate of E rows keep their own start."""
+    gate = getattr(router, "gate", None)
+    if granularity > 1 and isinstance(gate, torch.nn.Linear) and gate.out_features == router.num_experts:
+        E = router.num_experts
+        gate.weight.copy_(gate.weight[torch.arange(E) // granularity * granularity])
 
 
 def _is_routing_key(key: str, cfg: Config) -> bool:
@@ -164,14 +259,19 @@ def init_routers_from_data(model: Transformer, states: dict, seed: int = 0) -> d
 
 
 # ---- the whole recipe ----------------------------------------------------------------------------------------
-def upcycle(dense: Transformer, cfg: Config, calib_batches=None, calib_tokens: int = 8192) -> tuple:
+def upcycle(dense: Transformer, cfg: Config, calib_batches=None, calib_tokens: int = 8192,
+            recipe: Recipe | None = None) -> tuple:
     """(MoE Transformer, report) from a dense Transformer and the upcycled config (see upcycle_config).
 
     calib_batches: (x_BS, y_BS) batches for routers that initialise from data (vq); needed only by those.
+    recipe: noise, Drop-Upcycling, granularity (the granularity must be the one upcycle_config was given).
     The report holds the MoE blocks, the code usage per block and the step-0 logit check.
     """
-    model = build_upcycled(dense.state_dict(), cfg)
-    report = {"moe_layers": moe_layer_ids(cfg), "code_usage": {}}
+    recipe = recipe or Recipe()
+    recipe.check()
+    _check_granularity(recipe.granularity, cfg.model.d_ff, cfg.moe.num_experts, cfg.moe.top_k)
+    model = build_upcycled(dense.state_dict(), cfg, recipe)
+    report = {"moe_layers": moe_layer_ids(cfg), "code_usage": {}, "recipe": recipe.to_dict()}
     if needs_calibration(cfg):
         if calib_batches is None:
             raise MegavqError(f"moe.router={cfg.moe.router} initialises from the dense model's hidden states: "

@@ -10,7 +10,10 @@ from contextlib import contextmanager
 
 import torch
 
+from megavq.convert.swap import change_routers, parse_router_spec
+from megavq.errors import MegavqError
 from megavq.moe.routers import available_routers, router_class
+from megavq.moe.routers.base import option_names
 
 
 def corrupt_tokens(x_BS: torch.Tensor, p: float, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -110,3 +113,37 @@ def variant_evals(model, batches: list) -> dict[str, dict | None]:
         out[name] = {"loss": r["loss"], "perplexity": r["perplexity"], "experts_per_token": k,
                      "experts_per_token_trained": trained_k, "expert_compute_saved": 1 - k / trained_k}
     return out
+
+
+def experts_per_token(model, metrics: list[dict]) -> float:
+    """Mean experts per token over the MoE layers: as the routers measured it (usmoe, expert_choice), else declared."""
+    values = [m["experts_per_token"].item() if "experts_per_token" in m else r.experts_per_token
+              for r, m in zip(model.routers(), metrics)]
+    return sum(values) / len(values)
+
+
+def budget_sweep(model, batches: list, budgets: list[float], spec: str = "usmoe", base: dict | None = None) -> dict:
+    """Loss against experts per token for a router with a `budget` option (usmoe) put on the model's routers at
+    each budget (experts kept, nothing trained; megavq.convert.swap.change_routers), beside the model's own router
+    (`original`, from `base`, its lm_eval result, when given)."""
+    name, options = parse_router_spec(spec)
+    if name not in available_routers() or "budget" not in option_names(name):
+        raise MegavqError(f"--sweep_router {spec}: the budget sweep needs a router with a `budget` option "
+                          f"(usmoe), got {name!r}")
+    points = []
+    for budget in budgets:
+        swept = change_routers(model, spec, budget=budget)
+        r = lm_eval(swept, batches)
+        points.append({"budget": budget, "experts_per_token": experts_per_token(swept, r["router_metrics"]),
+                       "loss": r["loss"], "perplexity": r["perplexity"],
+                       "unrouted_tokens": _layer_mean(r["router_metrics"], "unrouted_tokens")})
+    causal = router_class(name).is_causal(options)
+    original = None if base is None else {
+        "router": model.cfg.moe.router, "experts_per_token": experts_per_token(model, base["router_metrics"]),
+        "loss": base["loss"], "perplexity": base["perplexity"]}
+    return {"router": spec, "causal": causal, "original": original, "points": points}
+
+
+def _layer_mean(metrics: list[dict], key: str) -> float | None:
+    values = [m[key].item() for m in metrics if key in m]
+    return sum(values) / len(values) if values else None

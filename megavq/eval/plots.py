@@ -96,6 +96,29 @@ def plot_routing_modes(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+SWEEP_NOTE = ("selection over each whole sequence: a token's experts depend on later tokens, "
+              "so these losses are not a causal LM's")
+
+
+def plot_budget_sweep(sweep: dict, path: Path) -> Path:
+    """Loss against experts per token: the swept router's budgets (budget 1 marked) and the original router."""
+    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    pts = sweep["points"]
+    ax.plot([p["experts_per_token"] for p in pts], [p["loss"] for p in pts], "o-", label=f"{sweep['router']} budgets")
+    for p in pts:
+        if p["budget"] == 1:
+            ax.plot(p["experts_per_token"], p["loss"], "s", ms=9, mfc="none", color="tab:blue", label="budget 1")
+    o = sweep["original"]
+    if o:
+        ax.plot(o["experts_per_token"], o["loss"], "*", ms=12, color="tab:red", label=f"{o['router']} (original)")
+    ax.set(xlabel="experts per token (mean over MoE layers)", ylabel="loss (nats)", title="Budget sweep at evaluation")
+    if not sweep["causal"]:
+        ax.set_title("Budget sweep at evaluation\n" + SWEEP_NOTE, fontsize=7)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_consistency(c: dict, path: Path) -> Path:
     if c["mode"] == "pair":
         fig = Figure(figsize=(4.5, 3.2), layout="constrained")
@@ -144,6 +167,8 @@ def evaluation_figures(result: dict, out_dir: Path) -> list[Path]:
         paths.append(plot_consistency(result["consistency"], out_dir / "consistency.png"))
     if result.get("domains"):
         paths.append(plot_domains(result["domains"], out_dir / "domains.png"))
+    if result.get("budget_sweep"):
+        paths.append(plot_budget_sweep(result["budget_sweep"], out_dir / "budget_sweep.png"))
     return paths
 
 

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from megavq.convert.load import load_model
+from megavq.convert.swap import change_routers
 from megavq.data import data_options
 from megavq.data.mixture import Mixture, bits_per_byte, tokenizer_sha256
 from megavq.errors import MegavqError
@@ -90,7 +91,8 @@ def layer_reports(model, base: dict, diag: list, noise: float, seed: int) -> lis
 def header(path, model, data, data_source: str, split: str) -> dict:
     cfg = model.cfg
     return {"checkpoint": str(path), "step": consistency.checkpoint_step(path), "data": data_source,
-            "split": split, "router": cfg.moe.router, "backend": cfg.moe.backend,
+            "split": split, "router": cfg.moe.router, "router_options": cfg.moe.router_options,
+            "backend": cfg.moe.backend,
             "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
             "moe_layers": [i for i, _ in routing.moe_layers(model)], "causal": not causality_warnings(cfg),
             "bytes_per_token": data.bytes_per_token(split)}
@@ -115,34 +117,41 @@ def check_data_tokenizer(path, data, data_source: str) -> None:
                           f"(scripts/prepare_data.py --tokenizer CHECKPOINT/tokenizer.model)")
 
 
-def open_model_and_data(path, data_source: str | None, backend: str):
-    """The model (on the evaluation device), its data (data_source, default the checkpoint's data.source) and the
-    source used."""
+def open_model_and_data(path, data_source: str | None, backend: str, router: str | None = None):
+    """The model (on the evaluation device; with `router`, NAME[:OPTION=VALUE,...], its routers changed without
+    training), its data (data_source, default the checkpoint's data.source), the source used and the router the
+    model was trained with."""
     model = load_model(path, backend)
+    trained_router = model.cfg.moe.router
+    if router:
+        model = change_routers(model, router)
     data_source = data_source or model.cfg.data.source
     data = load_data(data_source, model.cfg.data)
     check_data_tokenizer(path, data, data_source)
     if data.vocab_size > model.cfg.model.vocab_size:
         raise MegavqError(f"data vocabulary ({data.vocab_size}) is larger than the model's "
                           f"({model.cfg.model.vocab_size})")
-    return model.to(eval_device()), data, data_source
+    return model.to(eval_device()), data, data_source, trained_router
 
 
 def evaluate(path, data_source: str | None = None, split: str = "test", max_batches: int | None = None,
              batch_size: int = 0, diag_tokens: int = 2048, noise: float = 0.01, seed: int = 0,
-             backend: str = "native", compare: str | None = None, warn=None) -> dict:
+             backend: str = "native", compare: str | None = None, warn=None, router: str | None = None,
+             budgets: list[float] | None = None, sweep_router: str = "usmoe") -> dict:
     """All figures of one checkpoint (and, with `compare`, its routing consistency) as a JSON-ready dict, on a GPU
     when there is one. data_source: 'builtin' or a tokenized data directory; default the checkpoint's own
-    (its config's data.source), whose tokenizer must be the one the checkpoint records."""
+    (its config's data.source), whose tokenizer must be the one the checkpoint records. router: evaluate with the
+    routers changed (megavq.convert.swap.change_routers); budgets: the budget sweep of sweep_router."""
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
-    model, data, data_source = open_model_and_data(path, data_source, backend)
+    model, data, data_source, trained_router = open_model_and_data(path, data_source, backend, router)
     cfg, device = model.cfg, eval_device()
     size = batch_size or cfg.data.micro_batch_size
     per_source = [list(s.eval_batches(split, size, cfg.model.seq_len, max_batches)) for s in data.sources]
     batches = [b for source_batches in per_source for b in source_batches]
     diags = [diagnostic_batches(b, diag_tokens) for b in per_source]
     diag = [b for source_diag in diags for b in source_diag]
-    result = {**header(path, model, data, data_source, split), "warnings": causality_warnings(cfg)}
+    result = {**header(path, model, data, data_source, split), "trained_router": trained_router,
+              "warnings": causality_warnings(cfg)}
     for message in result["warnings"]:
         warn(message)
     base, sources = source_evals(model, data, split, per_source, device)
@@ -155,6 +164,8 @@ def evaluate(path, data_source: str | None = None, split: str = "test", max_batc
                                          data.vocab_size, seed)
     result["topk_sweep"] = lm.topk_sweep(model, Batches(batches, device, "top-k sweep"))
     result.update(lm.variant_evals(model, Batches(batches, device, "variants")))
+    result["budget_sweep"] = (lm.budget_sweep(model, Batches(batches, device, "budget sweep"), budgets, sweep_router,
+                                              base) if budgets else None)
     result["consistency"] = compare_with(path, compare, diag, model, backend) if compare else None
     return result
 
@@ -207,8 +218,9 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def markdown(r: dict) -> str:
+    changed = f" (trained with `{r['trained_router']}`, routers changed at evaluation)" if r["trained_router"] else ""
     lines = [f"# Evaluation of {r['checkpoint']}", "",
-             f"Router `{r['router']}`, {r['num_experts']} experts, top-{r['top_k']}, split `{r['split']}` "
+             f"Router `{r['router']}`{changed}, {r['num_experts']} experts, top-{r['top_k']}, split `{r['split']}` "
              f"({r['tokens']} tokens).", ""]
     lines += [f"> warning: {w}" for w in r["warnings"]] + ([""] if r["warnings"] else [])
     lines += _table(["loss", "perplexity", "bits per byte"], [[r["loss"], r["perplexity"], r["bits_per_byte"]]])
@@ -257,6 +269,8 @@ def markdown_extras(r: dict) -> list[str]:
                 ["loss", "perplexity", "experts/token", "trained experts/token", "expert compute saved"],
                 [[d["loss"], d["perplexity"], d["experts_per_token"], d["experts_per_token_trained"],
                   d["expert_compute_saved"]]])
+    if r.get("budget_sweep"):
+        lines += budget_sweep_lines(r["budget_sweep"])
     c = r["consistency"]
     if c and c["mode"] == "pair":
         lines += [f"## Routing consistency with {c['other']}", ""] + _table(
@@ -266,3 +280,17 @@ def markdown_extras(r: dict) -> list[str]:
             ["step"] + [f"L{i} vs final" for i in c["layers"]] + [f"L{i} vs previous" for i in c["layers"]],
             [[s, *f, *(p or [None] * len(f))] for s, f, p in zip(c["steps"], c["with_final"], c["with_previous"])])
     return lines
+
+
+def budget_sweep_lines(sweep: dict) -> list[str]:
+    lines = [f"## Budget sweep: `{sweep['router']}` on the model's experts, nothing trained", ""]
+    if not sweep["causal"]:
+        lines += ["> Global selection picks (token, expert) pairs over each whole sequence: a token's experts depend on "
+                  "later tokens, so these losses are not a causal language model's (they can be too low). A fractional "
+                  "budget routes that fraction of top_k experts per token on average; some tokens get none.", ""]
+    rows = [[p["budget"], p["experts_per_token"], p["loss"], p["perplexity"], p["unrouted_tokens"]]
+            for p in sweep["points"]]
+    o = sweep["original"]
+    if o:
+        rows.append([f"{o['router']} (original)", o["experts_per_token"], o["loss"], o["perplexity"], None])
+    return lines + _table(["budget", "experts/token", "loss", "perplexity", "tokens with no expert"], rows)

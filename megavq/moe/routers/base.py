@@ -17,6 +17,9 @@ health checks and export read them, and nothing outside this package tests a rou
   balance_options       the balancing options (BALANCE_OPTIONS, megavq.moe.routers.balance) it takes, and
   balance_refusal       why it takes no others (the one-line error for an option it refuses)
   health(), view(), experts_per_token: diagnostics; init_from_data() (init_from_data_needed): upcycling
+  learned_buffers       buffers that hold what the router learned, beside its parameters (vq's codebook): a router
+                        put on a trained model without them routes at random; init_from_routing() builds them
+                        from hidden states and another router's choices (router swap)
 
 Router state changes after the optimizer step, never inside forward: a router that keeps state records what
 forward observed (only in training mode, and not while a forward is recomputed for activation checkpointing:
@@ -130,6 +133,7 @@ class Router(nn.Module):
     init_from_data_needed: ClassVar[bool] = False  # upcycling must give calibration data (init_from_data)
     balance_options: ClassVar[tuple[str, ...]] = ()  # the BALANCE_OPTIONS it takes (passed as **balance)
     balance_refusal: ClassVar[str] = "it scores no experts per token"  # why it takes no other balancing option
+    learned_buffers: ClassVar[tuple[str, ...]] = ()  # learned state kept in buffers (see learned_tensors)
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int):
         super().__init__()
@@ -213,6 +217,15 @@ class Router(nn.Module):
     def init_from_data(self, x_ND: torch.Tensor, seed: int = 0) -> float | None:
         """Initialise from hidden states entering the layer (upcycling); the fraction of codes used, or None
         when the router does not initialise from data."""
+        return None
+
+    def learned_tensors(self) -> list[str]:
+        """State-dict names of what training taught the router: its parameters and its learned buffers."""
+        return [n for n, _ in self.named_parameters()] + [n for n in self.learned_buffers if n in self._buffers]
+
+    def init_from_routing(self, x_ND: torch.Tensor, weights_NE: torch.Tensor, seed: int = 0) -> float | None:
+        """Build the learned buffers from hidden states x_ND and another router's routing weights of them, (N, E)
+        (router swap; parameters are fitted by gradient steps afterwards); a figure of the fit, or None."""
         return None
 
 

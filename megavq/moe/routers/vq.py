@@ -95,6 +95,7 @@ class VQRouter(Router):
     init_from_data_needed = True  # k-means codebook from the dense model's hidden states when upcycling
     needs_seq_len = True  # for the continuous router's balance_scope=sequence
     balance_options = tuple(BALANCE_OPTIONS)  # passed to the continuous router
+    learned_buffers = ("codebook", "code_map", "initialized")  # the codebook kept by EMA, and where codes point
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, num_codes: int = 0, code_dim: int = 0,
                  discrete_only: bool = False, vq_coef: float = 0.08, beta: float = 0.0, ema: bool = True,
@@ -261,6 +262,18 @@ class VQRouter(Router):
         self._set_codes(torch.arange(self.num_codes), kmeans(z_NC, self.num_codes, iters, seed))
         self.initialized.fill_(True)
         return nearest_code(z_NC, self.codebook).unique().numel() / self.num_codes
+
+    @torch.no_grad()
+    def init_from_routing(self, x_ND: torch.Tensor, weights_NE: torch.Tensor, seed: int = 0) -> float:
+        """k-means codebook of x_ND, each code pointing to the expert with the largest total weight over its cell
+        (codes with an empty cell keep theirs); returns the fraction of rows whose code's expert is their own
+        top-1 expert."""
+        self.init_from_data(x_ND, seed)
+        codes_N = nearest_code(self.project(x_ND), self.codebook)
+        cell_QE = torch.zeros(self.num_codes, self.num_experts).index_add_(0, codes_N.cpu(), weights_NE.float().cpu())
+        filled_Q = cell_QE.sum(-1) > 0
+        self.code_map.copy_(torch.where(filled_Q, cell_QE.argmax(-1), self.code_map.cpu()).to(self.code_map.device))
+        return (self.code_map[codes_N] == weights_NE.argmax(-1).to(codes_N.device)).float().mean().item()
 
     @torch.no_grad()
     def _set_codes(self, codes: torch.Tensor, values_NC: torch.Tensor) -> None:
