@@ -237,6 +237,8 @@ def test_bad_recipe():
     dense = dense_megavq()
     with pytest.raises(MegavqError, match="drop in"):
         upcycle(dense, upcycle_config(dense.cfg, 4, 2, "topk"), recipe=Recipe(drop=1.5))
+    with pytest.raises(MegavqError, match="granularity 2 does not match moe.d_expert=0"):
+        upcycle(dense, upcycle_config(dense.cfg, 4, 2, "topk"), recipe=Recipe(granularity=2))
 
 
 # ---- k-means codebooks ---------------------------------------------------------------------------------

@@ -270,6 +270,9 @@ def upcycle(dense: Transformer, cfg: Config, calib_batches=None, calib_tokens: i
     recipe = recipe or Recipe()
     recipe.check()
     _check_granularity(recipe.granularity, cfg.model.d_ff, cfg.moe.num_experts, cfg.moe.top_k)
+    if (cfg.moe.d_expert or cfg.model.d_ff) * recipe.granularity != cfg.model.d_ff:
+        raise MegavqError(f"granularity {recipe.granularity} does not match moe.d_expert={cfg.moe.d_expert} "
+                          f"(model.d_ff={cfg.model.d_ff}): give upcycle_config the same granularity")
     model = build_upcycled(dense.state_dict(), cfg, recipe)
     report = {"moe_layers": moe_layer_ids(cfg), "code_usage": {}, "recipe": recipe.to_dict()}
     if needs_calibration(cfg):
