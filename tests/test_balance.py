@@ -157,7 +157,8 @@ def test_defaults_route_as_before():
     ("usmoe", {"bias_rate": 0.01}, "bias_rate applies with selection='token' only"),
     ("vq", {"continuous": "xmoe", "score": "sigmoid"}, "vq: score='sigmoid' does not apply: xmoe's"),
     ("topk", {"balance_scope": "batch"}, "balance_scope must be one of"),
-    ("topk", {"score": "relu"}, "score must be one of")])
+    ("topk", {"score": "relu"}, "score must be one of"),
+    ("topk", {"route_scale": 2.5}, "route_scale=2.5 applies to score='sigmoid' only")])
 def test_options_that_do_not_apply_are_refused_in_one_line(name, options, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_router(name, hidden_size=8, num_experts=E, top_k=K, **options)

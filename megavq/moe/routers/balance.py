@@ -79,6 +79,8 @@ class Balance(nn.Module):
             raise ConfigError(f"{router}: score must be one of {SCORES}, got {score!r}")
         if bias_rate < 0 or route_scale <= 0:
             raise ConfigError(f"{router}: bias_rate must be >= 0 and route_scale > 0, got {bias_rate}, {route_scale}")
+        if route_scale != 1.0 and score != "sigmoid":
+            raise ConfigError(f"{router}: route_scale={route_scale} applies to score='sigmoid' only, got score={score!r}")
         self.scope, self.rate, self.centre = balance_scope, bias_rate, bias_centre
         self.score, self.route_scale = score, route_scale
         self.groups, self.group_top = groups, group_top
