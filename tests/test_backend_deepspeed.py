@@ -30,10 +30,15 @@ def layer_pair(router: str, backend: str = "deepspeed", d_model: int = 16, d_hid
     return layers
 
 
-@pytest.mark.parametrize("router", TOKEN_ROUTERS)
-def test_deepspeed_backend_equals_native(router):
-    """Forward, aux loss and gradients (inputs, router, experts) with capacity large enough to drop nothing."""
-    native, ds = layer_pair(router)
+SHARED = {"shared_experts": 2, "d_shared": 8, "shared_gate": True}  # Qwen2-MoE's gated shared expert
+
+
+@pytest.mark.parametrize("router, moe", [(r, {}) for r in TOKEN_ROUTERS] + [("topk", SHARED)],
+                         ids=[*TOKEN_ROUTERS, "topk-shared"])
+def test_deepspeed_backend_equals_native(router, moe):
+    """Forward, aux loss and gradients (inputs, router, experts, shared experts) with capacity large enough to drop
+    nothing."""
+    native, ds = layer_pair(router, **moe)
     assert isinstance(ds.dispatcher, DeepSpeedDispatcher)
     x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1))
     results = []

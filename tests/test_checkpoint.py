@@ -31,7 +31,10 @@ from megavq.moe.experts import Experts, every_expert, expert_mlp
 from megavq.train.launch import free_port
 
 TOL = 1e-5
-ODD = ["model.d_model=33", "model.n_heads=3", "model.pos=learned", "model.vocab_size=4097"]
+ODD = ["model.d_model=33", "model.n_heads=3", "model.pos=learned", "model.vocab_size=4097",
+       # an imported model's options: heads of 10 (not 33 / 3), per-head QK-norm, a gated shared expert, block 0 dense
+       "model.head_dim=10", "model.qk_norm=head", "moe.shared_experts=1", "moe.d_shared=24", "moe.shared_gate=true",
+       "moe.dense_layers=[0]"]
 RUN = [*EP_SMALL, *ODD, "train.max_steps=14", "train.save_every=2"]
 
 

@@ -1,5 +1,7 @@
 """Hugging Face import and export: tiny random models built locally, logits compared with transformers on CPU."""
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -43,7 +45,8 @@ def tiny_hf(family: str, **kw):
                                               mlp_only_layers=[3], norm_topk_prob=True, **kw),
         # QK-norm over the whole projections, clip_qkv, unnormalised top-k weights
         "olmoe": lambda: T.OlmoeConfig(**{**COMMON, "intermediate_size": 24}, num_key_value_heads=4, num_experts=4,
-                                       num_experts_per_tok=2, clip_qkv=1.5, norm_topk_prob=False, **kw),
+                                       num_experts_per_tok=2, clip_qkv=1.5, norm_topk_prob=False, eos_token_id=None,
+                                       **kw),
     }
     cfg = configs[family]()
     torch.manual_seed(0)
@@ -103,8 +106,9 @@ def test_moe_import_export_round_trip(family, original, tmp_path):
     with torch.no_grad():
         diff_back = (hf_logits(back.eval(), idx) - model(idx)).abs().max().item()
     prompt = idx[:1, :5]
+    back.generation_config.eos_token_id = None  # 8 tokens, as megavq's generate without eos_id
     ours = model.generate(prompt.tolist(), 8, greedy=True)[0]
-    theirs = back.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)[0, 5:].tolist()
+    theirs = back.generate(prompt, max_new_tokens=8, do_sample=False)[0, 5:].tolist()
     print(f"{family} ({'per-expert' if original else 'fused'}): max |logit diff| imported {diff:.2e}, "
           f"exported {diff_back:.2e}; greedy tokens {ours} / {theirs}")
     assert diff < 1e-5 and diff_back < 1e-5 and ours == theirs
@@ -152,8 +156,53 @@ def test_import_refuses_unsupported(tmp_path, change, message):
     tiny_hf("llama").save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
-    with pytest.raises(MegavqError, match=message):
+    with pytest.raises(MegavqError, match=f"^{re.escape(str(tmp_path / 'config.json'))}: .*{message}") as e:
         load_model(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("original", [True, False], ids=["per-expert", "fused"])
+def test_a_missing_tensor_is_named_with_its_file(tmp_path, original):
+    from safetensors.torch import load_file, save_file
+    tiny_hf("olmoe").save_pretrained(tmp_path, save_original_format=original)
+    file = tmp_path / "model.safetensors"
+    sd = load_file(file)
+    missing = "model.layers.1.mlp.experts.2.up_proj.weight" if original else "model.layers.1.mlp.experts.down_proj"
+    del sd[missing]
+    save_file(sd, file, metadata={"format": "pt"})
+    with pytest.raises(MegavqError, match=f"^{re.escape(str(file))}: the Hugging Face weights lack tensor "
+                                          f"{re.escape(missing)}$"):
+        load_model(tmp_path)
+
+
+OLMOE_PUBLISHED = {  # allenai/OLMoE-1B-7B-0924, config.json (but the token ids, which are the tokenizer's)
+    "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False,
+    "vocab_size": 50304, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "clip_qkv": None,
+    "attention_bias": False, "hidden_act": "silu", "tie_word_embeddings": False, "router_aux_loss_coef": 0.01,
+    "output_router_logits": False, "initializer_range": 0.02}
+
+
+def test_olmoe_preset_exports_olmoes_config_and_checkpoint_names():
+    """The olmoe_1b_7b preset, built on the meta device: its export config holds OLMoE's published values, and its
+    tensors have the names and shapes of OLMoE's checkpoint (OlmoeForCausalLM's, through transformers'
+    conversion mapping back to the per-expert names)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from megavq.config import load_config
+    from megavq.convert.hf.export import export_kind, hf_state_dict, native_config
+    with torch.device("meta"):
+        model = Transformer(load_config("olmoe_1b_7b"))
+    assert export_kind(model) == "olmoe"
+    config = native_config(model, "olmoe", {})
+    assert {k: getattr(config, k) for k in OLMOE_PUBLISHED} == OLMOE_PUBLISHED
+    assert config.rope_parameters["rope_theta"] == 10000.0
+    with torch.device("meta"):
+        hf = transformers.OlmoeForCausalLM(config)
+    theirs = {k: tuple(v.shape) for k, v in revert_weight_conversion(hf, hf.state_dict()).items()}
+    ours = {k: tuple(v.shape) for k, v in hf_state_dict(model, "olmoe").items()}
+    print(f"olmoe_1b_7b: {len(ours)} tensors, {sum(math.prod(s) for s in ours.values()):,} parameters")
+    assert ours == theirs and "model.layers.15.mlp.experts.63.down_proj.weight" in ours
 
 
 def test_hf_dir_is_not_a_megavq_dir(tmp_path):

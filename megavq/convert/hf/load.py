@@ -252,8 +252,9 @@ def moe_config(hf: dict) -> dict:
 
 
 def hf_to_config(hf: dict, path: Path) -> Config:
-    model = gpt2_model_config(hf) if hf["model_type"] == "gpt2" else llama_model_config(hf)
+    """The megavq Config of a Hugging Face config (path's); what megavq cannot hold is refused naming the file."""
     try:
+        model = gpt2_model_config(hf) if hf["model_type"] == "gpt2" else llama_model_config(hf)
         return config_from_dict({"model": dataclasses.asdict(model), "moe": moe_config(hf)})
     except MegavqError as e:
         raise MegavqError(f"{path / HF_CONFIG}: {e}") from None
