@@ -249,6 +249,12 @@ def test_export_round_trip(tmp_path, model, moe, arch):
     ({"model": {"mlp": "gelu"}}, "model.mlp=gelu"),
     ({"model": {"pos": "learned"}}, "model.pos=learned"),
     ({"model": {"out_bias": True}}, "no biases but on q, k, v"),
+    ({"moe": {"shared_experts": 1}}, "Qwen2-MoE's shared expert is gated"),
+    ({"model": {"qk_norm": "head"}, "moe": {"shared_experts": 1, "shared_gate": True}},
+     "shared experts are Qwen2-MoE's, and model.qk_norm=head makes the model Qwen3MoeForCausalLM"),
+    ({"model": {"qk_norm": "proj"}, "moe": {"every": 2}}, "OLMoE has an MoE layer in every block"),
+    ({"model": {"clip_qkv": 1.0}}, "model.clip_qkv is OLMoE's"),
+    ({"model": {"qk_norm": "proj", "qkv_bias": True}}, "OlmoeForCausalLM has one attention_bias"),
 ])
 def test_export_refuses_what_hugging_face_cannot_express(tmp_path, change, message):
     model = {"n_layers": 2, "d_model": 32, "n_heads": 4, "vocab_size": V, "seq_len": 32, "d_ff": 48}
