@@ -29,6 +29,9 @@ class ModelConfig:
     d_model: int = 128
     n_heads: int = 4
     n_kv_heads: int = 0  # 0 = n_heads (no grouped-query attention)
+    head_dim: int = 0  # size of one attention head; 0 = d_model // n_heads
+    qk_norm: str = "none"  # none | proj (RMSNorm over the whole q and k projections, OLMoE) | head (per head, Qwen3)
+    clip_qkv: float = 0.0  # clamp q, k and v to [-clip_qkv, clip_qkv] after their projections and norms (OLMoE); 0 = off
     vocab_size: int = 0  # 0 = taken from the tokenized data
     seq_len: int = 256
     d_ff: int = 512  # hidden size of the dense MLP
@@ -46,6 +49,10 @@ class ModelConfig:
     init_seed: int = -1  # seeds the experts' initialisation; -1: train.seed (what configs saved without it used)
     document_eos_id: int = -1  # attention does not cross this id, positions restart after it (-1: off);
     # data.document_mask=true sets it to the data's end-of-document id
+
+    def head_size(self) -> int:
+        """The size of one attention head (hs): model.head_dim, or d_model // n_heads when it is 0."""
+        return self.head_dim or self.d_model // self.n_heads
 
 
 @dataclass
@@ -268,12 +275,19 @@ def validate(cfg: Config, zero_stage: int | None = None) -> None:
     _check_train(cfg.train, cfg.data)
     _check_data(cfg.data)
     cfg.moe.check(cfg.model.d_model, cfg.model.mlp_bias, zero_stage)
+    bad = [i for i in cfg.moe.dense_layers if not 0 <= i < cfg.model.n_layers]
+    check(not bad, f"moe.dense_layers: {bad} are not blocks of a {cfg.model.n_layers}-layer model")
 
 
 def _check_model(m: ModelConfig) -> None:
     check_positive([("model.n_layers", m.n_layers), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
                     ("model.seq_len", m.seq_len), ("model.d_ff", m.d_ff)])
-    check(m.d_model % m.n_heads == 0, f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    check(m.head_dim > 0 or m.d_model % m.n_heads == 0,
+          f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), or model.head_dim set")
+    check(m.head_dim >= 0, f"model.head_dim must be >= 0, got {m.head_dim}")
+    check(m.pos != "rope" or m.head_size() % 2 == 0, f"RoPE needs an even head size, got {m.head_size()}")
+    check(m.qk_norm in ("none", "proj", "head"), f"model.qk_norm must be none, proj or head, got {m.qk_norm!r}")
+    check(m.clip_qkv >= 0, f"model.clip_qkv must be >= 0, got {m.clip_qkv}")
     kv = m.n_kv_heads or m.n_heads
     check(m.n_heads % kv == 0, f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({kv})")
     check(m.mlp in ("swiglu", "gelu"), f"model.mlp must be swiglu or gelu, got {m.mlp!r}")

@@ -18,7 +18,9 @@ from megavq.moe.spec import MoESpec
 TOKEN_ROUTERS = [r for r in available_routers() if router_class(r).layer_kind == "token"]
 OPTIONS = {"compete": {"rate": 1.0, "warmup_steps": 0}}
 DEEPSEEK = {"score": "sigmoid", "route_scale": 2.5, "bias_rate": 0.01, "groups": 2, "group_top": 1}  # balancing
-CASES = [(r, OPTIONS.get(r, {})) for r in TOKEN_ROUTERS] + [("topk", DEEPSEEK)]
+SHARED = {"shared_experts": 2, "d_shared": 8, "shared_gate": True}  # Qwen2-MoE's gated shared expert
+CASES = {**{r: (r, OPTIONS.get(r, {}), {}) for r in TOKEN_ROUTERS}, "topk-balancing": ("topk", DEEPSEEK, {}),
+         "topk-shared": ("topk", {}, SHARED)}  # id: (router, router options, MoE settings)
 
 
 def layer_pair(router: str, backend: str = "deepspeed", d_model: int = 16, d_hidden: int = 24, options=None, **moe):
@@ -32,10 +34,11 @@ def layer_pair(router: str, backend: str = "deepspeed", d_model: int = 16, d_hid
     return layers
 
 
-@pytest.mark.parametrize("router, options", CASES, ids=[r + "-balancing" * bool(o.get("score")) for r, o in CASES])
-def test_deepspeed_backend_equals_native(router, options):
-    """Forward, aux loss and gradients (inputs, router, experts) with capacity large enough to drop nothing."""
-    native, ds = layer_pair(router, options=options)
+@pytest.mark.parametrize("router, options, moe", CASES.values(), ids=CASES.keys())
+def test_deepspeed_backend_equals_native(router, options, moe):
+    """Forward, aux loss and gradients (inputs, router, experts, shared experts) with capacity large enough to drop
+    nothing."""
+    native, ds = layer_pair(router, options=options, **moe)
     assert isinstance(ds.dispatcher, DeepSpeedDispatcher)
     x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1))
     results = []

@@ -31,7 +31,9 @@ from megavq.moe.experts import Experts, every_expert, expert_mlp
 from megavq.train.launch import free_port
 
 TOL = 1e-5
-ODD = ["model.d_model=33", "model.n_heads=3", "model.pos=learned", "model.vocab_size=4097"]
+ODD = ["model.d_model=33", "model.n_heads=3", "model.pos=learned", "model.vocab_size=4097",
+       # an imported model's options: heads of 10 (not 33 / 3), per-head QK-norm, a gated shared expert
+       "model.head_dim=10", "model.qk_norm=head", "moe.shared_experts=1", "moe.d_shared=24", "moe.shared_gate=true"]
 RUN = [*EP_SMALL, *ODD, "train.max_steps=14", "train.save_every=2"]
 
 
@@ -171,13 +173,18 @@ def test_layout_maps_local_tensors_onto_canonical_ones(backend):
         assert not experts and [p for p, _, _ in layout.fallback] == [f"blocks.{i}.mlp." for i in range(4)]
 
 
+IMPORTED = ["model.head_dim=20", "model.qk_norm=proj", "moe.shared_experts=1", "moe.shared_gate=true",
+            "moe.dense_layers=[1]"]  # the options of imported MoE models
+
+
+@pytest.mark.parametrize("extra", [[], IMPORTED], ids=["tiny", "imported-options"])
 @pytest.mark.parametrize("backend", ["native", "deepspeed", "reference"])
-def test_declared_expert_rows_equal_the_probed_ones(backend):
+def test_declared_expert_rows_equal_the_probed_ones(backend, extra):
     """native and deepspeed declare their canonical rows; reference declares none and is probed."""
     from megavq.config import load_config
     from megavq.model import Transformer
     from megavq.train.layout import expert_rows, local_tensors, probed_rows
-    model = Transformer(load_config("tiny", ["model.vocab_size=64", f"moe.backend={backend}"]))
+    model = Transformer(load_config("tiny", ["model.vocab_size=64", f"moe.backend={backend}", *extra]))
     local = local_tensors(model)
     for prefix, layer in model.moe_layers():
         assert (layer.canonical_rows(prefix) is None) == (backend == "reference")

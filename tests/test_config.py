@@ -37,6 +37,11 @@ def test_overrides_are_typed():
     ("moe.top_k=9", "moe.top_k (9) exceeds moe.num_experts (4)"),
     ("train.wandb=maybe", "train.wandb: expected bool"),
     ("lr", "not of the form key=value"),
+    ("model.qk_norm=layer", "model.qk_norm must be none, proj or head, got 'layer'"),
+    ("model.head_dim=15", "RoPE needs an even head size, got 15"),
+    ("moe.dense_layers=[4]", "are not blocks of a 4-layer model"),
+    ("moe.dense_layers=1", "moe.dense_layers: expected list, got 1"),
+    ("moe.shared_gate=true", "moe.shared_gate needs moe.shared_experts > 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -180,7 +180,11 @@ def test_readme_quotes_the_estimators_summary_lines():
 # ---- against measurement ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("overrides", [[], ["moe.every=2"], ["model.mlp=gelu"], ["model.n_kv_heads=2"],
-                                       ["moe.top_k=1", "moe.num_experts=8"]])
+                                       ["moe.top_k=1", "moe.num_experts=8"],
+                                       ["model.qk_norm=proj", "model.clip_qkv=2.0"],
+                                       ["model.qk_norm=head", "model.head_dim=48", "model.n_kv_heads=2"],
+                                       ["moe.shared_experts=2", "moe.d_shared=64", "moe.shared_gate=true",
+                                        "moe.dense_layers=[0]"]])
 def test_activation_count_equals_the_tensors_saved_for_the_backward(overrides, dtype):
     """One process, the model alone: every tensor the forward saves, deduplicated by storage, plus the logits."""
     cfg = load_config("tiny", ["model.vocab_size=512", "model.n_layers=2", *overrides])

@@ -1,5 +1,7 @@
 """Hugging Face import and export: tiny random models built locally, logits compared with transformers on CPU."""
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -32,6 +34,19 @@ def tiny_hf(family: str, **kw):
         "qwen2_moe": lambda: T.Qwen2MoeConfig(**COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
                                               moe_intermediate_size=24, decoder_sparse_step=2, norm_topk_prob=False,
                                               **{"shared_expert_intermediate_size": 0, **kw}),
+        # a gated shared expert, and block 2 kept dense among the MoE blocks (decoder_sparse_step 1)
+        "qwen2_moe_shared": lambda: T.Qwen2MoeConfig(**COMMON, num_key_value_heads=2, num_experts=4,
+                                                     num_experts_per_tok=2, moe_intermediate_size=24,
+                                                     shared_expert_intermediate_size=40, mlp_only_layers=[2],
+                                                     norm_topk_prob=True, **kw),
+        # heads of 12 (not 32 / 4), per-head QK-norm, MoE in every other block but block 3
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**COMMON, num_key_value_heads=2, head_dim=12, num_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1,
+                                              mlp_only_layers=[3], norm_topk_prob=True, **kw),
+        # QK-norm over the whole projections, clip_qkv, unnormalised top-k weights
+        "olmoe": lambda: T.OlmoeConfig(**{**COMMON, "intermediate_size": 24}, num_key_value_heads=4, num_experts=4,
+                                       num_experts_per_tok=2, clip_qkv=1.5, norm_topk_prob=False, eos_token_id=None,
+                                       **kw),
     }
     cfg = configs[family]()
     torch.manual_seed(0)
@@ -67,6 +82,36 @@ def test_import_matches_transformers(family, tmp_path):
     diff = (model(idx) - hf_logits(hf, idx)).abs().max().item()
     print(f"{family}: max |logit diff| megavq vs transformers = {diff:.2e}")
     assert diff < 1e-4
+
+
+MOE_FAMILIES = {"mixtral": "MixtralForCausalLM", "qwen2_moe_shared": "Qwen2MoeForCausalLM",
+                "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+
+
+@pytest.mark.parametrize("original", [True, False], ids=["per-expert", "fused"])
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_moe_import_export_round_trip(family, original, tmp_path):
+    """Released MoE architectures saved per expert (the Hub's names) or fused (transformers 5's gate_up_proj):
+    imported logits equal transformers' to 1e-5 in fp32; exported back, transformers loads the same architecture
+    and its logits equal megavq's; greedy generations agree."""
+    hf = tiny_hf(family)
+    hf.save_pretrained(tmp_path / "in", save_original_format=original, max_shard_size="40KB")
+    names = json.loads((tmp_path / "in" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(k.endswith("experts.gate_up_proj") for k in names) != original  # the layout asked for
+    model = load_model(tmp_path / "in")
+    idx = tokens()
+    diff = (model(idx) - hf_logits(hf, idx)).abs().max().item()
+    save_hf(model, tmp_path / "out")
+    back = getattr(transformers, MOE_FAMILIES[family]).from_pretrained(tmp_path / "out", attn_implementation="eager")
+    with torch.no_grad():
+        diff_back = (hf_logits(back.eval(), idx) - model(idx)).abs().max().item()
+    prompt = idx[:1, :5]
+    back.generation_config.eos_token_id = None  # 8 tokens, as megavq's generate without eos_id
+    ours = model.generate(prompt.tolist(), 8, greedy=True)[0]
+    theirs = back.generate(prompt, max_new_tokens=8, do_sample=False)[0, 5:].tolist()
+    print(f"{family} ({'per-expert' if original else 'fused'}): max |logit diff| imported {diff:.2e}, "
+          f"exported {diff_back:.2e}; greedy tokens {ours} / {theirs}")
+    assert diff < 1e-5 and diff_back < 1e-5 and ours == theirs
 
 
 def test_import_details(tmp_path):
@@ -105,16 +150,59 @@ def test_sliding_window_limits_context(tmp_path):
     ({"model_type": "falcon"}, "model_type 'falcon' is not supported"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_type 'llama3'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"head_dim": 16}, "head_dim 16"),
-    ({"model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8,
-      "shared_expert_intermediate_size": 8}, "a shared expert"),
+    ({"model_type": "olmoe", "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2}, "head_dim 16 x 4 heads"),
 ])
 def test_import_refuses_unsupported(tmp_path, change, message):
     tiny_hf("llama").save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
-    with pytest.raises(MegavqError, match=message):
+    with pytest.raises(MegavqError, match=f"^{re.escape(str(tmp_path / 'config.json'))}: .*{message}") as e:
         load_model(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("original", [True, False], ids=["per-expert", "fused"])
+def test_a_missing_tensor_is_named_with_its_file(tmp_path, original):
+    from safetensors.torch import load_file, save_file
+    tiny_hf("olmoe").save_pretrained(tmp_path, save_original_format=original)
+    file = tmp_path / "model.safetensors"
+    sd = load_file(file)
+    missing = "model.layers.1.mlp.experts.2.up_proj.weight" if original else "model.layers.1.mlp.experts.down_proj"
+    del sd[missing]
+    save_file(sd, file, metadata={"format": "pt"})
+    with pytest.raises(MegavqError, match=f"^{re.escape(str(file))}: the Hugging Face weights lack tensor "
+                                          f"{re.escape(missing)}$"):
+        load_model(tmp_path)
+
+
+OLMOE_PUBLISHED = {  # allenai/OLMoE-1B-7B-0924, config.json (but the token ids, which are the tokenizer's)
+    "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": False,
+    "vocab_size": 50304, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "clip_qkv": None,
+    "attention_bias": False, "hidden_act": "silu", "tie_word_embeddings": False, "router_aux_loss_coef": 0.01,
+    "output_router_logits": False, "initializer_range": 0.02}
+
+
+def test_olmoe_preset_exports_olmoes_config_and_checkpoint_names():
+    """The olmoe_1b_7b preset, built on the meta device: its export config holds OLMoE's published values, and its
+    tensors have the names and shapes of OLMoE's checkpoint (OlmoeForCausalLM's, through transformers'
+    conversion mapping back to the per-expert names)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from megavq.config import load_config
+    from megavq.convert.hf.export import export_kind, hf_state_dict, native_config
+    with torch.device("meta"):
+        model = Transformer(load_config("olmoe_1b_7b"))
+    assert export_kind(model) == "olmoe"
+    config = native_config(model, "olmoe", {})
+    assert {k: getattr(config, k) for k in OLMOE_PUBLISHED} == OLMOE_PUBLISHED
+    assert config.rope_parameters["rope_theta"] == 10000.0
+    with torch.device("meta"):
+        hf = transformers.OlmoeForCausalLM(config)
+    theirs = {k: tuple(v.shape) for k, v in revert_weight_conversion(hf, hf.state_dict()).items()}
+    ours = {k: tuple(v.shape) for k, v in hf_state_dict(model, "olmoe").items()}
+    print(f"olmoe_1b_7b: {len(ours)} tensors, {sum(math.prod(s) for s in ours.values()):,} parameters")
+    assert ours == theirs and "model.layers.15.mlp.experts.63.down_proj.weight" in ours
 
 
 def test_hf_dir_is_not_a_megavq_dir(tmp_path):
@@ -161,6 +249,12 @@ def test_export_round_trip(tmp_path, model, moe, arch):
     ({"model": {"mlp": "gelu"}}, "model.mlp=gelu"),
     ({"model": {"pos": "learned"}}, "model.pos=learned"),
     ({"model": {"out_bias": True}}, "no biases but on q, k, v"),
+    ({"moe": {"shared_experts": 1}}, "Qwen2-MoE's shared expert is gated"),
+    ({"model": {"qk_norm": "head"}, "moe": {"shared_experts": 1, "shared_gate": True}},
+     "shared experts are Qwen2-MoE's, and model.qk_norm=head makes the model Qwen3MoeForCausalLM"),
+    ({"model": {"qk_norm": "proj"}, "moe": {"every": 2}}, "OLMoE has an MoE layer in every block"),
+    ({"model": {"clip_qkv": 1.0}}, "model.clip_qkv is OLMoE's"),
+    ({"model": {"qk_norm": "proj", "qkv_bias": True}}, "OlmoeForCausalLM has one attention_bias"),
 ])
 def test_export_refuses_what_hugging_face_cannot_express(tmp_path, change, message):
     model = {"n_layers": 2, "d_model": 32, "n_heads": 4, "vocab_size": V, "seq_len": 32, "d_ff": 48}

@@ -40,6 +40,11 @@ CASES = {  # name: (overrides, the architecture transformers loads)
     "topk-switch-every2": (["moe.router=topk", "moe.top_k=1", "moe.every=2"], "Qwen2MoeForCausalLM"),
     "topk-sigmoid-bias": (["moe.router=topk", "moe.router_options={score: sigmoid, route_scale: 2.5, bias_rate: 0.001}"],
                           "MegavqForCausalLM"),  # no Hugging Face architecture routes with a bias
+    "topk-qk-norm-clip": (["moe.router=topk", "model.qk_norm=proj", "model.clip_qkv=0.5"], "OlmoeForCausalLM"),
+    "topk-head-norm-dense0": (["moe.router=topk", "model.qk_norm=head", "model.head_dim=12", "moe.dense_layers=[0]"],
+                              "Qwen3MoeForCausalLM"),
+    "topk-shared-expert": (["moe.router=topk", "moe.shared_experts=2", "moe.d_shared=16", "moe.shared_gate=true",
+                            "moe.dense_layers=[1]"], "Qwen2MoeForCausalLM"),
     "vq-gelu-learned-layernorm-biases": (["moe.router=vq", "model.mlp=gelu", "model.pos=learned",
                                           "model.norm=layernorm", "model.qkv_bias=true", "model.out_bias=true",
                                           "model.mlp_bias=true"], "MegavqForCausalLM"),
@@ -155,6 +160,14 @@ def test_every_causal_router_exports_and_the_others_are_refused(router, tmp_path
     else:
         with pytest.raises(MegavqError, match=f"moe.router={router} is not causal"):
             save_hf(model, tmp_path / "hf", remote_code=True)
+
+
+def test_options_of_imported_architectures_are_refused_by_the_modelling_code(tmp_path):
+    """vq in front of QK-norm: no transformers architecture holds it, and the remote code has no QK-norm."""
+    model, _ = checkpoint(tmp_path, ["moe.router=vq", "model.qk_norm=head", "moe.shared_experts=1"])
+    with pytest.raises(MegavqError, match="^cannot export to Hugging Face with its own modelling code: it has no "
+                                          "model.qk_norm, moe.shared_experts; export with --format megavq instead$"):
+        save_hf(model, tmp_path / "hf", remote_code=True)
 
 
 def test_two_exports_load_side_by_side(tmp_path):

@@ -74,10 +74,15 @@ def saved_bytes(model, x, y) -> int:
     return total[0]
 
 
-def test_activation_checkpointing_saves_less_and_keeps_gradients():
+IMPORTED = ["model.head_dim=40", "model.qk_norm=proj", "model.clip_qkv=0.5", "moe.shared_experts=1",
+            "moe.shared_gate=true", "moe.dense_layers=[2]"]  # the options of imported MoE models
+
+
+@pytest.mark.parametrize("extra", [[], IMPORTED], ids=["tiny", "imported-options"])
+def test_activation_checkpointing_saves_less_and_keeps_gradients(extra):
     results = {}
     for every in (0, 1, 2):
-        cfg = load_config("tiny", ["model.vocab_size=512", f"train.activation_checkpointing={every}"])
+        cfg = load_config("tiny", ["model.vocab_size=512", f"train.activation_checkpointing={every}", *extra])
         torch.manual_seed(0)
         model = prepare_model(Transformer(cfg), cfg).train()
         model.set_step(0)

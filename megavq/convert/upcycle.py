@@ -110,7 +110,7 @@ def _check_shapes(dense: Config, cfg: Config, granularity: int = 1) -> None:
 
 
 def moe_layer_ids(cfg: Config) -> list[int]:
-    return moe_blocks(cfg.model.n_layers, cfg.moe.every)
+    return moe_blocks(cfg.model.n_layers, cfg.moe.every, cfg.moe.dense_layers)
 
 
 # ---- the state-dict transformation ------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def upcycle_state_dict(dense_sd: dict, cfg: Config, recipe: Recipe | None = None
     out, mlps = {}, {}
     for key, value in dense_sd.items():
         m = re.fullmatch(r"blocks\.(\d+)\.mlp\.(.+)", key)
-        if m and is_moe_layer(int(m[1]), cfg.moe.every):
+        if m and is_moe_layer(int(m[1]), cfg.moe.every, cfg.moe.dense_layers):
             mlps.setdefault(int(m[1]), {})[m[2]] = value
         else:
             out[key] = value
@@ -215,7 +215,7 @@ def share_gate_rows(router, granularity: int) -> None:
 def _is_routing_key(key: str, cfg: Config) -> bool:
     """A parameter or buffer of an MoE layer other than its experts: the new router."""
     m = re.fullmatch(r"blocks\.(\d+)\.mlp\.(.+)", key)
-    return bool(m) and is_moe_layer(int(m[1]), cfg.moe.every) and not m[2].startswith("experts.")
+    return bool(m) and is_moe_layer(int(m[1]), cfg.moe.every, cfg.moe.dense_layers) and not m[2].startswith("experts.")
 
 
 # ---- router initialisation from data -----------------------------------------------------------------------

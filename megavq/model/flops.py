@@ -1,8 +1,8 @@
 """Model FLOPs and utilisation (MFU): the figures of metrics.jsonl, summary.json and the benchmark.
 
 Model FLOPs per token = 6 x the active parameters of the matrix products (the token embedding and learned
-positions are lookups, not products; the output head counts once, tied or not) + 12 x layers x d_model x
-seq_len for attention's two products over the sequence (causality not subtracted, as in PaLM's MFU).
+positions are lookups, not products; the output head counts once, tied or not) + 12 x layers x n_heads x
+head size x seq_len for attention's two products over the sequence (causality not subtracted, as in PaLM's MFU).
 Recomputation (activation checkpointing) is not counted: MFU measures useful work.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ def flops_per_token(model) -> float:
     lookups = model.embed.weight.numel() + (model.pos_embed.weight.numel() if model.pos_embed is not None else 0)
     head = 0 if not m.tie_embeddings else model.lm_head.weight.numel()  # tied: counted in the lookups above
     matmul = model.num_params(active=True) - lookups + head
-    return 6.0 * matmul + 12.0 * m.n_layers * m.d_model * m.seq_len
+    return 6.0 * matmul + 12.0 * m.n_layers * m.n_heads * m.head_size() * m.seq_len
 
 
 def device_peak_tflops(given: float = 0.0) -> float | None:

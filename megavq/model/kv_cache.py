@@ -63,7 +63,7 @@ class KVCache:
     """The keys and values of every layer of a model for a left-padded batch of B rows and up to S_max slots."""
 
     def __init__(self, cfg: ModelConfig, pad_B: torch.Tensor, S_max: int, dtype: torch.dtype):
-        n_kv, hs = cfg.n_kv_heads or cfg.n_heads, cfg.d_model // cfg.n_heads
+        n_kv, hs = cfg.n_kv_heads or cfg.n_heads, cfg.head_size()
         self.pad_B, self.eos_id = pad_B, cfg.document_eos_id
         self.layers = [LayerKV(len(pad_B), n_kv, S_max, hs, dtype, pad_B.device) for _ in range(cfg.n_layers)]
         self.doc_BL = torch.full((len(pad_B), S_max), -1, dtype=torch.long, device=pad_B.device)  # -1: padding

@@ -12,6 +12,7 @@ from torch import nn
 from megavq.compat.torch import flex_attention
 from megavq.config import ModelConfig
 from megavq.model.kv_cache import LayerKV
+from megavq.moe.experts import DenseMLP
 
 
 class RMSNorm(nn.Module):
@@ -78,17 +79,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head (grouped-query) attention; heads of model.head_dim; with model.qk_norm, RMSNorm on the queries
+    and keys over the whole projections ("proj", OLMoE) or per head ("head", Qwen3); with model.clip_qkv, q, k
+    and v clamped after that (OLMoE)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv = cfg.n_heads, cfg.n_kv_heads or cfg.n_heads
-        self.head_size = cfg.d_model // cfg.n_heads
-        kv_dim = self.n_kv * self.head_size
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.qkv_bias)
+        self.head_size = cfg.head_size()
+        q_dim, kv_dim = self.n_heads * self.head_size, self.n_kv * self.head_size
+        self.q_proj = nn.Linear(cfg.d_model, q_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.out_bias)
+        self.o_proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.out_bias)
+        self.qk_norm, self.clip = cfg.qk_norm, cfg.clip_qkv
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = RMSNorm(self.head_size if per_head else q_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_size if per_head else kv_dim, cfg.norm_eps)
         self.dropout = cfg.dropout
         self.use_rope = cfg.pos == "rope"
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, nh, S, hs), keys and values (B, nkv, S, hs) of x (B, S, D), before RoPE."""
+        B, S, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_size)
+        k, v = (t.view(B, S, self.n_kv, self.head_size) for t in (k, v))
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv: LayerKV | None = None, mask=None) -> torch.Tensor:
@@ -96,10 +120,8 @@ class CausalSelfAttention(nn.Module):
         mask (documents: megavq.model.transformer.Transformer.layout), attention under it, rope per-row tables.
         With kv (generation): x holds only the new tokens, rope their per-row tables (B, 1, S, hs/2), and
         the attention reads the cached keys and values under mask (B, 1, S, L) (see megavq.model.kv_cache)."""
-        B, S, D = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_size).transpose(1, 2)  # (B, nh, S, hs)
-        k = self.k_proj(x).view(B, S, self.n_kv, self.head_size).transpose(1, 2)  # (B, nkv, S, hs)
-        v = self.v_proj(x).view(B, S, self.n_kv, self.head_size).transpose(1, 2)
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x)  # (B, nh, S, hs), (B, nkv, S, hs) twice
         if self.use_rope:
             cos, sin = rope if kv is not None or mask is not None else (t[:S] for t in rope)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -107,7 +129,7 @@ class CausalSelfAttention(nn.Module):
         if kv is not None:
             k, v = kv.update(k, v)  # (B, nkv, L, hs): the cached slots and the new ones
         y = attend(q, k, v, mask, gqa, self.dropout if self.training else 0.0)
-        return self.o_proj(y.transpose(1, 2).reshape(B, S, D))
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))
 
 
 def attend(q, k, v, mask, gqa: bool, dropout_p: float) -> torch.Tensor:
@@ -120,17 +142,8 @@ def attend(q, k, v, mask, gqa: bool, dropout_p: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, dropout_p=dropout_p)
 
 
-class MLP(nn.Module):
-    """Dense MLP: SwiGLU (Llama family) or GELU (GPT-2)."""
+class MLP(DenseMLP):
+    """The dense MLP of a block (width model.d_ff): SwiGLU (Llama family) or GELU (GPT-2)."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.kind = cfg.mlp
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias) if cfg.mlp == "swiglu" else None
-        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_proj is not None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        super().__init__(cfg.d_model, cfg.d_ff, cfg.mlp, cfg.mlp_bias)

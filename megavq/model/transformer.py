@@ -1,7 +1,8 @@
 """Decoder-only transformer with MoE layers.
 
 Legend: B batch, S sequence, D hidden, V vocabulary.
-The MLP of every `moe.every`-th block (zero-based index i with (i + 1) % every == 0) is an MoE layer.
+The MLP of every `moe.every`-th block (zero-based index i with (i + 1) % every == 0) is an MoE layer, but for the
+blocks of moe.dense_layers, whose MLP stays dense (width model.d_ff).
 The model is built from the model and MoE settings of a run configuration (`cfg.model`, `cfg.moe`); what a
 training run adds comes through methods: with `checkpoint_every = n > 0` (the engine sets it from
 train.activation_checkpointing), every n-th block (i % n == 0) keeps only its input for the backward and runs
@@ -42,7 +43,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm, self.attn = make_norm(m), CausalSelfAttention(m)
         self.mlp_norm = make_norm(m)
-        self.is_moe = is_moe_layer(i, moe.every)
+        self.is_moe = is_moe_layer(i, moe.every, moe.dense_layers)
         self.mlp = build_moe_layer(MoESpec.for_block(m, moe, i)) if self.is_moe else MLP(m)
 
     def forward(self, x: torch.Tensor, rope, kv: LayerKV | None = None,
@@ -85,7 +86,7 @@ class Transformer(nn.Module):
         self.lm_head = LMHead(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.rope = Rope(m.seq_len, m.d_model // m.n_heads, m.rope_theta) if m.pos == "rope" else None
+        self.rope = Rope(m.seq_len, m.head_size(), m.rope_theta) if m.pos == "rope" else None
         self.checkpoint_every = 0  # activation checkpointing: off until a training engine sets it
         self._init_weights(m)
 
@@ -172,7 +173,7 @@ class Transformer(nn.Module):
     def place_routers(self, seed: int, max_steps: int = 0) -> None:
         """Give every router its place, the run's seed (keyed by block, as the experts' initialisation) and the
         run's length in optimizer steps (0 = unknown), for schedules given as fractions of the run."""
-        blocks = moe_blocks(len(self.blocks), self.cfg.moe.every)
+        blocks = moe_blocks(len(self.blocks), self.cfg.moe.every, self.cfg.moe.dense_layers)
         for index, i in enumerate(blocks):
             self.blocks[i].mlp.router.place(index, len(blocks), block_seed(seed, i), max_steps)
 

@@ -24,6 +24,10 @@ class MoEConfig:
     top_k: int = 2
     every: int = 1  # 1 = every layer, 2 = every other starting with the second, 0 = dense
     d_expert: int = 0  # hidden size of one expert; 0 = model.d_ff
+    dense_layers: list = field(default_factory=list)  # blocks kept dense among those `every` makes MoE (mlp_only_layers)
+    shared_experts: int = 0  # experts every token of an MoE layer goes through, beside the routed ones
+    d_shared: int = 0  # hidden size of one shared expert; 0 = the routed experts'
+    shared_gate: bool = False  # scale the shared experts' output by sigmoid(x W_g) (Qwen2-MoE)
     ep_size: int = 1
     capacity_factor: float = 1.25  # capacity backends only
     eval_capacity_factor: float = 2.0
@@ -39,6 +43,11 @@ class MoEConfig:
         """Every check of these settings (in a model of width d_model) that does not need the world size."""
         check_positive([(f"moe.{key}", getattr(self, key)) for key in ("num_experts", "top_k", "ep_size")])
         check(self.every >= 0, f"moe.every must be >= 0, got {self.every}")
+        check(all(isinstance(i, int) and not isinstance(i, bool) for i in self.dense_layers),
+              f"moe.dense_layers must be a list of block indices, got {self.dense_layers!r}")
+        check(self.shared_experts >= 0 and self.d_shared >= 0,
+              f"moe.shared_experts and moe.d_shared must be >= 0, got {self.shared_experts} and {self.d_shared}")
+        check(self.shared_experts > 0 or not self.shared_gate, "moe.shared_gate needs moe.shared_experts > 0")
         check(self.top_k <= self.num_experts, f"moe.top_k ({self.top_k}) exceeds moe.num_experts ({self.num_experts})")
         check(self.num_experts % self.ep_size == 0,
               f"moe.num_experts ({self.num_experts}) must be divisible by moe.ep_size ({self.ep_size})")

@@ -1,4 +1,4 @@
-"""A bank of E independent expert MLPs stored as stacked weights.
+"""A bank of E independent expert MLPs stored as stacked weights, and the dense MLP (shared experts, dense blocks).
 
 Legend: N routed rows (tokens sorted by expert), D hidden, H expert hidden, E experts.
 `forward(x_ND, counts_E)` runs each expert on its contiguous chunk of rows (one matrix product per
@@ -95,6 +95,22 @@ class Experts(nn.Module):
     def all_experts(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Every expert on every token, (E, T, D): the dense mode of competition routing."""
         return every_expert(self, self.num_experts, x_TD)
+
+
+class DenseMLP(nn.Module):
+    """One dense MLP on every row, (..., D) -> (..., D): SwiGLU (Llama family) or tanh GELU (GPT-2), its Linear
+    layers under Llama's names."""
+
+    def __init__(self, d_model: int, d_hidden: int, mlp: str = "swiglu", bias: bool = False):
+        super().__init__()
+        self.up_proj = nn.Linear(d_model, d_hidden, bias=bias)
+        self.gate_proj = nn.Linear(d_model, d_hidden, bias=bias) if mlp == "swiglu" else None
+        self.down_proj = nn.Linear(d_hidden, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
 def grouped_products(x_ND: torch.Tensor, experts: Experts) -> bool:

@@ -3,7 +3,9 @@
 Legend: B batch, S sequence, T = B*S tokens, D hidden, E experts, K slots per token.
 The router decides (RouterOutput), the dispatcher (moe.backend) moves the routed rows to the experts and
 back; the experts are weights in the dispatcher's layout. Every layer has the same interface:
-`forward(x_BSD) -> (y_BSD, aux_loss, metrics)`. What differs between routers and dispatchers is declared
+`forward(x_BSD) -> (y_BSD, aux_loss, metrics)`. With moe.shared_experts, every token also goes through the
+shared experts (one dense MLP of their summed width, beside the dispatcher), scaled by sigmoid(x W_g) with
+moe.shared_gate (Qwen2-MoE): y = routed(x) + [sigmoid(x W_g)] * shared(x). What differs between routers and dispatchers is declared
 on their classes (megavq.moe.routers.base.Router, megavq.moe.dispatch.base.Dispatcher) and checked by
 `megavq.moe.config.check_layer` before anything is built.
 """
@@ -15,6 +17,7 @@ from torch import nn
 
 from megavq.moe.config import check_layer
 from megavq.moe.dispatch import build_dispatcher
+from megavq.moe.experts import DenseMLP
 from megavq.moe.phases import phase
 from megavq.moe.routers import RouterOutput, router_class
 from megavq.moe.spec import MoESpec, build_layer_router
@@ -29,11 +32,23 @@ class MoELayer(nn.Module):
         self.router = build_layer_router(spec)
         self.dispatcher = build_dispatcher(spec)  # not a module: it holds no tensors
         self.experts = self.dispatcher.build_experts()
+        moe, width = spec.moe, spec.moe.shared_experts * (spec.moe.d_shared or spec.d_hidden)
+        self.shared_expert = DenseMLP(spec.d_model, width, spec.mlp, spec.bias) if width else None
+        self.shared_expert_gate = nn.Linear(spec.d_model, 1, bias=False) if moe.shared_gate else None
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         with phase("moe"):
             y_BSD, r, extra = self.dispatcher.forward(x_BSD, self.router_fn(x_BSD.shape[1]), self.experts)
-        return y_BSD, r.aux_loss, {**r.metrics, **extra}
+        return self.add_shared(x_BSD, y_BSD), r.aux_loss, {**r.metrics, **extra}
+
+    def add_shared(self, x_BSD: torch.Tensor, y_BSD: torch.Tensor) -> torch.Tensor:
+        """y_BSD plus the shared experts' output on x_BSD (gated), where the layer has shared experts."""
+        if self.shared_expert is None:
+            return y_BSD
+        shared_BSD = self.shared_expert(x_BSD)
+        if self.shared_expert_gate is not None:
+            shared_BSD = torch.sigmoid(self.shared_expert_gate(x_BSD)) * shared_BSD
+        return y_BSD + shared_BSD
 
     def router_fn(self, seq_len: int):
         """x_TD -> RouterOutput, the router called with what it declares it needs."""
@@ -84,7 +99,8 @@ class SoftMoELayer(MoELayer):
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         with phase("moe"):
-            return self._forward(x_BSD)
+            y_BSD, aux, metrics = self._forward(x_BSD)
+        return self.add_shared(x_BSD, y_BSD), aux, metrics
 
     def _forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         B = x_BSD.shape[0]

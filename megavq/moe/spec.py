@@ -27,7 +27,7 @@ class MoESpec:
     @classmethod
     def for_block(cls, model, moe: MoEConfig, block: int) -> "MoESpec":
         """The spec of block `block`'s MoE layer in a model of settings `model` (a ModelConfig) and `moe`."""
-        blocks = moe_blocks(model.n_layers, moe.every)
+        blocks = moe_blocks(model.n_layers, moe.every, moe.dense_layers)
         return cls(moe, model.d_model, moe.d_expert or model.d_ff, model.mlp, model.mlp_bias, model.init_std,
                    expert_out_std(model.init_std, model.n_layers), seed=block_seed(model.init_seed, block),
                    layer_index=blocks.index(block), num_moe_layers=len(blocks))
@@ -38,14 +38,15 @@ def block_seed(seed: int, block: int) -> int:
     return seed * 1000 + block
 
 
-def is_moe_layer(i: int, every: int) -> bool:
-    """Whether block i's MLP is an MoE layer: zero-based i with (i + 1) % every == 0 (every = 0: none)."""
-    return every > 0 and (i + 1) % every == 0
+def is_moe_layer(i: int, every: int, dense: list[int] = ()) -> bool:
+    """Whether block i's MLP is an MoE layer: zero-based i with (i + 1) % every == 0 (every = 0: none) and i not
+    among the blocks kept dense (moe.dense_layers; Qwen2-MoE's mlp_only_layers with its decoder_sparse_step)."""
+    return every > 0 and (i + 1) % every == 0 and i not in dense
 
 
-def moe_blocks(n_layers: int, every: int) -> list[int]:
+def moe_blocks(n_layers: int, every: int, dense: list[int] = ()) -> list[int]:
     """The blocks whose MLP is an MoE layer, in order."""
-    return [i for i in range(n_layers) if is_moe_layer(i, every)]
+    return [i for i in range(n_layers) if is_moe_layer(i, every, dense)]
 
 
 def build_layer_router(spec: MoESpec) -> Router:

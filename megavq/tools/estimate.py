@@ -375,16 +375,28 @@ class Shape:
     n_in: int  # 2 for SwiGLU, 1 for GELU
     ep: int
     capacity_buffer: bool  # rows pass through an (E, C, D) buffer (DeepSpeed-MoE), else routed rows (dropless)
+    hs: int = 0  # head size (model.head_dim or D / nh)
+    qk_norms: int = 0  # RMSNorm rows per token on the queries and keys: 2 (over the projections), nh + nkv (per head)
+    clip: bool = False  # model.clip_qkv
+    Fs: int = 0  # the shared experts' summed hidden size (0: none)
+    shared_gate: bool = False
+
+    @property
+    def q(self) -> int:
+        """The queries' (and the attention output's) width, nh x hs."""
+        return self.nh * self.hs
 
 
 def shape_of(cfg: Config, micro_batch: int, b: int) -> Shape:
     m, moe = cfg.model, cfg.moe
     T, E, K = micro_batch * m.seq_len, moe.num_experts, moe.top_k
     rows = row_counts(moe, T) if moe.every else dropless_rows(moe, T)
-    hs = m.d_model // m.n_heads
-    return Shape(T, m.seq_len, m.d_model, m.n_heads, (m.n_kv_heads or m.n_heads) * hs, m.vocab_size, m.d_ff,
-                 moe.d_expert or m.d_ff, E, E // moe.ep_size, K, rows.computed, rows.sent, T * K, b,
-                 2 if m.mlp == "swiglu" else 1, moe.ep_size, rows.capacity_buffer)
+    hs, nkv = m.head_size(), m.n_kv_heads or m.n_heads
+    qk_norms = {"none": 0, "proj": 2, "head": m.n_heads + nkv}[m.qk_norm]
+    H = moe.d_expert or m.d_ff
+    return Shape(T, m.seq_len, m.d_model, m.n_heads, nkv * hs, m.vocab_size, m.d_ff, H, E, E // moe.ep_size, K,
+                 rows.computed, rows.sent, T * K, b, 2 if m.mlp == "swiglu" else 1, moe.ep_size, rows.capacity_buffer,
+                 hs, qk_norms, m.clip_qkv > 0, moe.shared_experts * (moe.d_shared or H), moe.shared_gate)
 
 
 def row_counts(moe, tokens: int) -> RowCounts:
@@ -402,7 +414,10 @@ def norm_bytes(s: Shape, output: bool = True) -> float:
 
 
 def attention_bytes(s: Shape) -> float:
-    return s.T * (3 * s.D + 2 * s.kv) * s.b + s.T * s.nh * 4  # q, k, v, out, o_proj input; lse
+    """q, k, v, out, o_proj input; lse; QK-norm's fp32 input, x*rsqrt and rsqrt; clip_qkv's inputs."""
+    qk_norm = s.T * (s.q + s.kv) * (4 + s.b) + s.T * s.qk_norms * 4 if s.qk_norms else 0
+    clip = s.T * (s.q + 2 * s.kv) * s.b if s.clip else 0
+    return s.T * (3 * s.q + 2 * s.kv) * s.b + s.T * s.nh * 4 + qk_norm + clip
 
 
 def router_bytes(s: Shape) -> float:
@@ -423,13 +438,23 @@ def experts_bytes(s: Shape) -> float:
     return s.rows * s.D * s.b + hidden + weights + 2 * s.routed * s.D * s.b + s.routed * (16 + s.b) + perm
 
 
-def dense_mlp_bytes(s: Shape) -> float:
-    return s.T * s.F * s.b * (4 if s.n_in == 2 else 2)
+def dense_mlp_bytes(s: Shape, F: int | None = None) -> float:
+    return s.T * (F or s.F) * s.b * (4 if s.n_in == 2 else 2)
+
+
+def shared_bytes(s: Shape) -> float:
+    """The shared experts: a dense MLP of their summed width, its input in the model dtype (under fp32 the
+    router's copy), the gate's output and the gated product's inputs."""
+    if not s.Fs:
+        return 0
+    own_input = s.T * s.D * s.b if s.b != 4 else 0
+    return dense_mlp_bytes(s, s.Fs) + own_input + (s.T * (s.D + 1) * s.b if s.shared_gate else 0)
 
 
 def block_bytes(s: Shape, is_moe: bool) -> float:
     if is_moe:
-        return norm_bytes(s) + attention_bytes(s) + norm_bytes(s, output=False) + router_bytes(s) + experts_bytes(s)
+        moe = router_bytes(s) + experts_bytes(s) + shared_bytes(s)
+        return norm_bytes(s) + attention_bytes(s) + norm_bytes(s, output=False) + moe
     return 2 * norm_bytes(s) + attention_bytes(s) + dense_mlp_bytes(s)
 
 
@@ -438,12 +463,12 @@ def outside_blocks(s: Shape) -> list[Item]:
             Item("final norm", norm_bytes(s, output=False), "fp32 input, x*rsqrt, rsqrt"),
             Item("loss gradients of the head", (s.T + s.V) * s.D * s.b, "(T, D) and (V, D): chunked loss, "
                  "no logits kept"),
-            Item("RoPE tables", s.S * (s.D // s.nh) * 4, "cos, sin")]
+            Item("RoPE tables", s.S * s.hs * 4, "cos, sin")]
 
 
 def activation_memory(cfg: Config, micro_batch: int, b: int, checkpointing: bool = False) -> list[Item]:
     s = shape_of(cfg, micro_batch, b)
-    kinds = [is_moe_layer(i, cfg.moe.every) for i in range(cfg.model.n_layers)]
+    kinds = [is_moe_layer(i, cfg.moe.every, cfg.moe.dense_layers) for i in range(cfg.model.n_layers)]
     items = outside_blocks(s)
     if checkpointing:
         items.append(Item("block inputs", len(kinds) * s.T * s.D * s.b, f"{len(kinds)} x (T, D)"))
@@ -456,6 +481,8 @@ def activation_memory(cfg: Config, micro_batch: int, b: int, checkpointing: bool
         items.append(Item("router", n_moe * router_bytes(s), f"{n_moe} MoE layers: logits, probs, top-k"))
         items.append(Item("experts", n_moe * experts_bytes(s),
                           f"{s.rows:,} rows: inputs, hidden, outputs; w_in copies of {s.L} experts"))
+    if n_moe and s.Fs:
+        items.append(Item("shared experts", n_moe * shared_bytes(s), f"hidden {s.Fs}" + (", gated" * s.shared_gate)))
     if len(kinds) > n_moe:
         items.append(Item("dense MLPs", (len(kinds) - n_moe) * dense_mlp_bytes(s), f"{len(kinds) - n_moe} layers"))
     return items
@@ -490,7 +517,7 @@ class AllToAll:
 
 def all_to_all(cfg: Config, cluster: Cluster, micro_batch: int, b: int, checkpointing: bool = False) -> AllToAll:
     s, R, G = shape_of(cfg, micro_batch, b), cfg.moe.ep_size, cluster.gpus_per_node
-    n_moe = len(moe_blocks(cfg.model.n_layers, cfg.moe.every))
+    n_moe = len(moe_blocks(cfg.model.n_layers, cfg.moe.every, cfg.moe.dense_layers))
     rows = s.sent
     exchanges = n_moe * (6 if checkpointing else 4) * cfg.train.grad_accum_steps if R > 1 else 0
     local = min(R, G)

@@ -1,14 +1,21 @@
-"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE and GPT-2 <-> megavq Transformer.
+"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2, GPT-2, and the MoE models Mixtral, Qwen2-MoE (with
+its gated shared expert and mlp_only_layers), Qwen3-MoE (per-head QK-norm, head_dim apart from hidden / heads) and
+OLMoE (QK-norm over the whole q and k projections, clip_qkv) <-> megavq Transformer.
 
 Import (`load_hf_model(dir) -> (Config, state_dict)`) reads config.json and the weights (model.safetensors, sharded
 safetensors, or pytorch_model.bin through `torch.load(weights_only=True)`, which unpickles no code) without
-needing transformers; it also reads back megavq's own remote-code exports (model_type megavq).
-Export (`save_hf(model, dir, tokenizer)`, needs transformers: the `hf` extra) writes, in the layout of the
-checkpoints on the Hub, the architecture that the routers' declarations (`Router.hf_routing()`) allow:
-a dense Llama-family model as Llama (Qwen2 when only q, k, v carry biases); a model whose routers route at
-evaluation as softmax top-k (topk, compete) with an MoE layer in every block and renormalised weights as
-Mixtral; any other such MoE model (MoE every n-th block, Switch-style unnormalised weights, q/k/v biases) as
-Qwen2-MoE, whose `decoder_sparse_step` is moe.every and whose shared expert has width 0 (it adds exactly 0).
+needing transformers; it also reads back megavq's own remote-code exports (model_type megavq). Experts come per
+expert (the names of the released checkpoints, transformers' default `save_original_format=True`) or fused
+(transformers 5's `gate_up_proj` (E, 2H, D) and `down_proj` (E, D, H), `save_original_format=False`; Mixtral's
+`block_sparse_moe` is then `mlp`).
+Export (`save_hf(model, dir, tokenizer)`, needs transformers: the `hf` extra) writes, in the per-expert layout of
+the checkpoints on the Hub, the architecture that the model's settings and the routers' declarations
+(`Router.hf_routing()`) allow: a dense Llama-family model as Llama (Qwen2 when only q, k, v carry biases); a model
+whose routers route at evaluation as softmax top-k (topk, compete) as OLMoE when it has QK-norm over the
+projections (model.qk_norm=proj), as Qwen3-MoE with per-head QK-norm (model.qk_norm=head), as Mixtral with an MoE
+layer in every block, renormalised weights, no shared experts and no biases, and as Qwen2-MoE otherwise (MoE every
+n-th block (`decoder_sparse_step`), moe.dense_layers as `mlp_only_layers`, a gated shared expert, Switch-style
+unnormalised weights, q/k/v biases; without shared experts its shared expert has width 0 and adds exactly 0).
 Any other causal model (vq, xmoe, usmoe with token selection, LayerNorm, learned positions, GELU, biases) is
 written with its own modelling code when `remote_code=True` (megavq.convert.hf.remote). Configs are built with
 transformers' config classes, weights written as safetensors shards with an index when large, and the tokenizer
@@ -31,9 +38,12 @@ from megavq.config import Config, ModelConfig, config_from_dict, saved_config
 from megavq.convert.hf.remote import megavq_state_dict
 from megavq.errors import MegavqError
 from megavq.moe.routers import hf_router_name
+from megavq.moe.spec import moe_blocks
 from megavq.store.model_dir import HF_CONFIG
 
-SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "gpt2", "megavq")
+SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt2", "megavq")
+TOPK_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # softmax top-k MoE models
+QK_NORM = {"olmoe": "proj", "qwen3_moe": "head"}  # model.qk_norm of the models that normalise queries and keys
 DEFAULT_THETA = {"mixtral": 1e6}  # rope_theta when config.json has none; 10000 otherwise
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -46,7 +56,10 @@ LLAMA_KEYS = [
     ("model.layers.{i}.input_layernorm.weight", "blocks.{i}.attn_norm.weight"),
     ("model.layers.{i}.post_attention_layernorm.weight", "blocks.{i}.mlp_norm.weight"),
     ("model.layers.{i}.self_attn.{p}_proj.{w}", "blocks.{i}.attn.{p}_proj.{w}"),
+    ("model.layers.{i}.self_attn.{p}_norm.weight", "blocks.{i}.attn.{p}_norm.weight"),
     ("model.layers.{i}.mlp.{p}_proj.{w}", "blocks.{i}.mlp.{p}_proj.{w}"),
+    ("model.layers.{i}.mlp.shared_expert.{p}_proj.weight", "blocks.{i}.mlp.shared_expert.{p}_proj.weight"),
+    ("model.layers.{i}.mlp.shared_expert_gate.weight", "blocks.{i}.mlp.shared_expert_gate.weight"),
 ]
 GPT2_KEYS = [
     ("wte.weight", "embed.weight"),
@@ -59,16 +72,19 @@ GPT2_KEYS = [
     ("h.{i}.mlp.c_fc.{w}", "blocks.{i}.mlp.up_proj.{w}"),
     ("h.{i}.mlp.c_proj.{w}", "blocks.{i}.mlp.down_proj.{w}"),
 ]
-# MoE blocks: router name, expert tensor name, the names of (gate, up, down)
+# MoE blocks, per expert: router name, expert tensor name, the names of (gate, up, down). Qwen2-MoE's names are
+# those of Qwen3-MoE and OLMoE too, and the names import reads (Mixtral's are renamed to them: MIXTRAL_NAMES).
 MOE_KEYS = {
     "mixtral": ("model.layers.{i}.block_sparse_moe.gate.weight",
                 "model.layers.{i}.block_sparse_moe.experts.{e}.{n}.weight", ("w1", "w3", "w2")),
     "qwen2_moe": ("model.layers.{i}.mlp.gate.weight",
                   "model.layers.{i}.mlp.experts.{e}.{n}.weight", ("gate_proj", "up_proj", "down_proj")),
 }
-EXPERT_KEY = re.compile(r"model\.layers\.\d+\.(block_sparse_moe|mlp)\.(gate\.weight|experts\..+)")
+MIXTRAL_NAMES = [(r"\.block_sparse_moe\.", ".mlp."), (r"(\.experts\.\d+)\.w1\.", r"\1.gate_proj."),
+                 (r"(\.experts\.\d+)\.w3\.", r"\1.up_proj."), (r"(\.experts\.\d+)\.w2\.", r"\1.down_proj.")]
+EXPERT_KEY = re.compile(r"model\.layers\.\d+\.mlp\.(gate\.weight|experts\..+)")
 IGNORED = re.compile(r"(.*\.)?(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)")  # buffers of old checkpoints
-SHARED_EXPERT = re.compile(r"model\.layers\.\d+\.mlp\.shared_expert(_gate)?\..+")  # Qwen2-MoE, width 0 only
+SHARED_EXPERT = re.compile(r"model\.layers\.\d+\.mlp\.shared_expert(_gate)?\..+")  # Qwen2-MoE's
 
 
 # ---- names ------------------------------------------------------------------------------------------------
@@ -92,7 +108,7 @@ def rename(key: str, table: list, to_megavq: bool = True) -> str | None:
 def read_hf_config(path: Path) -> dict:
     data = json.loads((path / HF_CONFIG).read_text())
     if data.get("model_type") not in SUPPORTED:
-        raise MegavqError(f"{path}: Hugging Face model_type {data.get('model_type')!r} is not supported "
+        raise MegavqError(f"{path / HF_CONFIG}: Hugging Face model_type {data.get('model_type')!r} is not supported "
                           f"(supported: {', '.join(SUPPORTED)})")
     return data
 
@@ -104,16 +120,22 @@ def _load_file(file: Path) -> dict:
     return torch.load(file, map_location="cpu", weights_only=True)
 
 
-def read_hf_weights(path: Path) -> dict:
-    """All tensors of a Hugging Face directory: single-file or sharded, safetensors preferred over .bin."""
-    for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (TORCH_BIN, TORCH_BIN_INDEX)):
-        if (path / single).is_file():
-            return _load_file(path / single)
-        if (path / index).is_file():
-            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-            return {k: v for shard in shards for k, v in _load_file(path / shard).items()}
+def weights_file(path: Path) -> Path:
+    """The weights of a Hugging Face directory: the single file or the shards' index, safetensors preferred."""
+    for name in (SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN, TORCH_BIN_INDEX):
+        if (path / name).is_file():
+            return path / name
     raise MegavqError(f"{path} has a config.json but no weights ({SAFETENSORS}, {SAFETENSORS_INDEX}, "
                       f"{TORCH_BIN} or {TORCH_BIN_INDEX})")
+
+
+def read_hf_weights(path: Path) -> dict:
+    """All tensors of a Hugging Face directory: single-file or sharded, safetensors preferred over .bin."""
+    file = weights_file(path)
+    if not file.name.endswith(".index.json"):
+        return _load_file(file)
+    shards = sorted(set(json.loads(file.read_text())["weight_map"].values()))
+    return {k: v for shard in shards for k, v in _load_file(path / shard).items()}
 
 
 def load_hf_model(path: str | Path) -> tuple[Config, dict]:
@@ -123,10 +145,10 @@ def load_hf_model(path: str | Path) -> tuple[Config, dict]:
     sd = {k: v for k, v in read_hf_weights(path).items() if not IGNORED.fullmatch(k)}
     if hf["model_type"] == "megavq":  # megavq's own remote-code export: its config and names, prefixed
         return megavq_export_config(hf, path), megavq_state_dict(sd)
-    cfg = hf_to_config(hf)
+    cfg = hf_to_config(hf, path)
     if hf["model_type"] == "gpt2":
         return cfg, gpt2_weights(sd, cfg, path)
-    return cfg, llama_weights(sd, cfg, hf["model_type"], path)
+    return cfg, llama_weights(sd, cfg, hf["model_type"], weights_file(path))
 
 
 # ---- config: Hugging Face -> megavq -----------------------------------------------------------------------
@@ -166,16 +188,24 @@ def context_length(hf: dict) -> int:
     return min(n, window) if window else n
 
 
+def head_dim(hf: dict) -> int:
+    """model.head_dim: 0 where the head size is hidden_size / num_attention_heads (the default)."""
+    d, nh = _need(hf, "hidden_size"), _need(hf, "num_attention_heads")
+    hs = hf.get("head_dim") or d // nh
+    if hf["model_type"] == "olmoe" and hs * nh != d:
+        raise _unsupported(hf, f"head_dim {hs} x {nh} heads != hidden_size {d} (its q_norm spans hidden_size)")
+    return 0 if hs * nh == d else hs
+
+
 def llama_model_config(hf: dict) -> ModelConfig:
     d, nh = _need(hf, "hidden_size"), _need(hf, "num_attention_heads")
     if hf.get("hidden_act", "silu") != "silu":
         raise _unsupported(hf, f"hidden_act {hf['hidden_act']!r} (only silu)")
-    if hf.get("head_dim") not in (None, d // nh):
-        raise _unsupported(hf, f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads ({d // nh})")
     qwen = hf["model_type"] in ("qwen2", "qwen2_moe")  # biases on q, k, v but not o
     bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
         n_layers=_need(hf, "num_hidden_layers"), d_model=d, n_heads=nh, n_kv_heads=hf.get("num_key_value_heads") or nh,
+        head_dim=head_dim(hf), qk_norm=QK_NORM.get(hf["model_type"], "none"), clip_qkv=float(hf.get("clip_qkv") or 0),
         vocab_size=_need(hf, "vocab_size"), seq_len=context_length(hf), d_ff=_need(hf, "intermediate_size"),
         mlp="swiglu", norm="rmsnorm", pos="rope", rope_theta=rope_theta(hf), norm_eps=hf.get("rms_norm_eps", 1e-6),
         qkv_bias=bool(hf.get("qkv_bias", True)) if qwen else bias, out_bias=bias and not qwen,
@@ -199,26 +229,35 @@ def gpt2_model_config(hf: dict) -> ModelConfig:
 
 
 def moe_config(hf: dict) -> dict:
-    """The moe section: dense (every 0), Mixtral (every block, renormalised top-k) or Qwen2-MoE."""
-    if hf["model_type"] == "mixtral":  # renormalises the top-k probabilities, also for k = 1
+    """The moe section: dense (every 0), Mixtral (every block, renormalised top-k), OLMoE (every block), or
+    Qwen2-MoE / Qwen3-MoE (every decoder_sparse_step-th block but mlp_only_layers; Qwen2-MoE's shared expert)."""
+    kind = hf["model_type"]
+    if kind == "mixtral":  # renormalises the top-k probabilities, also for k = 1
         jitter = hf.get("router_jitter_noise") or 0.0
         return {"every": 1, "router": hf_router_name(), "num_experts": _need(hf, "num_local_experts"),
                 "top_k": _need(hf, "num_experts_per_tok"), "aux_loss_coef": hf.get("router_aux_loss_coef", 0.02),
                 "router_options": {"normalize": True, **({"jitter": float(jitter)} if jitter else {})}}
-    if hf["model_type"] != "qwen2_moe":
+    if kind not in TOPK_MOE:
         return {"every": 0}
-    if hf.get("shared_expert_intermediate_size") or hf.get("mlp_only_layers"):
-        raise _unsupported(hf, "a shared expert or mlp_only_layers")
-    return {"every": hf.get("decoder_sparse_step", 1), "router": hf_router_name(),
-            "num_experts": _need(hf, "num_experts"), "top_k": _need(hf, "num_experts_per_tok"),
-            "d_expert": _need(hf, "moe_intermediate_size"),
-            "aux_loss_coef": hf.get("router_aux_loss_coef", 0.001),
-            "router_options": {"normalize": bool(hf.get("norm_topk_prob", False))}}
+    experts = hf.get("num_experts") or _need(hf, "num_local_experts")  # released configs and transformers 5's
+    moe = {"every": 1, "router": hf_router_name(), "num_experts": experts,
+           "top_k": _need(hf, "num_experts_per_tok"), "aux_loss_coef": hf.get("router_aux_loss_coef", 0.01),
+           "router_options": {"normalize": bool(hf.get("norm_topk_prob", False))}}
+    if kind == "olmoe":  # its intermediate_size is the experts' (it has no dense MLP)
+        return {**moe, "d_expert": _need(hf, "intermediate_size")}
+    shared = (hf.get("shared_expert_intermediate_size") or 0) if kind == "qwen2_moe" else 0
+    return {**moe, "every": hf.get("decoder_sparse_step", 1), "d_expert": _need(hf, "moe_intermediate_size"),
+            "dense_layers": list(hf.get("mlp_only_layers") or []), "aux_loss_coef": hf.get("router_aux_loss_coef", 0.001),
+            "shared_experts": int(shared > 0), "d_shared": shared, "shared_gate": shared > 0}
 
 
-def hf_to_config(hf: dict) -> Config:
-    model = gpt2_model_config(hf) if hf["model_type"] == "gpt2" else llama_model_config(hf)
-    return config_from_dict({"model": dataclasses.asdict(model), "moe": moe_config(hf)})
+def hf_to_config(hf: dict, path: Path) -> Config:
+    """The megavq Config of a Hugging Face config (path's); what megavq cannot hold is refused naming the file."""
+    try:
+        model = gpt2_model_config(hf) if hf["model_type"] == "gpt2" else llama_model_config(hf)
+        return config_from_dict({"model": dataclasses.asdict(model), "moe": moe_config(hf)})
+    except MegavqError as e:
+        raise MegavqError(f"{path / HF_CONFIG}: {e}") from None
 
 
 # ---- weights: Hugging Face -> megavq ----------------------------------------------------------------------
@@ -226,49 +265,58 @@ def _unknown(keys: list, path: Path) -> MegavqError:
     return MegavqError(f"{path}: weights not understood: {sorted(keys)[:5]} ({len(keys)} in all)")
 
 
-def llama_weights(sd: dict, cfg: Config, model_type: str, path: Path) -> dict:
-    moe = {k: sd.pop(k) for k in list(sd) if EXPERT_KEY.fullmatch(k) or SHARED_EXPERT.fullmatch(k)}
+def moe_names(key: str) -> str:
+    """Mixtral's names of MoE tensors as Qwen2-MoE's (block_sparse_moe -> mlp, w1 w3 w2 -> gate up down)."""
+    for pattern, to in MIXTRAL_NAMES:
+        key = re.sub(pattern, to, key)
+    return key
+
+
+def llama_weights(sd: dict, cfg: Config, model_type: str, file: Path) -> dict:
+    """The state dict of a Llama-family model; `file`, where the weights come from, is named in errors."""
+    sd = {moe_names(k): v for k, v in sd.items()} if model_type == "mixtral" else sd
+    moe = {k: sd.pop(k) for k in list(sd) if EXPERT_KEY.fullmatch(k)}
+    if not cfg.moe.shared_experts:  # Qwen2-MoE's shared expert of width 0 adds exactly 0
+        moe.update({k: sd.pop(k) for k in list(sd) if SHARED_EXPERT.fullmatch(k)})
     names = {key: rename(key, LLAMA_KEYS) for key in sd}
     left = [key for key, name in names.items() if name is None]
     if left:
-        raise _unknown(left, path)
+        raise _unknown(left, file)
     out = {names[key]: value for key, value in sd.items()}
-    if model_type in MOE_KEYS:
-        out.update(moe_weights(moe, cfg, model_type))
+    if model_type in TOPK_MOE:
+        out.update(moe_weights(moe, cfg, file))
     elif moe:
-        raise _unknown(list(moe), path)
+        raise _unknown(list(moe), file)
     if cfg.model.tie_embeddings:
         out.pop("lm_head.weight", None)
     return out
 
 
-def moe_weights(sd: dict, cfg: Config, model_type: str) -> dict:
+def moe_weights(sd: dict, cfg: Config, file: Path) -> dict:
     """Routers and per-expert gate/up/down (or transformers 5's fused gate_up_proj/down_proj) -> stacked experts."""
-    out, router = {}, MOE_KEYS[model_type][0]
-    for i in range(cfg.model.n_layers):
-        if not (cfg.moe.every and (i + 1) % cfg.moe.every == 0):
-            continue
+    out, router = {}, MOE_KEYS["qwen2_moe"][0]
+    for i in moe_blocks(cfg.model.n_layers, cfg.moe.every, cfg.moe.dense_layers):
         fused = f"model.layers.{i}.mlp.experts."
         if fused + "gate_up_proj" in sd:
             gate_EHD, up_EHD = sd[fused + "gate_up_proj"].chunk(2, dim=1)
-            down_EDH = sd[fused + "down_proj"]
+            down_EDH = _get(sd, fused + "down_proj", file)
         else:
-            gate_EHD, up_EHD, down_EDH = _stack_experts(sd, i, cfg.moe.num_experts, model_type)
+            gate_EHD, up_EHD, down_EDH = _stack_experts(sd, i, cfg.moe.num_experts, file)
         out[f"blocks.{i}.mlp.experts.w_in"] = torch.stack([gate_EHD, up_EHD], 1).transpose(2, 3)  # (E, 2, D, H)
         out[f"blocks.{i}.mlp.experts.w_out"] = down_EDH.transpose(1, 2)  # (E, H, D)
-        out[f"blocks.{i}.mlp.router.gate.weight"] = _get(sd, router.format(i=i))
+        out[f"blocks.{i}.mlp.router.gate.weight"] = _get(sd, router.format(i=i), file)
     return out
 
 
-def _get(sd: dict, key: str) -> torch.Tensor:
+def _get(sd: dict, key: str, file: Path) -> torch.Tensor:
     if key not in sd:
-        raise MegavqError(f"Hugging Face weights lack {key}")
+        raise MegavqError(f"{file}: the Hugging Face weights lack tensor {key}")
     return sd[key]
 
 
-def _stack_experts(sd: dict, i: int, E: int, model_type: str) -> list:
-    _, name, kinds = MOE_KEYS[model_type]
-    return [torch.stack([_get(sd, name.format(i=i, e=e, n=n)) for e in range(E)]) for n in kinds]
+def _stack_experts(sd: dict, i: int, E: int, file: Path) -> list:
+    _, name, kinds = MOE_KEYS["qwen2_moe"]
+    return [torch.stack([_get(sd, name.format(i=i, e=e, n=n), file) for e in range(E)]) for n in kinds]
 
 
 def gpt2_weights(sd: dict, cfg: Config, path: Path) -> dict:

@@ -47,7 +47,16 @@ from __future__ import annotations
 
 
 def check_remote(cfg) -> None:
-    """Refuse what the modelling code cannot run: a non-causal router (or one not of the token-routing kind)."""
+    """Refuse what the modelling code cannot run: a non-causal router (or one not of the token-routing kind), and
+    the options of imported architectures it does not have (head size, QK-norm, clipping, shared experts, dense
+    blocks among MoE blocks)."""
+    m, moe = cfg.model, cfg.moe
+    options = {"model.head_dim": m.head_dim, "model.qk_norm": m.qk_norm != "none", "model.clip_qkv": m.clip_qkv,
+               "moe.shared_experts": moe.shared_experts, "moe.dense_layers": moe.dense_layers}
+    used = [key for key, value in options.items() if value]
+    if used:
+        raise MegavqError(f"cannot export to Hugging Face with its own modelling code: it has no {', '.join(used)}; "
+                          f"export with --format megavq instead")
     if not cfg.moe.every:
         return
     cls = router_class(cfg.moe.router)
