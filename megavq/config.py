@@ -46,6 +46,8 @@ class ModelConfig:
     init_seed: int = -1  # seeds the experts' initialisation; -1: train.seed (what configs saved without it used)
     document_eos_id: int = -1  # attention does not cross this id, positions restart after it (-1: off);
     # data.document_mask=true sets it to the data's end-of-document id
+    num_classes: int = 0  # > 0: a sequence-classification head of this many classes (scripts/finetune.py)
+    pool: str = "last"  # what the classification head reads: the last real token | mean over the real tokens
 
 
 @dataclass
@@ -282,6 +284,8 @@ def _check_model(m: ModelConfig) -> None:
     check(m.vocab_size >= 0, f"model.vocab_size must be >= 0, got {m.vocab_size}")
     check(m.document_eos_id >= -1, f"model.document_eos_id must be >= -1 (-1: off), got {m.document_eos_id}")
     check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    check(m.num_classes >= 0, f"model.num_classes must be >= 0 (0: no classification head), got {m.num_classes}")
+    check(m.pool in ("last", "mean"), f"model.pool must be last or mean, got {m.pool!r}")
 
 
 def _check_train(t: TrainConfig, data: DataConfig) -> None:
