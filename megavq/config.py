@@ -92,12 +92,28 @@ class TrainConfig:
     dist_timeout_s: float = 1800.0  # a collective waiting longer for a lost or stuck rank fails (retryable exit)
 
 
+TRAINABLE = ("all", "no_router", "discrete_only", "no_experts", "head")
+
+
+@dataclass
+class FinetuneConfig:
+    """scripts/finetune.py: the task, its data and what trains (docs/finetuning.md)."""
+    task: str = ""  # classify | lm; "" for a pre-training run
+    checkpoint: str = ""  # the model fine-tuned: a megavq model, checkpoint or run directory, or a Hugging Face one
+    data: str = ""  # a .jsonl/.json, .csv or .parquet file, or a dataset name (datasets.load_dataset)
+    text_column: str = "text"
+    label_column: str = "label"
+    val_fraction: float = 0.1  # of the rows held out for validation when the data has no validation split
+    trainable: str = "all"  # all | no_router | discrete_only (vq: the discrete path alone) | no_experts | head
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         """The configuration as saved (config.json, manifests): every router option recorded with its value,
@@ -234,6 +250,15 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] = ()) -> Config
     return resolved(cfg)
 
 
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of cfg with the dotted key=value overrides applied, resolved and validated."""
+    out = Config()
+    _apply(out, cfg.to_dict())
+    for text in overrides:
+        _apply(out, parse_override(text))
+    return resolved(out)
+
+
 def config_from_dict(data: dict) -> Config:
     load_plugins()
     cfg = Config()
@@ -269,6 +294,7 @@ def validate(cfg: Config, zero_stage: int | None = None) -> None:
     _check_model(cfg.model)
     _check_train(cfg.train, cfg.data)
     _check_data(cfg.data)
+    _check_finetune(cfg.finetune)
     cfg.moe.check(cfg.model.d_model, cfg.model.mlp_bias, zero_stage)
 
 
@@ -309,6 +335,12 @@ def _check_data(d: DataConfig) -> None:
     parse_sources(d.source)
     check(d.sampler in SAMPLERS + ("auto",), f"data.sampler must be one of {', '.join(SAMPLERS)} or auto, "
                                              f"got {d.sampler!r}")
+
+
+def _check_finetune(f: FinetuneConfig) -> None:
+    check(f.task in ("", "classify", "lm"), f"finetune.task must be classify or lm, got {f.task!r}")
+    check(f.trainable in TRAINABLE, f"finetune.trainable must be one of {', '.join(TRAINABLE)}, got {f.trainable!r}")
+    check(0 < f.val_fraction < 1, f"finetune.val_fraction must be in (0, 1), got {f.val_fraction}")
 
 
 def save_config(cfg: Config, path: Path) -> None:
