@@ -128,3 +128,18 @@ def test_a_head_of_other_classes_is_refused_in_one_line(task_files, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (f"error: the classification head of {tmp_path / 'head2'} has 2 "
                                                     f"classes, {data} has 3")
+
+
+def test_corpus_task_is_read_with_its_validation_split(tmp_path):
+    """scripts/make_corpus_task.py over builtin and a folder of text; finetune reads the folder's two splits."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("kernel driver memory page table interrupt\n" * 200)
+    proc = subprocess.run([sys.executable, "scripts/make_corpus_task.py", "--corpus", "builtin", "--corpus",
+                           str(tmp_path / "docs"), "--out_dir", str(tmp_path / "task"), "--per_corpus", "20",
+                           "--passage_chars", "100"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_config("tiny", [*SMALL, "finetune.task=classify", f"finetune.data={tmp_path / 'task'}"])
+    task = TaskData.open(cfg, Tokenizer(BUILTIN_TOKENIZER), seed=1)
+    assert (len(task), len(task.rows["val"]), task.classes) == (32, 8, ["builtin", "docs"])
+    val = [json.loads(line) for line in (tmp_path / "task" / "validation.jsonl").read_text().splitlines()]
+    assert [y for _, y in task.rows["val"]] == [task.classes.index(r["label"]) for r in val]

@@ -18,8 +18,17 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parqu
 VAL_SPLITS = ("validation", "val", "dev")
 
 
+def split_files(path: Path) -> dict:
+    """{split: file} of a folder holding train.EXT and perhaps validation.EXT (EXT: jsonl, json, csv, parquet)."""
+    files = {p.stem: p for p in sorted(path.iterdir()) if p.suffix in BUILDERS and p.stem in ("train", *VAL_SPLITS)}
+    if "train" not in files or len({p.suffix for p in files.values()}) > 1:
+        raise DataError(f"fine-tuning data folder {path} needs a train file (and perhaps a validation one) of one "
+                        f"format: {', '.join(f'train{s}' for s in BUILDERS)}")
+    return files
+
+
 def read_splits(source: str) -> dict:
-    """{split name: datasets.Dataset} of a local file or a dataset name."""
+    """{split name: datasets.Dataset} of a local file, a folder of split files (split_files) or a dataset name."""
     import datasets
     path = Path(source)
     try:
@@ -27,6 +36,10 @@ def read_splits(source: str) -> dict:
             if not path.is_file():
                 raise DataError(f"fine-tuning data {source} does not exist")
             return dict(datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path)))
+        if path.is_dir():
+            files = split_files(path)
+            builder = BUILDERS[next(iter(files.values())).suffix]
+            return dict(datasets.load_dataset(builder, data_files={k: str(p) for k, p in files.items()}))
         return dict(datasets.load_dataset(source))
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         raise DataError(f"cannot read fine-tuning data {source}: {str(e).splitlines()[0]}") from None
