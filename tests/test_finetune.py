@@ -143,3 +143,19 @@ def test_corpus_task_is_read_with_its_validation_split(tmp_path):
     assert (len(task), len(task.rows["val"]), task.classes) == (32, 8, ["builtin", "docs"])
     val = [json.loads(line) for line in (tmp_path / "task" / "validation.jsonl").read_text().splitlines()]
     assert [y for _, y in task.rows["val"]] == [task.classes.index(r["label"]) for r in val]
+
+
+@pytest.mark.parametrize("overrides, zero, message", [
+    (["finetune.trainable=no_router"], 3, "which ZeRO stage 3 cannot checkpoint"),
+    (["finetune.trainable=head", "moe.ep_size=2"], 2, "DeepSpeed's ZeRO stages 1-2 refuse under expert parallelism"),
+    (["moe.backend=deepspeed", "moe.ep_size=2"], 2, "fine-tune with moe.backend=native for moe.ep_size=2"),
+    (["finetune.trainable=discrete_only"], 1, "the model's router is topk"),
+    (["finetune.trainable=no_experts", "moe.every=0"], 1, "the model has none"),
+])
+def test_unsupported_combinations_are_refused_in_one_line(overrides, zero, message):
+    from megavq.errors import ConfigError
+    from megavq.train.finetune import check_combination
+    cfg = load_config("tiny", [*SMALL, "finetune.task=classify", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        check_combination(cfg, {"zero_optimization": {"stage": zero}})
+    check_combination(load_config("tiny", SMALL), {"zero_optimization": {"stage": zero}})  # trainable=all

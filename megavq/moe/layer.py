@@ -31,7 +31,8 @@ class MoELayer(nn.Module):
         self.dispatcher = build_dispatcher(spec)  # not a module: it holds no tensors
         self.experts = self.dispatcher.build_experts()
 
-    def forward(self, x_BSD: torch.Tensor, real_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def forward(self, x_BSD: torch.Tensor,
+                real_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """real_BS (padded rows): only the real tokens are routed, as one row of N tokens, so pads count in no
         routing statistic, balance loss or capacity; the pads' outputs are 0. A router's per-sequence scope
         (balance_scope=sequence, expert_choice's groups) then spans the micro-batch's real tokens."""
@@ -89,7 +90,8 @@ class SoftMoELayer(MoELayer):
         return RouterOutput(weights_M1, expert_M[:, None], F.one_hot(expert_M, E).float(),
                             weights_M1.new_zeros(()), {})
 
-    def forward(self, x_BSD: torch.Tensor, real_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def forward(self, x_BSD: torch.Tensor,
+                real_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         check(real_BS is None, "moe.router=soft mixes every token of a row into its slots: padded rows "
                                "(fine-tuning) are not supported")
         with phase("moe"):

@@ -18,6 +18,7 @@ from megavq.config import Config
 from megavq.data.task import TaskData
 from megavq.errors import ConfigError, MegavqError, check
 from megavq.model import Transformer
+from megavq.moe.dispatch import dispatcher_class
 from megavq.store.model_dir import fit_weights
 from megavq.train.engine import build_engine, prepare_model, zero_stage
 from megavq.train.trainer import Trainer, drive, resolve_vocab, run
@@ -89,9 +90,16 @@ def check_combination(cfg: Config, ds: dict) -> None:
           f"finetune.trainable=discrete_only routes by vq's codes alone: the model's router is {moe.router}")
     check(f.trainable not in ("no_router", "discrete_only", "no_experts") or moe.every > 0,
           f"finetune.trainable={f.trainable} freezes part of the MoE layers: the model has none (moe.every=0)")
-    check(f.trainable == "all" or moe.ep_size == 1 or zero_stage(ds) < 3,
-          f"finetune.trainable={f.trainable} with moe.ep_size={moe.ep_size} and ZeRO stage 3 is not supported: "
-          f"use ZeRO stage 0-2 or finetune.trainable=all")
+    check(moe.ep_size == 1 or not dispatcher_class(moe.backend).deepspeed_moe,
+          f"moe.backend={moe.backend} exchanges capacity buffers of one size between expert-parallel ranks, and "
+          f"padded rows give each rank its own number of tokens: fine-tune with moe.backend=native for "
+          f"moe.ep_size={moe.ep_size}")
+    check(f.trainable not in ("no_experts", "head") or moe.ep_size == 1 or zero_stage(ds) == 0,
+          f"finetune.trainable={f.trainable} freezes the experts, which DeepSpeed's ZeRO stages 1-2 refuse under "
+          f"expert parallelism (moe.ep_size={moe.ep_size}): use ZeRO stage 0 (ds_configs/zero0.json)")
+    check(f.trainable == "all" or zero_stage(ds) < 3,
+          f"finetune.trainable={f.trainable} freezes parameters, which ZeRO stage 3 cannot checkpoint: use ZeRO "
+          f"stage 0-2, or finetune.trainable=all")
 
 
 def freeze(model: Transformer, cfg: Config) -> None:
