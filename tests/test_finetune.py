@@ -147,7 +147,8 @@ def test_corpus_task_is_read_with_its_validation_split(tmp_path):
 
 @pytest.mark.parametrize("overrides, zero, message", [
     (["finetune.trainable=no_router"], 3, "which ZeRO stage 3 cannot checkpoint"),
-    (["finetune.trainable=head", "moe.ep_size=2"], 2, "DeepSpeed's ZeRO stages 1-2 refuse under expert parallelism"),
+    (["finetune.trainable=head", "moe.ep_size=2"], 2, "DeepSpeed's ZeRO stages 1-2 refuse for its MoE parameters"),
+    (["finetune.trainable=no_experts", "moe.backend=deepspeed"], 1, "refuse for its MoE parameters"),
     (["moe.backend=deepspeed", "moe.ep_size=2"], 2, "fine-tune with moe.backend=native for moe.ep_size=2"),
     (["finetune.trainable=discrete_only"], 1, "the model's router is topk"),
     (["finetune.trainable=no_experts", "moe.every=0"], 1, "the model has none"),

@@ -90,13 +90,16 @@ def check_combination(cfg: Config, ds: dict) -> None:
           f"finetune.trainable=discrete_only routes by vq's codes alone: the model's router is {moe.router}")
     check(f.trainable not in ("no_router", "discrete_only", "no_experts") or moe.every > 0,
           f"finetune.trainable={f.trainable} freezes part of the MoE layers: the model has none (moe.every=0)")
-    check(moe.ep_size == 1 or not dispatcher_class(moe.backend).deepspeed_moe,
+    deepspeed_moe = moe.every > 0 and dispatcher_class(moe.backend).deepspeed_moe
+    check(moe.ep_size == 1 or not deepspeed_moe,
           f"moe.backend={moe.backend} exchanges capacity buffers of one size between expert-parallel ranks, and "
           f"padded rows give each rank its own number of tokens: fine-tune with moe.backend=native for "
           f"moe.ep_size={moe.ep_size}")
-    check(f.trainable not in ("no_experts", "head") or moe.ep_size == 1 or zero_stage(ds) == 0,
-          f"finetune.trainable={f.trainable} freezes the experts, which DeepSpeed's ZeRO stages 1-2 refuse under "
-          f"expert parallelism (moe.ep_size={moe.ep_size}): use ZeRO stage 0 (ds_configs/zero0.json)")
+    moe_params = moe.every > 0 and (moe.ep_size > 1 or deepspeed_moe)  # DeepSpeed's MoE parameter groups
+    check(f.trainable not in ("no_experts", "head") or not moe_params or zero_stage(ds) == 0,
+          f"finetune.trainable={f.trainable} freezes the experts, which DeepSpeed's ZeRO stages 1-2 refuse for "
+          f"its MoE parameters (moe.backend={moe.backend}, moe.ep_size={moe.ep_size}): use ZeRO stage 0 "
+          f"(ds_configs/zero0.json)")
     check(f.trainable == "all" or zero_stage(ds) < 3,
           f"finetune.trainable={f.trainable} freezes parameters, which ZeRO stage 3 cannot checkpoint: use ZeRO "
           f"stage 0-2, or finetune.trainable=all")
@@ -127,8 +130,9 @@ def task_model(cfg: Config, sd: dict, num_classes: int) -> Transformer:
         cfg.moe.router_options["discrete_only"] = True
     torch.manual_seed(cfg.train.seed)
     model = prepare_model(Transformer(cfg), cfg)
-    fresh = {k: v for k, v in model.state_dict().items() if k.startswith("score.")}
-    fit_weights(model, {**fresh, **{k: v for k, v in sd.items() if not k.startswith("score.") or fresh}}, source)
+    head_sd = {k: v for k, v in model.state_dict().items() if k.startswith("score.")}  # new, or sd's below
+    body_sd = {k: v for k, v in sd.items() if head_sd or not k.startswith("score.")}  # lm: a classifier's head dropped
+    fit_weights(model, {**head_sd, **body_sd}, source)
     freeze(model, cfg)
     return model
 
