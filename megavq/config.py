@@ -49,6 +49,8 @@ class ModelConfig:
     init_seed: int = -1  # seeds the experts' initialisation; -1: train.seed (what configs saved without it used)
     document_eos_id: int = -1  # attention does not cross this id, positions restart after it (-1: off);
     # data.document_mask=true sets it to the data's end-of-document id
+    num_classes: int = 0  # > 0: a sequence-classification head of this many classes (scripts/finetune.py)
+    pool: str = "last"  # what the classification head reads: the last real token | mean over the real tokens
 
     def head_size(self) -> int:
         """The size of one attention head (hs): model.head_dim, or d_model // n_heads when it is 0."""
@@ -97,12 +99,28 @@ class TrainConfig:
     dist_timeout_s: float = 1800.0  # a collective waiting longer for a lost or stuck rank fails (retryable exit)
 
 
+TRAINABLE = ("all", "no_router", "discrete_only", "no_experts", "head")
+
+
+@dataclass
+class FinetuneConfig:
+    """scripts/finetune.py: the task, its data and what trains (docs/finetuning.md)."""
+    task: str = ""  # classify | lm; "" for a pre-training run
+    checkpoint: str = ""  # the model fine-tuned: a megavq model, checkpoint or run directory, or a Hugging Face one
+    data: str = ""  # a .jsonl/.json, .csv or .parquet file, or a dataset name (datasets.load_dataset)
+    text_column: str = "text"
+    label_column: str = "label"
+    val_fraction: float = 0.1  # of the rows held out for validation when the data has no validation split
+    trainable: str = "all"  # all | no_router | discrete_only (vq: the discrete path alone) | no_experts | head
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         """The configuration as saved (config.json, manifests): every router option recorded with its value,
@@ -239,6 +257,15 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] = ()) -> Config
     return resolved(cfg)
 
 
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of cfg with the dotted key=value overrides applied, resolved and validated."""
+    out = Config()
+    _apply(out, cfg.to_dict())
+    for text in overrides:
+        _apply(out, parse_override(text))
+    return resolved(out)
+
+
 def config_from_dict(data: dict) -> Config:
     load_plugins()
     cfg = Config()
@@ -274,6 +301,7 @@ def validate(cfg: Config, zero_stage: int | None = None) -> None:
     _check_model(cfg.model)
     _check_train(cfg.train, cfg.data)
     _check_data(cfg.data)
+    _check_finetune(cfg.finetune)
     cfg.moe.check(cfg.model.d_model, cfg.model.mlp_bias, zero_stage)
     bad = [i for i in cfg.moe.dense_layers if not 0 <= i < cfg.model.n_layers]
     check(not bad, f"moe.dense_layers: {bad} are not blocks of a {cfg.model.n_layers}-layer model")
@@ -296,6 +324,8 @@ def _check_model(m: ModelConfig) -> None:
     check(m.vocab_size >= 0, f"model.vocab_size must be >= 0, got {m.vocab_size}")
     check(m.document_eos_id >= -1, f"model.document_eos_id must be >= -1 (-1: off), got {m.document_eos_id}")
     check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}")
+    check(m.num_classes >= 0, f"model.num_classes must be >= 0 (0: no classification head), got {m.num_classes}")
+    check(m.pool in ("last", "mean"), f"model.pool must be last or mean, got {m.pool!r}")
 
 
 def _check_train(t: TrainConfig, data: DataConfig) -> None:
@@ -319,6 +349,12 @@ def _check_data(d: DataConfig) -> None:
     parse_sources(d.source)
     check(d.sampler in SAMPLERS + ("auto",), f"data.sampler must be one of {', '.join(SAMPLERS)} or auto, "
                                              f"got {d.sampler!r}")
+
+
+def _check_finetune(f: FinetuneConfig) -> None:
+    check(f.task in ("", "classify", "lm"), f"finetune.task must be classify or lm, got {f.task!r}")
+    check(f.trainable in TRAINABLE, f"finetune.trainable must be one of {', '.join(TRAINABLE)}, got {f.trainable!r}")
+    check(0 < f.val_fraction < 1, f"finetune.val_fraction must be in (0, 1), got {f.val_fraction}")
 
 
 def save_config(cfg: Config, path: Path) -> None:

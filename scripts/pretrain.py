@@ -15,7 +15,7 @@ from pathlib import Path
 from megavq.config import load_config
 from megavq.plugins import load_plugins
 from megavq.store.model_dir import resolve_model_dir
-from megavq.train.launch import single_process_env, user_errors
+from megavq.train.launch import resume_argv, single_process_env, user_errors
 
 
 def parse_args():
@@ -37,21 +37,6 @@ def parse_args():
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. moe.router=vq train.lr=1e-3")
     return p.parse_intermixed_args(resume_argv(sys.argv[1:]))
-
-
-def resume_argv(argv: list[str]) -> list[str]:
-    """`--resume auto` -> `--resume=auto`, a bare `--resume` -> `--resume=strict` (so that a key=value after a bare
-    --resume stays an override)."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] == "--resume":
-            auto = i + 1 < len(argv) and argv[i + 1] in ("auto", "strict")
-            out.append(f"--resume={argv[i + 1] if auto else 'strict'}")
-            i += 2 if auto else 1
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
 
 
 def main():

@@ -94,9 +94,7 @@ def test_fragments_cover_each_tensor_once_and_read_across_files(tmp_path):
 
 def test_fault_specs_command_line_and_slurm_environment():
     from megavq.train.faults import _parse
-    from megavq.train.launch import slurm_env
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from pretrain import resume_argv
+    from megavq.train.launch import resume_argv, slurm_env
     assert _parse("save.write:1:4:kill,step::7") == [("save.write", 1, 4, "kill"), ("step", None, 7, "raise")]
     with pytest.raises(ValueError, match="POINT"):
         _parse("nowhere:0")

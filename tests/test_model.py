@@ -96,3 +96,62 @@ def test_flex_attention_block_mask_equals_the_explicit_document_mask():
         warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled
         out = flex.flex_attention(q, k, v, block_mask=document_block_mask(doc_BS))
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def pad_rows(texts, S, left):
+    """Rows of the texts padded to S with random ids (left or right), and the real-token mask."""
+    idx_BS, real_BS = torch.randint(0, 64, (len(texts), S)), torch.zeros(len(texts), S, dtype=torch.bool)
+    for b, t in enumerate(texts):
+        cols = slice(S - len(t), S) if left else slice(0, len(t))
+        idx_BS[b, cols], real_BS[b, cols] = t, True
+    return idx_BS, real_BS
+
+
+def padding_routers():
+    """(router, causal token-choice): every registered router but soft, which refuses padded rows."""
+    from megavq.moe.routers import available_routers, router_class
+    return [r for r in available_routers() if router_class(r).layer_kind == "token"]
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right", "left"])
+@pytest.mark.parametrize("router", padding_routers())
+def test_padded_rows_give_each_text_its_own_logits(router, left):
+    """Real tokens of a padded batch get the logits of their text alone, for every causal token-choice router
+    (expert_choice and usmoe's global selection route over the batch's tokens, so only the pads' independence holds);
+    changing the pads changes no logit of a real token, no aux loss and no routing statistic."""
+    from megavq.moe.routers import router_class
+    model = build("moe.every=1", f"moe.router={router}", "moe.num_experts=4", "moe.top_k=2", "moe.allow_noncausal=true")
+    texts = [torch.randint(0, 64, (n,)) for n in (16, 5, 11)]
+    idx_BS, real_BS = pad_rows(texts, 16, left)
+    with torch.no_grad():
+        padded = model(idx_BS, real_BS=real_BS)
+        out = model(idx_BS, torch.where(real_BS, idx_BS, -100), real_BS=real_BS)
+        repadded = model(torch.where(real_BS, idx_BS, 7), torch.where(real_BS, idx_BS, -100), real_BS=real_BS)
+        alone = [model(t[None])[0] for t in texts]
+        other_pads = model(torch.where(real_BS, idx_BS, 3), real_BS=real_BS)
+    torch.testing.assert_close(padded[real_BS], other_pads[real_BS], rtol=0, atol=0)
+    torch.testing.assert_close((out.aux_loss, out.router_metrics), (repadded.aux_loss, repadded.router_metrics),
+                               rtol=0, atol=0)
+    if router_class(router).is_causal(model.cfg.moe.router_options):
+        torch.testing.assert_close(padded[real_BS], torch.cat(alone), rtol=1e-5, atol=1e-5)
+        lm = sum(torch.nn.functional.cross_entropy(a, t, reduction="sum") for a, t in zip(alone, texts))
+        torch.testing.assert_close(out.lm_loss, lm / sum(len(t) for t in texts), rtol=1e-5, atol=1e-6)
+
+
+def test_soft_refuses_padded_rows():
+    model = build("moe.every=1", "moe.router=soft", "moe.allow_noncausal=true")
+    with pytest.raises(Exception, match="soft mixes every token"):
+        model(torch.randint(0, 64, (2, 16)), real_BS=torch.ones(2, 16, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_classification_head_reads_the_real_tokens(pool):
+    model = build("model.num_classes=3", f"model.pool={pool}")
+    texts = [torch.randint(0, 64, (n,)) for n in (16, 5)]
+    (right, real_r), (left, real_l) = pad_rows(texts, 16, False), pad_rows(texts, 16, True)
+    with torch.no_grad():
+        alone = torch.cat([model(t[None]) for t in texts])
+        torch.testing.assert_close(model(right, real_BS=real_r), alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(left, real_BS=real_l), alone, rtol=1e-5, atol=1e-5)
+        out = model(left, torch.tensor([0, 2]), real_BS=real_l)
+    torch.testing.assert_close(out.lm_loss, torch.nn.functional.cross_entropy(alone, torch.tensor([0, 2])))

@@ -42,6 +42,16 @@ def document_mask(doc_BS: torch.Tensor) -> torch.Tensor:
     return ((doc_BS[:, :, None] == doc_BS[:, None, :]) & (slots_S[:, None] >= slots_S[None]))[:, None]
 
 
+def padding_layout(real_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pos_BS, mask (B, 1, S, S) bool) of padded rows (left, right or both; real_BS True at real tokens): a token's
+    position counts the real tokens before it; a real token attends to the earlier real tokens of its row, a pad
+    only to itself (no real token reads it, and its own output is never used)."""
+    slots_S = torch.arange(real_BS.shape[1], device=real_BS.device)
+    pos_BS = (real_BS.cumsum(dim=1) - 1).clamp(min=0)
+    real_BSS = real_BS[:, :, None] & real_BS[:, None, :] & (slots_S[:, None] >= slots_S[None])
+    return pos_BS, (real_BSS | (slots_S[:, None] == slots_S[None]))[:, None]
+
+
 class LayerKV:
     """One attention layer's keys and values: k, v (B, nkv, S_max, hs); slots [0, length) are filled."""
 

@@ -20,8 +20,9 @@ from torch.utils.checkpoint import checkpoint
 
 from megavq.compat.torch import document_block_mask, has_flex_attention
 from megavq.config import Config, ModelConfig, MoEConfig
+from megavq.errors import check
 from megavq.model.generate import generate
-from megavq.model.kv_cache import KVCache, LayerKV, document_layout, document_mask
+from megavq.model.kv_cache import KVCache, LayerKV, document_layout, document_mask, padding_layout
 from megavq.model.layers import MLP, CausalSelfAttention, Rope, make_norm
 from megavq.model.loss import head_cross_entropy
 from megavq.moe.experts import expert_out_std
@@ -31,9 +32,10 @@ from megavq.moe.spec import MoESpec, block_seed, is_moe_layer, moe_blocks
 
 
 class LMOutput(NamedTuple):
-    logits: None  # not made: the loss is computed from the hidden states in chunks (megavq.model.loss)
+    logits: torch.Tensor | None  # LM: not made (the loss is computed from the hidden states in chunks,
+    # megavq.model.loss); classification: (B, C)
     loss: torch.Tensor  # lm_loss + aux_loss: what is optimised
-    lm_loss: torch.Tensor
+    lm_loss: torch.Tensor  # the task's loss: next-token cross-entropy, or the classification's
     aux_loss: torch.Tensor
     router_metrics: list  # one dict per MoE layer
 
@@ -46,12 +48,13 @@ class Block(nn.Module):
         self.is_moe = is_moe_layer(i, moe.every, moe.dense_layers)
         self.mlp = build_moe_layer(MoESpec.for_block(m, moe, i)) if self.is_moe else MLP(m)
 
-    def forward(self, x: torch.Tensor, rope, kv: LayerKV | None = None,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
+    def forward(self, x: torch.Tensor, rope, kv: LayerKV | None = None, mask: torch.Tensor | None = None,
+                real_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, dict | None]:
+        """real_BS (padded rows): the MoE layer routes the real tokens only."""
         x = x + self.attn(self.attn_norm(x), rope, kv, mask)
         if not self.is_moe:
             return x + self.mlp(self.mlp_norm(x)), None, None
-        y, aux, metrics = self.mlp(self.mlp_norm(x))
+        y, aux, metrics = self.mlp(self.mlp_norm(x), real_BS)
         return x + y, aux, metrics
 
 
@@ -86,6 +89,7 @@ class Transformer(nn.Module):
         self.lm_head = LMHead(m.d_model, m.vocab_size, bias=False)
         if m.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.score = nn.Linear(m.d_model, m.num_classes) if m.num_classes else None  # sequence classification
         self.rope = Rope(m.seq_len, m.head_size(), m.rope_theta) if m.pos == "rope" else None
         self.checkpoint_every = 0  # activation checkpointing: off until a training engine sets it
         self._init_weights(m)
@@ -103,12 +107,29 @@ class Transformer(nn.Module):
                 is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight"))
                 nn.init.normal_(p, std=out_std if is_residual_out else m.init_std)
 
-    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx_BS: torch.Tensor, targets_BS: torch.Tensor | None = None, cache: KVCache | None = None,
+                real_BS: torch.Tensor | None = None):
         """Logits (B, S, V) for token ids; with targets, an LMOutput with the losses (and no logits). With a cache
-        (generation), idx_BS holds the next tokens of each row and the cache is read and extended."""
+        (generation), idx_BS holds the next tokens of each row and the cache is read and extended. real_BS (bool,
+        padded rows, left or right): pads attend to nothing, are read by no real token, are not routed, and
+        targets < 0 count in no loss. With a classification head (model.num_classes): logits (B, C), and with
+        labels targets_BS (B,) an LMOutput whose logits are those and whose lm_loss is the cross-entropy."""
         if cache is not None:
             return self._forward_cached(idx_BS, cache)
-        pos, mask = self.layout(idx_BS)
+        h_BSD, aux_losses, metrics = self.hidden(idx_BS, real_BS)
+        if self.score is not None:
+            return self.classify(h_BSD, real_BS, targets_BS, aux_losses, metrics)
+        if targets_BS is None:
+            return self.lm_head(h_BSD)
+        if real_BS is not None:
+            keep_BS = targets_BS >= 0
+            h_BSD, targets_BS = h_BSD[keep_BS], targets_BS[keep_BS]
+        lm_loss = self.lm_head(h_BSD, targets_BS)
+        return LMOutput(None, *self.with_aux(lm_loss, aux_losses), metrics)
+
+    def hidden(self, idx_BS: torch.Tensor, real_BS: torch.Tensor | None = None) -> tuple:
+        """The final normed hidden states (B, S, D), the MoE layers' aux losses and their metrics."""
+        pos, mask = self.layout(idx_BS, real_BS)
         x = self.embed(idx_BS)
         if self.pos_embed is not None:
             x = x + self.pos_embed(pos)
@@ -117,24 +138,47 @@ class Transformer(nn.Module):
         aux_losses, metrics = [], []
         for i, block in enumerate(self.blocks):
             if self.checkpointed(i):
-                x, aux, met = checkpoint(block, x, rope, None, mask, use_reentrant=False,
+                x, aux, met = checkpoint(block, x, rope, None, mask, real_BS, use_reentrant=False,
                                          context_fn=_recompute_contexts)
             else:
-                x, aux, met = block(x, rope, None, mask)
+                x, aux, met = block(x, rope, None, mask, real_BS)
             if aux is not None:
                 aux_losses.append(aux)
                 metrics.append(met)
-        if targets_BS is None:
-            return self.lm_head(self.norm(x))
-        lm_loss = self.lm_head(self.norm(x), targets_BS)
-        aux_loss = torch.stack(aux_losses).sum() if aux_losses else lm_loss.new_zeros(())
-        return LMOutput(None, lm_loss + aux_loss, lm_loss, aux_loss, metrics)
+        return self.norm(x), aux_losses, metrics
 
-    def layout(self, idx_BS: torch.Tensor) -> tuple:
-        """(positions, attention mask): (S,) and None (causal) for one stream; with document masking (B, S)
-        positions from each document's start and attention within documents (megavq.model.kv_cache): a BlockMask
-        of flex_attention on a GPU where torch has it and dropout is off, else a (B, 1, S, S) bool mask."""
+    @staticmethod
+    def with_aux(loss: torch.Tensor, aux_losses: list) -> tuple:
+        """(loss + aux, loss, aux): what is optimised, the task's loss, the MoE layers' aux losses."""
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else loss.new_zeros(())
+        return loss + aux_loss, loss, aux_loss
+
+    def classify(self, h_BSD: torch.Tensor, real_BS: torch.Tensor | None, labels_B: torch.Tensor | None,
+                 aux_losses: list, metrics: list):
+        """The classification head on the last real token of each row, or the mean of its real tokens (model.pool)."""
+        real_BS = torch.ones(h_BSD.shape[:2], dtype=torch.bool, device=h_BSD.device) if real_BS is None else real_BS
+        if self.cfg.model.pool == "mean":
+            pooled_BD = (h_BSD * real_BS[..., None]).sum(1) / real_BS.sum(1, keepdim=True).clamp(min=1)
+        else:
+            slots_S = torch.arange(h_BSD.shape[1], device=h_BSD.device)
+            last_B = (real_BS * slots_S).argmax(dim=1)  # the last real slot, left or right padding
+            pooled_BD = h_BSD[torch.arange(h_BSD.shape[0], device=h_BSD.device), last_B]
+        logits_BC = self.score(pooled_BD).float()
+        if labels_B is None:
+            return logits_BC
+        loss = torch.nn.functional.cross_entropy(logits_BC, labels_B)
+        return LMOutput(logits_BC, *self.with_aux(loss, aux_losses), metrics)
+
+    def layout(self, idx_BS: torch.Tensor, real_BS: torch.Tensor | None = None) -> tuple:
+        """(positions, attention mask): (S,) and None (causal) for one stream; with padding (real_BS) positions
+        counting each row's real tokens and a (B, 1, S, S) bool mask (megavq.model.kv_cache.padding_layout); with
+        document masking (B, S) positions from each document's start and attention within documents
+        (megavq.model.kv_cache): a BlockMask of flex_attention on a GPU where torch has it and dropout is off,
+        else a (B, 1, S, S) bool mask."""
         eos_id = self.cfg.model.document_eos_id
+        if real_BS is not None:
+            check(eos_id < 0, "padded rows (fine-tuning) and document masking (model.document_eos_id) do not combine")
+            return padding_layout(real_BS)
         if eos_id < 0:
             return torch.arange(idx_BS.shape[1], device=idx_BS.device), None
         pos_BS, doc_BS = document_layout(idx_BS, eos_id)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megavq.errors import check
 from megavq.moe.config import check_layer
 from megavq.moe.dispatch import build_dispatcher
 from megavq.moe.experts import DenseMLP
@@ -36,7 +37,14 @@ class MoELayer(nn.Module):
         self.shared_expert = DenseMLP(spec.d_model, width, spec.mlp, spec.bias) if width else None
         self.shared_expert_gate = nn.Linear(spec.d_model, 1, bias=False) if moe.shared_gate else None
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def forward(self, x_BSD: torch.Tensor,
+                real_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """real_BS (padded rows): only the real tokens are routed, as one row of N tokens, so pads count in no
+        routing statistic, balance loss or capacity; the pads' outputs are 0. A router's per-sequence scope
+        (balance_scope=sequence, expert_choice's groups) then spans the micro-batch's real tokens."""
+        if real_BS is not None:
+            y_1ND, aux, metrics = self(x_BSD[real_BS][None])
+            return torch.zeros_like(x_BSD).masked_scatter(real_BS[..., None], y_1ND), aux, metrics
         with phase("moe"):
             y_BSD, r, extra = self.dispatcher.forward(x_BSD, self.router_fn(x_BSD.shape[1]), self.experts)
         return self.add_shared(x_BSD, y_BSD), r.aux_loss, {**r.metrics, **extra}
@@ -97,7 +105,10 @@ class SoftMoELayer(MoELayer):
         return RouterOutput(weights_M1, expert_M[:, None], F.one_hot(expert_M, E).float(),
                             weights_M1.new_zeros(()), {})
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def forward(self, x_BSD: torch.Tensor,
+                real_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        check(real_BS is None, "moe.router=soft mixes every token of a row into its slots: padded rows "
+                               "(fine-tuning) are not supported")
         with phase("moe"):
             y_BSD, aux, metrics = self._forward(x_BSD)
         return self.add_shared(x_BSD, y_BSD), aux, metrics

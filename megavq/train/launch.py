@@ -100,3 +100,18 @@ def user_errors():
                 pass
     if code is not None:
         sys.exit(code)
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """`--resume auto` -> `--resume=auto`, a bare `--resume` -> `--resume=strict` (so that a key=value after a bare
+    --resume stays an override)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--resume":
+            auto = i + 1 < len(argv) and argv[i + 1] in ("auto", "strict")
+            out.append(f"--resume={argv[i + 1] if auto else 'strict'}")
+            i += 2 if auto else 1
+        else:
+            out.append(argv[i])
+            i += 1
+    return out

@@ -100,9 +100,7 @@ class Trainer:
             micro = m * self.world + self.rank  # this micro-batch's index in the global batch
             self.model.set_step(step, micro)
             rows = slice(micro * self.micro, (micro + 1) * self.micro)
-            x, y = self.data.batch("train", step, self.global_batch, cfg.model.seq_len, cfg.train.seed, rows,
-                                   self.sampler)
-            out = self.engine(x.to(device), y.to(device))
+            out = self.engine(**{k: t.to(device) for k, t in self.micro_batch(step, rows).items()})
             loss = out.loss.detach()
             totals += torch.stack([out.lm_loss.detach().float(), out.aux_loss.detach().float(),
                                    (~torch.isfinite(loss)).float()])
@@ -111,6 +109,12 @@ class Trainer:
             self.router_metrics.add(out.router_metrics, self.moe_layer_ids)
         self.model.post_step()  # router state (vq's codebook) changes after the optimizer step, on every rank
         return totals
+
+    def micro_batch(self, step: int, rows: slice) -> dict:
+        """The model's forward arguments for rows `rows` of step `step`'s global batch."""
+        t = self.cfg.train
+        x, y = self.data.batch("train", step, self.global_batch, self.cfg.model.seq_len, t.seed, rows, self.sampler)
+        return {"idx_BS": x, "targets_BS": y}
 
     # ---- evaluation: every rank runs the same batches (safe under ZeRO-3 and expert parallelism) ------
     def evaluate(self, split: str, max_batches: int | None, progress: bool = False) -> dict:
@@ -290,20 +294,21 @@ def prepare_run_dir(out_dir: Path, resume: str | None, overwrite: bool, rank: in
 
 
 def run(cfg: Config, ds_config: str | Path, out_dir: str | Path, resume: bool | str | None = None,
-        init_from: str | None = None, overwrite: bool = False) -> dict:
+        init_from: str | None = None, overwrite: bool = False, body=None) -> dict:
     """Pre-train per cfg; returns the summary. Must run inside torch.distributed (see engine.init_distributed).
 
     resume: None (a fresh run; refused where a run exists unless `overwrite`), "strict" (or True: continue from
     the newest checkpoint, which must exist and be intact) or "auto" (continue from the newest intact checkpoint,
     falling back to older ones; start fresh when there is none). A stop signal ends the run after a save with
-    RetryableError (exit 75)."""
+    RetryableError (exit 75). `body(cfg, ds, out_dir, resume, init_from, attempt)`: the run (default: pre-training,
+    `train`; megavq.train.finetune passes its own)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     out_dir, resume = Path(out_dir), ("strict" if resume is True else resume or None)
     ds = reconcile_ds_config(read_ds_config(ds_config), cfg, world)
     prepare_run_dir(out_dir, resume, overwrite, rank)
     attempt = {"trainer": None}
     try:
-        return train(cfg, ds, out_dir, resume, init_from, attempt)
+        return (body or train)(cfg, ds, out_dir, resume, init_from, attempt)
     except BaseException as e:  # how this attempt ended, for a requeue loop behind a launcher (run.json)
         if rank == 0 and out_dir.is_dir():
             step = attempt["trainer"].current_step if attempt["trainer"] else None
@@ -324,10 +329,17 @@ def train(cfg: Config, ds: dict, out_dir: Path, resume: str | None, init_from: s
     if trainer.sampler is None:  # data.sampler=auto and nothing to resume: a new run samples without replacement
         cfg.data.sampler = "permutation"
         trainer.sampler = build_sampler(cfg.data.sampler)
+    return drive(trainer, start, data.tokenizer().path, ",".join(data.dirs))
+
+
+def drive(trainer: Trainer, start: int, tokenizer: Path, data: str) -> dict:
+    """The run after its set-up (pre-training and fine-tuning): config and manifest, the steps from `start`, the
+    last save, the final evaluation."""
+    cfg, out_dir, rank = trainer.cfg, trainer.out_dir, trainer.rank
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.json")
-        write_manifest(out_dir, "run", cfg.to_dict(), data.tokenizer().path, data=",".join(data.dirs))
+        write_manifest(out_dir, "run", cfg.to_dict(), tokenizer, data=data)
         update_run_state(out_dir, exit={"code": None, "reason": "running (null if this attempt was killed)",
                                         "step": start})
     state = run_state(out_dir, rank, cfg.train.wandb)

@@ -1,0 +1,78 @@
+"""Fine-tune a megavq model (a model, checkpoint or run directory, an upcycled model) or an imported Hugging Face
+model: sequence classification or continued causal-LM training on a task's text, with DeepSpeed.
+
+    deepspeed scripts/finetune.py --ds_config ds_configs/zero2.json --checkpoint runs/tiny --task classify
+        --data task.jsonl [--text_column text] [--label_column label] --out_dir runs/tiny-task
+        [--resume | --resume auto | --overwrite] [--tokenizer PATH] [key=value ...]
+
+--data: a .jsonl/.json, .csv or .parquet file, or a dataset name (datasets.load_dataset); without a validation split
+finetune.val_fraction of the rows are held out (seeded by train.seed). Options as key=value: finetune.trainable=
+all|no_router|discrete_only|no_experts|head, model.pool=last|mean, train.max_steps, train.lr, data.micro_batch_size,
+... (docs/finetuning.md). Exit codes as scripts/pretrain.py.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from megavq.plugins import load_plugins
+from megavq.train.launch import resume_argv, single_process_env, user_errors
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ds_config", default="ds_configs/zero2.json", help="DeepSpeed JSON config")
+    p.add_argument("--checkpoint", required=True, help="a megavq model/checkpoint/run directory or a Hugging Face one")
+    p.add_argument("--task", required=True, choices=("classify", "lm"))
+    p.add_argument("--data", required=True, help="a .jsonl/.json, .csv or .parquet file, or a dataset name")
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--label_column", default="label")
+    p.add_argument("--out_dir", required=True, help="run directory")
+    p.add_argument("--resume", choices=("strict", "auto"), default=None,
+                   help="`--resume`: continue from the newest checkpoint in out_dir; `--resume auto`: from the "
+                        "newest intact one, or start fresh when there is none")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in out_dir and start a fresh one")
+    p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the checkpoint's own)")
+    p.add_argument("--plugin", action="append", default=[], help="a .py file or module that registers routers")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.trainable=no_router")
+    return p.parse_intermixed_args(resume_argv(sys.argv[1:]))
+
+
+def tokenizer_path(checkpoint: str, cfg, given: str | None) -> Path:
+    """--tokenizer, else the checkpoint's own: its recorded copy, a Hugging Face directory's tokenizer.model."""
+    from megavq.errors import MegavqError
+    from megavq.store.model_dir import checkpoint_tokenizer, is_hf_dir, model_tokenizer
+    if given:
+        return Path(given)
+    if not is_hf_dir(checkpoint):
+        return checkpoint_tokenizer(cfg, model_tokenizer(checkpoint))
+    if not (Path(checkpoint) / "tokenizer.model").is_file():
+        raise MegavqError(f"{checkpoint} has no SentencePiece tokenizer.model: give one with --tokenizer")
+    return Path(checkpoint) / "tokenizer.model"
+
+
+def main():
+    args = parse_args()
+    with user_errors():
+        load_plugins(args.plugin)
+        from megavq.config import with_overrides
+        from megavq.convert.load import read_model
+        from megavq.data import Tokenizer
+        cfg, sd = read_model(args.checkpoint)
+        tokenizer = Tokenizer(tokenizer_path(args.checkpoint, cfg, args.tokenizer))
+        task = [f"finetune.task={args.task}", f"finetune.checkpoint={args.checkpoint}", f"finetune.data={args.data}",
+                f"finetune.text_column={args.text_column}", f"finetune.label_column={args.label_column}"]
+        cfg = with_overrides(cfg, task + args.overrides)
+        single_process_env()
+        from megavq.train.engine import init_distributed
+        from megavq.train.finetune import finetune
+        rank, _ = init_distributed(cfg.train.dist_timeout_s)
+        summary = finetune(cfg, sd, tokenizer, args.ds_config, args.out_dir, resume=args.resume,
+                           overwrite=args.overwrite)
+        if rank == 0:
+            print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
