@@ -102,13 +102,21 @@ def check_entries(entries: list[Entry], seeds: list, config: str, data: str, ove
 
 
 # ---- running ---------------------------------------------------------------------------------------------
+# Settings a run resolves when it starts, with the value that means "resolve": the data's vocabulary and end-of-
+# document id, the sampler of a new run.
+RESOLVED = (("model", "vocab_size", 0), ("model", "document_eos_id", -1), ("data", "sampler", "auto"))
+
+
 def finished(run_dir: Path, expected: dict) -> bool:
-    """A finished run (summary.json) of the same resolved configuration (vocab_size as the data resolved it)."""
+    """A finished run (summary.json) of the same configuration, with the settings it resolved (RESOLVED) as it
+    resolved them."""
     if not (run_dir / "summary.json").is_file() or not (run_dir / "config.json").is_file():
         return False
     saved = json.loads((run_dir / "config.json").read_text())
-    if expected["model"]["vocab_size"] == 0:
-        expected = {**expected, "model": {**expected["model"], "vocab_size": saved["model"]["vocab_size"]}}
+    expected = {section: dict(values) for section, values in expected.items()}
+    for section, key, unresolved in RESOLVED:
+        if expected[section].get(key) == unresolved and key in saved.get(section, {}):
+            expected[section][key] = saved[section][key]
     return saved == expected
 
 
