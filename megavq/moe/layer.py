@@ -5,8 +5,8 @@ The router decides (RouterOutput), the dispatcher (moe.backend) moves the routed
 back; the experts are weights in the dispatcher's layout. Every layer has the same interface:
 `forward(x_BSD) -> (y_BSD, aux_loss, metrics)`. With moe.shared_experts, every token also goes through the
 shared experts (one dense MLP of their summed width, beside the dispatcher), scaled by sigmoid(x W_g) with
-moe.shared_gate (Qwen2-MoE): y = routed(x) + [sigmoid(x W_g)] * shared(x). What differs between routers and dispatchers is declared
-on their classes (megavq.moe.routers.base.Router, megavq.moe.dispatch.base.Dispatcher) and checked by
+moe.shared_gate (Qwen2-MoE): y = routed(x) + [sigmoid(x W_g)] * shared(x). What differs between routers and
+dispatchers is declared on their classes (megavq.moe.routers.base.Router, megavq.moe.dispatch.base.Dispatcher) and checked by
 `megavq.moe.config.check_layer` before anything is built.
 """
 from __future__ import annotations

@@ -185,8 +185,8 @@ def require_transformers() -> None:
 
 
 def export_kind(model, remote_code: bool = False) -> str:
-    """The model_type an export writes: llama | qwen2 | mixtral | qwen2_moe | qwen3_moe | olmoe, or megavq (its own modelling code)
-    where none of them holds the model and remote_code allows it."""
+    """The model_type an export writes: llama | qwen2 | mixtral | qwen2_moe | qwen3_moe | olmoe, or megavq (its own
+    modelling code) where none of them holds the model and remote_code allows it."""
     try:
         return hf_model_type(model)
     except MegavqError:

@@ -101,7 +101,8 @@ class VQRouter(Router):
                  discrete_only: bool = False, vq_coef: float = 0.08, beta: float = 0.0, ema: bool = True,
                  ema_decay: float = 0.99, dead_code_steps: int = 10, restart_dead_codes: bool = True,
                  codebook_init: str = "kmeans", continuous: str = "topk", normalize: bool = True,
-                 balance_coef: float = 0.01, z_loss_coef: float = 1e-3, continuous_weight: str = "ratio", code_bias_rate: float = 0.0,
+                 balance_coef: float = 0.01, z_loss_coef: float = 1e-3, continuous_weight: str = "ratio",
+                 code_bias_rate: float = 0.0,
                  **balance):
         super().__init__(hidden_size, num_experts, top_k)
         self._check_options(num_codes, code_dim, ema_decay, dead_code_steps, codebook_init, continuous)
