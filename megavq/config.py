@@ -65,7 +65,7 @@ class DataConfig:
     append_eos: bool = True  # megatron: documents without an end-of-document id get one (false: refused)
     micro_batch_size: int = 16
     eval_batches: int = 20  # per source
-    sampler: str = "auto"  # permutation | random | auto: permutation for a new run, the checkpoint's when resuming
+    sampler: str = "auto"  # permutation | random | auto: random for a new run, the checkpoint's when resuming
     document_mask: bool = False  # attention within documents only (sets model.document_eos_id)
 
 

@@ -326,8 +326,8 @@ def train(cfg: Config, ds: dict, out_dir: Path, resume: str | None, init_from: s
     engine = build_engine(model, cfg, ds)
     trainer = attempt["trainer"] = Trainer(engine, model, cfg, data, out_dir, rank, world)
     start = trainer.resume(resume) if resume else 0  # a run that cannot resume is left as it was
-    if trainer.sampler is None:  # data.sampler=auto and nothing to resume: a new run samples without replacement
-        cfg.data.sampler = "permutation"
+    if trainer.sampler is None:  # data.sampler=auto and nothing to resume: a new run draws random windows
+        cfg.data.sampler = "random"
         trainer.sampler = build_sampler(cfg.data.sampler)
     return drive(trainer, start, data.tokenizer().path, ",".join(data.dirs))
 
