@@ -79,7 +79,7 @@ def own_deepspeed_gate(layer, cfg) -> None:
     gate.wg.weight = layer.router.gate.weight
     ds_compat.set_moe_gate(layer.experts, gate)
 
-    def forward(x_BSD):
+    def forward(x_BSD, real_BS=None):
         with phase("moe"):
             y, l_aux, _ = layer.experts(x_BSD)
         return y, m.aux_loss_coef * l_aux, {}
@@ -94,7 +94,7 @@ def own_megablocks_router(layer) -> None:
     router.layer.weight = layer.router.gate.weight
     args.moe_normalize_expert_weights = 1
     layer.experts.router = router
-    layer.forward = lambda x: (ranged("moe", layer.experts)(x), layer.router.gate.weight.new_zeros(()), {})
+    layer.forward = lambda x, real_BS=None: (ranged("moe", layer.experts)(x), layer.router.gate.weight.new_zeros(()), {})
 
 
 VARIANTS = {  # name: (backend, capacity_factor, own gate)
