@@ -27,6 +27,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -48,12 +49,14 @@ class Entry:
     name: str
     options: tuple[tuple[str, str], ...] = ()
     seeds: tuple[int, ...] | None = None
+    settings: tuple[str, ...] = ()  # further key=value overrides of this entry (e.g. moe.every=0: a dense model)
+    init_from: str | None = None  # pretrain.py --init_from: start from these weights
 
     def option_values(self) -> dict:
         return {k: yaml.safe_load(v) for k, v in self.options}
 
     def overrides(self, seed: int | None) -> list[str]:
-        out = [f"moe.router={self.name}", *(f"moe.router_options.{k}={v}" for k, v in self.options)]
+        out = [f"moe.router={self.name}", *(f"moe.router_options.{k}={v}" for k, v in self.options), *self.settings]
         return out + ([f"train.seed={seed}"] if seed is not None else [])
 
     def run_dir(self, out_dir: Path, seed: int | None) -> Path:
@@ -103,8 +106,9 @@ def check_entries(entries: list[Entry], seeds: list, config: str, data: str, ove
 
 # ---- running ---------------------------------------------------------------------------------------------
 # Settings a run resolves when it starts, with the value that means "resolve": the data's vocabulary and end-of-
-# document id, the sampler of a new run.
-RESOLVED = (("model", "vocab_size", 0), ("model", "document_eos_id", -1), ("data", "sampler", "auto"))
+# document id, the sampler of a new run, a fine-tuned classifier's class count.
+RESOLVED = (("model", "vocab_size", 0), ("model", "document_eos_id", -1), ("data", "sampler", "auto"),
+            ("model", "num_classes", 0))
 
 
 def finished(run_dir: Path, expected: dict) -> bool:
@@ -135,17 +139,14 @@ def pending(entry: Entry, seed, run_dir: Path, common: dict) -> bool:
     return True
 
 
-def train(entry: Entry, seed, run_dir: Path, common: dict, threads: int | None = None) -> None:
-    """One pretrain.py run; with `threads` its output goes to OUT_DIR/logs/ and it uses that many threads."""
-    cmd = [*launcher_command(common["launcher"]), str(PRETRAIN), "--out_dir", str(run_dir), "--overwrite",
-           "--ds_config", common["ds_config"], "--config", common["config"], "--data", common["data"],
-           *common["overrides"], *entry.overrides(seed)]  # an unfinished run starts afresh
+def run_command(cmd: list[str], log: Path | None, threads: int | None, what: str) -> None:
+    """Run cmd; with `threads`, its output goes to `log` and it uses that many threads. `what` names it in the
+    error raised when it fails."""
     if threads is None:
         print("+", " ".join(cmd), flush=True)
         code = subprocess.run(cmd).returncode
         where = ""
     else:
-        log = run_dir.parents[1] / "logs" / f"{run_dir.parent.name}_{run_dir.name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         print("+", " ".join(cmd), f"(log: {log})", flush=True)
         with log.open("w") as out:
@@ -153,22 +154,38 @@ def train(entry: Entry, seed, run_dir: Path, common: dict, threads: int | None =
             code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
         where = f"; its output is in {log}"
     if code != 0:
-        raise MegavqError(f"training {entry.label} (seed {seed}) failed (command: {' '.join(cmd)}){where}")
+        raise MegavqError(f"{what} failed (command: {' '.join(cmd)}){where}")
+
+
+def train(entry: Entry, seed, run_dir: Path, common: dict, threads: int | None = None) -> None:
+    """One pretrain.py run; with `threads` its output goes to OUT_DIR/logs/ and it uses that many threads."""
+    cmd = [*launcher_command(common["launcher"]), str(PRETRAIN), "--out_dir", str(run_dir), "--overwrite",
+           "--ds_config", common["ds_config"], "--config", common["config"], "--data", common["data"],
+           *(["--init_from", entry.init_from] if entry.init_from else []),
+           *common["overrides"], *entry.overrides(seed)]  # an unfinished run starts afresh
+    log = run_dir.parents[1] / "logs" / f"{run_dir.parent.name}_{run_dir.name}.log"
+    run_command(cmd, log, threads, f"training {entry.label} (seed {seed})")
+
+
+def run_all(tasks: list, jobs: int) -> None:
+    """Call each task(threads) `jobs` at a time: one job runs them in turn with threads None (output to this
+    terminal), more give each cores // jobs threads. Every failure is reported, after all end."""
+    if jobs == 1:
+        for task in tasks:
+            task(None)
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(task, threads) for task in tasks]
+    errors = [str(f.exception()) for f in futures if f.exception() is not None]
+    if errors:
+        raise MegavqError(f"{len(errors)} of {len(tasks)} runs failed: " + "; ".join(errors))
 
 
 def train_all(runs: list[tuple], out_dir: Path, common: dict, jobs: int) -> None:
     """Train the (entry, seed) pairs not yet trained, `jobs` at a time; every failure is reported, after all end."""
     todo = [(e, seed) for e, seed in runs if pending(e, seed, e.run_dir(out_dir, seed), common)]
-    if jobs == 1:
-        for e, seed in todo:
-            train(e, seed, e.run_dir(out_dir, seed), common)
-        return
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(train, e, seed, e.run_dir(out_dir, seed), common, threads) for e, seed in todo]
-    errors = [str(f.exception()) for f in futures if f.exception() is not None]
-    if errors:
-        raise MegavqError(f"{len(errors)} of {len(todo)} runs failed: " + "; ".join(errors))
+    run_all([partial(train, e, seed, e.run_dir(out_dir, seed), common) for e, seed in todo], jobs)
 
 
 def layer_mean(record: dict, name: str) -> float | None:
