@@ -33,8 +33,9 @@ from megavq.tools.compare import (PRETRAIN, Entry, finished, launcher_command, m
                                   run_all, run_command, train_all)
 
 ROOT = PRETRAIN.parents[1]
-CONSISTENT, INCONSISTENT, NOISE = ("consistent with the claim at this scale", "inconsistent with the claim at this "
-                                   "scale", "within noise")
+CONSISTENT = "consistent with the claim at this scale"
+INCONSISTENT = "inconsistent with the claim at this scale"
+NOISE = "within noise"
 COMPETE_2024 = Entry("compete-2024", "compete", (("affinity", "norm"), ("combine", "0.5"), ("distill_target", "topk"),
                                                  ("winner_coef", "0"), ("distill_coef", "0.05"),
                                                  ("diversity_coef", "0"), ("affinity_balance_coef", "0"),
@@ -108,10 +109,9 @@ def equal_flops_steps(steps: int, flops_ref: float, flops_other: float) -> int:
 
 
 # ---- running ------------------------------------------------------------------------------------------------
-def train_entries(setup: Setup, entries: list[Entry], seeds: list[int] | None = None) -> dict:
-    """Train (or reuse) every entry at every seed; {label: {seed: run_dir}}."""
-    seeds = seeds or setup.seeds
-    pairs = [(e, s) for e in entries for s in (e.seeds or seeds)]
+def train_entries(setup: Setup, entries: list[Entry]) -> dict:
+    """Train (or reuse) every entry at its seeds (default: the setup's); {label: {seed: run_dir}}."""
+    pairs = [(e, s) for e in entries for s in (e.seeds or setup.seeds)]
     train_all(pairs, setup.runs(), setup.common(), setup.jobs)
     out = {}
     for e, s in pairs:
@@ -301,6 +301,8 @@ def usmoe_budget(setup: Setup) -> dict:
                        original, "lower"),
             comparison("test loss: usmoe (token selection, causal) vs the trained topk", "up to 10% better",
                        {s: sw["points"][0]["loss"] for s, sw in token.items()}, original, "lower")]
+    for row in rows:
+        row["ours_text"] = f"{row['ours_stat']['mean'] / row['baseline_stat']['mean'] - 1:+.2%} loss"
     table = [["budget", "experts/token", "test loss"]]
     table += [[b, fmt(mean_std([next(p["experts_per_token"] for p in sw["points"] if p["budget"] == b)
                                 for sw in sweeps.values()]), ".3f"),
