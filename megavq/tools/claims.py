@@ -23,6 +23,7 @@ from typing import Callable
 
 from megavq.config import load_config, with_overrides
 from megavq.convert.load import read_model
+from megavq.data.dataset import read_meta
 from megavq.errors import ConfigError, DataError, check
 from megavq.eval import evaluate
 from megavq.files import write_json, write_text
@@ -165,13 +166,12 @@ def vqmoe_robustness(setup: Setup) -> dict:
 
 
 def second_corpus(setup: Setup) -> str:
-    """The corpus of --data (the text source its manifest records) or, with builtin data, the project's own
-    documentation (docs/*.md and README.md, copied as .txt into OUT_DIR/corpora/megavq-docs)."""
-    if setup.data != "builtin":
-        manifest = Path(setup.data) / "manifest.json"
-        source = json.loads(manifest.read_text()).get("source") if manifest.is_file() else None
-        if not source:
-            raise DataError(f"--data {setup.data}: its manifest.json records no text source for the corpus task")
+    """The text source of --data (the one its meta.json records) or, where that is the builtin corpus, the project's
+    own documentation (docs/*.md and README.md, copied as .txt into OUT_DIR/corpora/megavq-docs)."""
+    source = "builtin" if setup.data == "builtin" else read_meta(Path(setup.data)).get("source")
+    if not source:
+        raise DataError(f"--data {setup.data}: its meta.json records no text source for the corpus task")
+    if source != "builtin":
         return source
     out = setup.out_dir / "corpora" / "megavq-docs"
     out.mkdir(parents=True, exist_ok=True)
