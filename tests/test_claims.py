@@ -3,16 +3,17 @@ claim end to end."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
 
 from megavq.config import load_config
-from megavq.errors import ConfigError
+from megavq.errors import ConfigError, DataError
 from megavq.model.flops import flops_per_token
 from megavq.model.transformer import Transformer
-from megavq.tools.claims import (CLAIMS, CONSISTENT, INCONSISTENT, NOISE, comparison, equal_flops_steps, markdown,
-                                 paired, verdict)
+from megavq.tools.claims import (CLAIMS, CONSISTENT, INCONSISTENT, NOISE, Setup, comparison, equal_flops_steps,
+                                 markdown, paired, second_corpus, verdict)
 
 
 def test_paired_differences_take_the_same_seed_of_both():
@@ -54,6 +55,19 @@ def test_equal_flops_steps_spend_the_dense_continuations_flops():
     assert equal_flops_steps(300, f_dense, f_dense) == 300 and equal_flops_steps(1, 1.0, 1e9) == 1
     with pytest.raises(ConfigError):
         equal_flops_steps(0, f_dense, f_moe)
+
+
+def test_the_corpus_tasks_second_corpus_is_the_datas_source_or_the_docs(builtin_data, tmp_path):
+    prepared = tmp_path / "prepared"  # a data directory prepared from another text source
+    prepared.mkdir()
+    meta = json.loads((builtin_data / "meta.json").read_text())
+    (prepared / "meta.json").write_text(json.dumps({**meta, "source": "/texts/linux-docs"}))
+    assert second_corpus(Setup([1], 4, str(prepared), tmp_path)) == "/texts/linux-docs"
+    for data in ("builtin", str(builtin_data)):  # builtin has no second corpus offline: the project's docs
+        docs = Path(second_corpus(Setup([1], 4, data, tmp_path)))
+        assert {"README.txt", "claims.txt"} <= {p.name for p in docs.iterdir()}
+    with pytest.raises(DataError, match="nowhere"):
+        second_corpus(Setup([1], 4, str(tmp_path / "nowhere"), tmp_path))
 
 
 def test_list_names_every_claim_and_an_unknown_one_is_refused():
