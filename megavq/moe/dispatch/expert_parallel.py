@@ -202,7 +202,7 @@ def expected_ranks(num_experts: int, top_k: int, ep_size: int, groups: int = 0, 
     return total
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rank_hit(shared: tuple[int, ...], others: int, M: int, n: int, K: int) -> float:
     """P(a rank holds one of K experts drawn from the n experts of M groups, the M drawn from the groups that
     share `shared` experts with the rank and `others` that share none)."""
