@@ -244,7 +244,12 @@ def layer_job(router: str, options: dict) -> dict:
     y, aux, _ = layer(x)
     (y.square().sum() + aux).backward()
     return {"y": y.detach(), "x_grad": x.grad, "state": layer.to_canonical("", dict(layer.state_dict())),
-            "w_in_grad": layer.experts.w_in.grad}
+            "w_in_grad": layer.experts.w_in.grad, "router_grads": router_grads(layer)}
+
+
+def router_grads(layer) -> dict:
+    """The router's parameter gradients (route weights' gradient included: it crosses the all-to-all)."""
+    return {name: p.grad for name, p in layer.router.named_parameters() if p.grad is not None}
 
 
 def single_layer(router: str, options: dict):
@@ -299,7 +304,7 @@ def layer_runs():
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(LAYER_CASES))
 def test_sharded_layer_equals_single_process_layer(layer_runs, case):
-    """Forward, input gradients, expert gradients and the gathered (canonical) state dict."""
+    """Forward, input, expert and router gradients (1e-6) and the gathered (canonical) state dict."""
     router, options = LAYER_CASES[case]
     layer, y, x_grad = single_layer(router, options)
     ranks = [r[case] for r in layer_runs]
@@ -307,6 +312,10 @@ def test_sharded_layer_equals_single_process_layer(layer_runs, case):
     torch.testing.assert_close(torch.cat([r["x_grad"] for r in ranks]), x_grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat([r["w_in_grad"] for r in ranks]), layer.experts.w_in.grad,
                                rtol=1e-5, atol=1e-6)
+    grads = router_grads(layer)
+    assert grads.keys() == ranks[0]["router_grads"].keys() and (grads or router != "topk")
+    for name, grad in grads.items():  # each rank's gradient from its own sequence: they sum to the whole batch's
+        torch.testing.assert_close(sum(r["router_grads"][name] for r in ranks), grad, rtol=1e-5, atol=1e-6)
     for key, value in layer.named_parameters():  # buffers (compete's counter) count forwards per rank
         torch.testing.assert_close(ranks[0]["state"][key], value.detach(), msg=key)
 
