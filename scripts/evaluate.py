@@ -10,7 +10,8 @@ and PNG figures into --out (default: <checkpoint>/eval); data of several sources
 routing by domain. With --compare, the routing consistency with another checkpoint, or with every checkpoint of
 a run directory. With --router, the routers are rebuilt as another kind (experts kept, nothing trained; refused
 where the new router needs trained tensors the model lacks). With --budget_sweep, the loss of --sweep_router
-(usmoe) at each budget against experts per token. See docs/evaluation.md.
+(usmoe) at each budget against experts per token. A fine-tuned classifier is scored on its task's validation rows:
+loss, accuracy, macro-F1. See docs/evaluation.md.
 """
 import argparse
 from pathlib import Path
@@ -61,6 +62,11 @@ def main():
                           args.noise, args.seed, compare=args.compare, router=args.router, budgets=budgets,
                           sweep_router=args.sweep_router)
         paths = write_report(result, args.out or model_dir / "eval")
+        if result.get("task") == "classify":
+            print(f"{result['data']} ({result['split']}, {result['rows']} rows): loss {result['loss']:.4f}  "
+                  f"accuracy {result['accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}")
+            print("wrote " + ", ".join(str(p) for p in paths))
+            return
         bpb = "-" if result["bits_per_byte"] is None else f"{result['bits_per_byte']:.4f}"
         print(f"{result['data']} ({result['split']}): loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
               f"bits/byte {bpb}")

@@ -12,31 +12,25 @@ all|no_router|discrete_only|no_experts|head, model.pool=last|mean, train.max_ste
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from megavq.plugins import load_plugins
-from megavq.train.launch import resume_argv, single_process_env, user_errors
+from megavq.train.launch import add_run_arguments, parse_run_args, single_process_env, user_errors
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ds_config", default="ds_configs/zero2.json", help="DeepSpeed JSON config")
+    add_run_arguments(p, "finetune.trainable=no_router")
     p.add_argument("--checkpoint", required=True, help="a megavq model/checkpoint/run directory or a Hugging Face one")
     p.add_argument("--task", required=True, choices=("classify", "lm"))
     p.add_argument("--data", required=True, help="a .jsonl/.json, .csv or .parquet file, or a dataset name")
     p.add_argument("--text_column", default="text")
     p.add_argument("--label_column", default="label")
-    p.add_argument("--out_dir", required=True, help="run directory")
-    p.add_argument("--resume", choices=("strict", "auto"), default=None,
-                   help="`--resume`: continue from the newest checkpoint in out_dir; `--resume auto`: from the "
-                        "newest intact one, or start fresh when there is none")
-    p.add_argument("--overwrite", action="store_true", help="delete the run in out_dir and start a fresh one")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: the checkpoint's own)")
-    p.add_argument("--plugin", action="append", default=[], help="a .py file or module that registers routers")
-    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. finetune.trainable=no_router")
-    return p.parse_intermixed_args(resume_argv(sys.argv[1:]))
+    args = parse_run_args(p)
+    if args.out_dir is None:
+        p.error("the following arguments are required: --out_dir")
+    return args
 
 
 def tokenizer_path(checkpoint: str, cfg, given: str | None) -> Path:

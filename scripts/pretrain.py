@@ -9,34 +9,24 @@ rank, a collective timeout (continue with --resume auto).
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from megavq.config import load_config
 from megavq.plugins import load_plugins
 from megavq.store.model_dir import resolve_model_dir
-from megavq.train.launch import resume_argv, single_process_env, user_errors
+from megavq.train.launch import add_run_arguments, parse_run_args, single_process_env, user_errors
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ds_config", default="ds_configs/zero2.json", help="DeepSpeed JSON config")
+    add_run_arguments(p, "moe.router=vq train.lr=1e-3")
     p.add_argument("--config", default=None,
                    help="preset name or YAML/JSON path (default: tiny, or the config.json of --init_from)")
     p.add_argument("--data", default=None, help="'builtin', a directory made by scripts/prepare_data.py or "
                                                   "megatron:PREFIX (with data.tokenizer=MODEL), or a weighted "
                                                   "mixture DIR@0.7,DIR@0.3 (docs/mixtures.md)")
-    p.add_argument("--out_dir", default=None, help="run directory (default runs/<preset>)")
-    p.add_argument("--resume", choices=("strict", "auto"), default=None,
-                   help="`--resume`: continue from the newest checkpoint in out_dir (it must exist and be intact); "
-                        "`--resume auto`: from the newest intact one, or start fresh when there is none")
-    p.add_argument("--overwrite", action="store_true", help="delete the run in out_dir and start a fresh one")
     p.add_argument("--init_from", default=None, help="start from the weights of a model/checkpoint directory")
-    p.add_argument("--plugin", action="append", default=[],
-                   help="a .py file or module that registers routers or dispatchers (repeatable)")
-    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. moe.router=vq train.lr=1e-3")
-    return p.parse_intermixed_args(resume_argv(sys.argv[1:]))
+    return parse_run_args(p)
 
 
 def main():
@@ -46,7 +36,7 @@ def main():
         overrides = args.overrides + ([f"data.source={args.data}"] if args.data else [])
         config = args.config or (str(resolve_model_dir(args.init_from) / "config.json") if args.init_from else "tiny")
         cfg = load_config(config, overrides)
-        out_dir = args.out_dir or f"runs/{Path(config).stem}"
+        out_dir = args.out_dir or f"runs/{Path(config).stem}"  # the preset's name
         single_process_env()
         from megavq.train.engine import init_distributed
         from megavq.train.trainer import run

@@ -398,7 +398,7 @@ def test_global_loss_gradient_is_the_same_with_activation_checkpointing():
 
 
 def _train_losses(data: str, out: str, overrides: list) -> dict:
-    """One run through trainer.run on this process group: {step: lm loss}."""
+    """One run per balance scope through trainer.run on this process group: {scope: {step: lm loss}}."""
     import json
     from pathlib import Path
 
@@ -406,11 +406,14 @@ def _train_losses(data: str, out: str, overrides: list) -> dict:
     from test_train import ROOT
 
     import megavq.train.trainer as trainer
-    cfg = load_config("tiny", [*EP_SMALL, f"data.source={data}", "train.max_steps=6", "moe.aux_loss_coef=1.0",
-                               *overrides])
-    trainer.run(cfg, ROOT / "ds_configs" / "zero2.json", out)
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["train/lm_loss"] for r in map(json.loads, lines)}
+    losses = {}
+    for scope in ("global", "micro_batch"):
+        cfg = load_config("tiny", [*EP_SMALL, f"data.source={data}", "train.max_steps=6", "moe.aux_loss_coef=1.0",
+                                   f"moe.router_options.balance_scope={scope}", *overrides])
+        trainer.run(cfg, ROOT / "ds_configs" / "zero2.json", f"{out}/{scope}")
+        lines = (Path(out) / scope / "metrics.jsonl").read_text().splitlines()
+        losses[scope] = {r["step"]: r["train/lm_loss"] for r in map(json.loads, lines)}
+    return losses
 
 
 @pytest.mark.slow
@@ -418,11 +421,8 @@ def test_global_loss_trains_two_ranks_as_one_rank_with_the_global_batch(builtin_
     """Through DeepSpeed (ZeRO-2, gradients averaged over the ranks): 2 ranks of micro-batch 4 train as 1 rank of
     micro-batch 8 with balance_scope=global (1e-5), where the micro-batch loss makes them differ."""
     from test_expert_parallel import run_distributed
-    runs = {}
-    for scope in ("global", "micro_batch"):
-        opt = f"moe.router_options.balance_scope={scope}"
-        runs[scope, 2] = run_distributed(_train_losses, 2, str(builtin_data), str(tmp_path / f"{scope}2"), [opt])[0]
-        runs[scope, 1] = run_distributed(_train_losses, 1, str(builtin_data), str(tmp_path / f"{scope}1"),
-                                         [opt, "data.micro_batch_size=8"])[0]
+    two = run_distributed(_train_losses, 2, str(builtin_data), str(tmp_path / "two"), [])[0]
+    one = run_distributed(_train_losses, 1, str(builtin_data), str(tmp_path / "one"), ["data.micro_batch_size=8"])[0]
+    runs = {(scope, n): losses[scope] for n, losses in ((2, two), (1, one)) for scope in losses}
     assert max(abs(runs["global", 2][s] - runs["global", 1][s]) for s in range(1, 7)) < 1e-5
     assert max(abs(runs["micro_batch", 2][s] - runs["micro_batch", 1][s]) for s in range(1, 7)) > 1e-5

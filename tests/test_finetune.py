@@ -114,6 +114,14 @@ def test_two_ranks_match_one_rank_and_resume_matches(task_files, tmp_path):
     assert [m["step"] for m in part] == list(range(1, 7))
     assert abs(part[-1]["train/lm_loss"] - one[-1]["train/lm_loss"]) < 1e-6
     assert abs(part[-1]["val/loss"] - one[-1]["val/loss"]) < 1e-6
+    proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--checkpoint", str(tmp_path / "one"),
+                           "--out", str(tmp_path / "eval")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # the task's validation rows, as recorded
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    final = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert report["accuracy"] == final["accuracy"] and report["macro_f1"] == final["macro_f1"], (report, final)
+    assert abs(report["loss"] - final["val_loss"]) < 1e-5 and f"accuracy {final['accuracy']:.4f}" in proc.stdout
 
 
 @pytest.mark.slow

@@ -15,14 +15,16 @@ from tqdm import tqdm
 
 from megavq.convert.load import load_model
 from megavq.convert.swap import change_routers
-from megavq.data import data_options
+from megavq.data import Tokenizer, data_options
 from megavq.data.mixture import Mixture, bits_per_byte, tokenizer_sha256
+from megavq.data.task import TaskData
 from megavq.errors import MegavqError
 from megavq.eval import consistency, domains, lm, routing
 from megavq.eval.stats import load_stats
 from megavq.moe.routers import router_class
 from megavq.store.manifest import read_manifest
-from megavq.store.model_dir import MODEL_DIR_KINDS, is_hf_dir, resolve_model_dir
+from megavq.store.model_dir import MODEL_DIR_KINDS, checkpoint_tokenizer, is_hf_dir, model_tokenizer, resolve_model_dir
+from megavq.train.finetune import score_task
 
 ROBUSTNESS_PS = (0.0, 0.05, 0.1, 0.2)
 STANDARD_METRICS = ("load", "load_cv", "load_max", "entropy")  # recomputed from the averaged load below
@@ -117,11 +119,10 @@ def check_data_tokenizer(path, data, data_source: str) -> None:
                           f"(scripts/prepare_data.py --tokenizer CHECKPOINT/tokenizer.model)")
 
 
-def open_model_and_data(path, data_source: str | None, backend: str, router: str | None = None):
-    """The model (on the evaluation device; with `router`, NAME[:OPTION=VALUE,...], its routers changed without
-    training), its data (data_source, default the checkpoint's data.source), the source used and the router the
-    model was trained with."""
-    model = load_model(path, backend)
+def open_model_and_data(path, model, data_source: str | None, router: str | None = None):
+    """The model loaded from path (on the evaluation device; with `router`, NAME[:OPTION=VALUE,...], its routers
+    changed without training), its data (data_source, default the checkpoint's data.source), the source used and
+    the router the model was trained with."""
     trained_router = model.cfg.moe.router
     if router:
         model = change_routers(model, router)
@@ -143,7 +144,10 @@ def evaluate(path, data_source: str | None = None, split: str = "test", max_batc
     (its config's data.source), whose tokenizer must be the one the checkpoint records. router: evaluate with the
     routers changed (megavq.convert.swap.change_routers); budgets: the budget sweep of sweep_router."""
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
-    model, data, data_source, trained_router = open_model_and_data(path, data_source, backend, router)
+    model = load_model(path, backend)
+    if model.cfg.model.num_classes:
+        return classification(path, model, data_source, max_batches, batch_size)
+    model, data, data_source, trained_router = open_model_and_data(path, model, data_source, router)
     cfg, device = model.cfg, eval_device()
     size = batch_size or cfg.data.micro_batch_size
     per_source = [list(s.eval_batches(split, size, cfg.model.seq_len, max_batches)) for s in data.sources]
@@ -168,6 +172,24 @@ def evaluate(path, data_source: str | None = None, split: str = "test", max_batc
                                               base) if budgets else None)
     result["consistency"] = compare_with(path, compare, diag, model, backend) if compare else None
     return result
+
+
+def classification(path, model, data_source: str | None, max_batches: int | None, batch_size: int) -> dict:
+    """A classifier's loss, accuracy and macro-F1 on the validation rows of its task (finetune.data, or the task
+    file data_source), split and tokenized as fine-tuning did."""
+    cfg = model.cfg
+    cfg.finetune.data = data_source or cfg.finetune.data
+    if cfg.finetune.task != "classify" or not cfg.finetune.data:
+        raise MegavqError(f"{path} is a classifier without its task's data recorded: give the task file with --data")
+    task = TaskData.open(cfg, Tokenizer(checkpoint_tokenizer(cfg, model_tokenizer(path))), cfg.train.seed)
+    if len(task.classes) != cfg.model.num_classes:
+        raise MegavqError(f"{path} classifies into {cfg.model.num_classes} classes, {cfg.finetune.data} has "
+                          f"{len(task.classes)}")
+    device = eval_device()
+    scores = score_task(model.to(device).eval(), task, batch_size or cfg.data.micro_batch_size, device, max_batches)
+    return {"checkpoint": str(path), "step": consistency.checkpoint_step(path), "task": "classify",
+            "data": cfg.finetune.data, "split": "val", "classes": task.classes, "rows": scores["tokens"],
+            "loss": scores["loss"], "accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
 
 def source_evals(model, data: Mixture, split: str, per_source: list, device) -> tuple[dict, list | None]:
@@ -201,6 +223,13 @@ def write_report(result: dict, out_dir: str | Path) -> list[Path]:
     from megavq.eval import plots  # lazy: matplotlib takes about 0.8 s to import; only writing a report needs it
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if result.get("task") == "classify":
+        (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out_dir / "eval.md").write_text("\n".join(
+            [f"# Evaluation of {result['checkpoint']}", "", f"Classification of {result['data']} "
+             f"({result['split']}: {result['rows']} rows, {len(result['classes'])} classes).", "",
+             *_table(["loss", "accuracy", "macro-F1"], [[result["loss"], result["accuracy"], result["macro_f1"]]])]))
+        return [out_dir / "eval.json", out_dir / "eval.md"]
     figures = plots.evaluation_figures(result, out_dir)
     result["figures"] = [p.name for p in figures]
     (out_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

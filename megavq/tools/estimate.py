@@ -60,9 +60,14 @@ activations  the tensors the forward saves for the backward, per micro-batch, co
              of N; other routers than topk save about as much (a few (T,E) fp32 tensors).
 
 All-to-all (expert parallelism, dropless, balanced load): per MoE layer and micro-batch each rank sends
-N*D*b bytes and receives as many in each of 4 exchanges (dispatch and combine in the forward, their
-reverses in the backward; 6 with activation checkpointing, whose recompute dispatches and combines again),
-(R-1)/R of them to other ranks. EP groups are runs of R consecutive ranks, so with G GPUs per node
+the rows its dispatcher declares (Dispatcher.row_counts) of D*b bytes and receives as many in each of 4
+exchanges (dispatch and combine in the forward, their reverses in the backward; 6 with activation
+checkpointing, whose recompute dispatches and combines again), (R-1)/R of them to other ranks. The native
+dispatcher sends a token once to each rank that holds one of its K experts: T times the expected number of
+such ranks when the experts are spread uniformly (over the experts of the token's group_top groups under
+group-limited routing; megavq.moe.dispatch.expert_parallel.expected_ranks), not N = T*K rows, plus K route
+weights (b bytes, forward and backward) and K int32 expert ids per row. EP groups are runs of R consecutive
+ranks, so with G GPUs per node
 (min(R,G)-1)/R of the rows stay on the node (NVLink) and (R-min(R,G))/R cross it (InfiniBand). Time =
 bytes / bandwidth per GPU and direction, NVLink and InfiniBand in parallel, no latency, no overlap with
 compute: a lower bound. The deepspeed backend sends E*C rows (its capacity buffer, padding included).
@@ -369,7 +374,7 @@ class Shape:
     L: int
     K: int
     rows: int  # expert rows this rank computes (N, or E*C for a capacity backend): the dispatcher's row_counts
-    sent: int  # rows of one all-to-all
+    sent: int  # rows of one all-to-all (to every rank of the EP group, this one included)
     routed: int  # N = T*K
     b: int
     n_in: int  # 2 for SwiGLU, 1 for GELU
@@ -380,6 +385,7 @@ class Shape:
     clip: bool = False  # model.clip_qkv
     Fs: int = 0  # the shared experts' summed hidden size (0: none)
     shared_gate: bool = False
+    route_slots: int = 0  # route weights and expert ids beside each dispatched row (the dispatcher's row_counts)
 
     @property
     def q(self) -> int:
@@ -396,7 +402,8 @@ def shape_of(cfg: Config, micro_batch: int, b: int) -> Shape:
     H = moe.d_expert or m.d_ff
     return Shape(T, m.seq_len, m.d_model, m.n_heads, nkv * hs, m.vocab_size, m.d_ff, H, E, E // moe.ep_size, K,
                  rows.computed, rows.sent, T * K, b, 2 if m.mlp == "swiglu" else 1, moe.ep_size, rows.capacity_buffer,
-                 hs, qk_norms, m.clip_qkv > 0, moe.shared_experts * (moe.d_shared or H), moe.shared_gate)
+                 hs, qk_norms, m.clip_qkv > 0, moe.shared_experts * (moe.d_shared or H), moe.shared_gate,
+                 rows.route_slots)
 
 
 def row_counts(moe, tokens: int) -> RowCounts:
@@ -491,24 +498,30 @@ def activation_memory(cfg: Config, micro_batch: int, b: int, checkpointing: bool
 # ---- all-to-all -----------------------------------------------------------------------------------------
 @dataclass
 class AllToAll:
-    bytes_per_exchange: float  # sent by one rank (as many received), one MoE layer, one micro-batch
+    bytes_per_exchange: float  # hidden rows sent by one rank (as many received), one MoE layer, one micro-batch
     exchanges_per_step: int
     intra_fraction: float
     inter_fraction: float
     cluster: Cluster
+    route_bytes_per_step: float = 0.0  # the route weights and expert ids beside the dispatched rows
+
+    @property
+    def bytes_per_step(self) -> float:
+        """Bytes one rank passes to the all-to-all per optimizer step, its own rows included."""
+        return self.bytes_per_exchange * self.exchanges_per_step + self.route_bytes_per_step
 
     @property
     def sent_per_step(self) -> float:
         """Bytes one rank sends to other ranks per optimizer step (it receives as many)."""
-        return self.bytes_per_exchange * self.exchanges_per_step * (self.intra_fraction + self.inter_fraction)
+        return self.bytes_per_step * (self.intra_fraction + self.inter_fraction)
 
     @property
     def nvlink_s(self) -> float:
-        return self.bytes_per_exchange * self.exchanges_per_step * self.intra_fraction / (self.cluster.nvlink_gbps * 1e9)
+        return self.bytes_per_step * self.intra_fraction / (self.cluster.nvlink_gbps * 1e9)
 
     @property
     def ib_s(self) -> float:
-        return self.bytes_per_exchange * self.exchanges_per_step * self.inter_fraction / (self.cluster.ib_gbps * 1e9)
+        return self.bytes_per_step * self.inter_fraction / (self.cluster.ib_gbps * 1e9)
 
     @property
     def seconds(self) -> float:
@@ -518,10 +531,12 @@ class AllToAll:
 def all_to_all(cfg: Config, cluster: Cluster, micro_batch: int, b: int, checkpointing: bool = False) -> AllToAll:
     s, R, G = shape_of(cfg, micro_batch, b), cfg.moe.ep_size, cluster.gpus_per_node
     n_moe = len(moe_blocks(cfg.model.n_layers, cfg.moe.every, cfg.moe.dense_layers))
-    rows = s.sent
-    exchanges = n_moe * (6 if checkpointing else 4) * cfg.train.grad_accum_steps if R > 1 else 0
+    dispatches = n_moe * cfg.train.grad_accum_steps if R > 1 else 0
+    # per dispatch: the weights and int32 ids forward, the weights' gradient back, and again in the recompute
+    route = s.sent * s.route_slots * (2 * b + 4 + (b + 4 if checkpointing else 0))
     local = min(R, G)
-    return AllToAll(rows * s.D * b, exchanges, (local - 1) / R, (R - local) / R, cluster)
+    return AllToAll(s.sent * s.D * b, dispatches * (6 if checkpointing else 4), (local - 1) / R, (R - local) / R,
+                    cluster, dispatches * route)
 
 
 # ---- one configuration, and the candidates ------------------------------------------------------------
@@ -644,9 +659,10 @@ def a2a_lines(est: Estimate) -> list[str]:
     a = est.a2a
     if not a.exchanges_per_step:
         return ["all-to-all: none (moe.ep_size=1)"]
+    s = shape_of(est.cfg, est.cfg.data.micro_batch_size, est.ds.bytes)
     return [f"all-to-all per MoE layer and micro-batch: {a.bytes_per_exchange / 1e6:.1f} MB per exchange and rank "
-            f"(x4: dispatch, combine, and their backward), {a.intra_fraction:.0%} to ranks on the node, "
-            f"{a.inter_fraction:.0%} off it",
+            f"(x4: dispatch, combine, and their backward; {s.sent / s.T:.2f} rows a token for its top-{s.K} "
+            f"experts), {a.intra_fraction:.0%} to ranks on the node, {a.inter_fraction:.0%} off it",
             f"per step: {a.sent_per_step / 1e9:.2f} GB sent (and received) per GPU; >= {a.seconds * 1e3:.1f} ms "
             f"at {est.cluster.nvlink_gbps:g} GB/s NVLink ({a.nvlink_s * 1e3:.1f} ms) and {est.cluster.ib_gbps:g} "
             f"GB/s InfiniBand ({a.ib_s * 1e3:.1f} ms) per GPU"]

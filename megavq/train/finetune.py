@@ -35,6 +35,26 @@ def accuracy_f1(pred_N: torch.Tensor, gold_N: torch.Tensor, num_classes: int) ->
     return (tp_C.sum() / max(len(gold_N), 1)).item(), f1_C.mean().item()
 
 
+@torch.no_grad()
+def score_task(model, data: TaskData, micro: int, device, max_batches: int | None = None) -> dict:
+    """The validation rows of `data` scored by `model` (a Transformer or its engine), `micro` rows at a time:
+    {"loss", "tokens"}, and {"accuracy", "macro_f1"} for classification."""
+    total, count, preds, golds = 0.0, 0, [], []
+    for i, (x, y, real_BS) in enumerate(data.eval_batches(micro)):
+        if max_batches is not None and i == max_batches:
+            break
+        out = model(x.to(device), y.to(device), real_BS=real_BS.to(device))
+        n = y.numel() if data.task == "classify" else int((y >= 0).sum())
+        total, count = total + out.lm_loss.float().item() * n, count + n
+        if data.task == "classify":
+            preds.append(out.logits.argmax(-1).cpu())
+            golds.append(y)
+    result = {"loss": total / max(count, 1), "tokens": count}
+    if preds:
+        result["accuracy"], result["macro_f1"] = accuracy_f1(torch.cat(preds), torch.cat(golds), len(data.classes))
+    return result
+
+
 class FinetuneTrainer(Trainer):
     """The pre-training loop over a task's rows: its batches, its evaluation, its summary."""
 
@@ -51,23 +71,11 @@ class FinetuneTrainer(Trainer):
                                      "task": f.task, "source": f.data})
         self.saved = step
 
-    @torch.no_grad()
     def evaluate(self, split: str, max_batches: int | None, progress: bool = False) -> dict:
         """Every rank scores every validation row: {"loss"}, and {"accuracy", "macro_f1"} for classification."""
         self.engine.eval()
-        total, count, preds, golds = 0.0, 0, [], []
-        for x, y, real_BS in self.data.eval_batches(self.micro):
-            out = self.engine(x.to(self.engine.device), y.to(self.engine.device), real_BS=real_BS.to(self.engine.device))
-            n = y.numel() if self.data.task == "classify" else int((y >= 0).sum())
-            total, count = total + out.lm_loss.float().item() * n, count + n
-            if self.data.task == "classify":
-                preds.append(out.logits.argmax(-1).cpu())
-                golds.append(y)
+        result = score_task(self.engine, self.data, self.micro, self.engine.device)
         self.engine.train()
-        result = {"loss": total / max(count, 1), "tokens": count}
-        if preds:
-            result["accuracy"], result["macro_f1"] = accuracy_f1(torch.cat(preds), torch.cat(golds),
-                                                                 len(self.data.classes))
         return result
 
     def loss_records(self, split: str, result: dict) -> dict:

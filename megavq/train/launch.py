@@ -3,6 +3,7 @@ one-line errors and the exit codes a requeue loop reads (megavq.errors: 0 done, 
 non-finite loss, 3 fatal, 75 retryable: pre-empted after saving, a lost rank, a collective timeout)."""
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import socket
@@ -100,6 +101,26 @@ def user_errors():
                 pass
     if code is not None:
         sys.exit(code)
+
+
+def add_run_arguments(p: argparse.ArgumentParser, overrides_example: str) -> None:
+    """The arguments every training script takes: --ds_config, --out_dir, --resume, --overwrite, --plugin, the
+    launcher's --local_rank and the key=value overrides (parse with parse_run_args)."""
+    p.add_argument("--ds_config", default="ds_configs/zero2.json", help="DeepSpeed JSON config")
+    p.add_argument("--out_dir", default=None, help="run directory")
+    p.add_argument("--resume", choices=("strict", "auto"), default=None,
+                   help="`--resume`: continue from the newest checkpoint in out_dir (it must exist and be intact); "
+                        "`--resume auto`: from the newest intact one, or start fresh when there is none")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in out_dir and start a fresh one")
+    p.add_argument("--plugin", action="append", default=[],
+                   help="a .py file or module that registers routers or dispatchers (repeatable)")
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {overrides_example}")
+
+
+def parse_run_args(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse with key=value overrides anywhere and `--resume` bare or with its value (resume_argv)."""
+    return p.parse_intermixed_args(resume_argv(sys.argv[1:] if argv is None else argv))
 
 
 def resume_argv(argv: list[str]) -> list[str]:

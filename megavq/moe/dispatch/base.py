@@ -21,6 +21,8 @@ class RowCounts:
     sent: int  # rows one all-to-all moves (sent, and as many received) under expert parallelism
     capacity_buffer: bool  # rows pass through an (E, C, D) capacity buffer and a weighted combine; else routed
     #                        rows are gathered, computed and scattered back (dropless)
+    route_slots: int = 0  # route weights (model dtype, their gradient back in the backward) and int32 expert ids
+    #                       that travel beside each sent row of the dispatch
 
 
 def dropless_rows(moe, tokens: int) -> RowCounts:

@@ -1,6 +1,7 @@
 """The native dispatcher: dropless, pure PyTorch. Routed (token, slot) rows are sorted by expert and each
 expert runs one matrix product on its contiguous rows; with moe.ep_size > 1 the experts are sharded over an
-expert-parallel group and the rows move by all-to-all (expert_parallel.py).
+expert-parallel group and each token moves by all-to-all at most once to each rank that holds one of its experts
+(expert_parallel.py `run_routed`).
 
 Legend: T tokens, D hidden, E experts, L = E / ep_size local experts, K slots per token, N routed rows.
 State dict: this rank's experts as `experts.*` of shape (L, ...): the canonical layout at ep_size 1;
@@ -12,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from megavq.errors import ConfigError
-from megavq.moe.dispatch.base import BankDispatcher, dropless_rows, register_dispatcher
-from megavq.moe.dispatch.expert_parallel import ShardedExperts, ep_rank_of, gather_experts
+from megavq.moe.dispatch.base import BankDispatcher, RowCounts, dropless_rows, register_dispatcher
+from megavq.moe.dispatch.expert_parallel import ShardedExperts, ep_rank_of, expected_ranks, gather_experts
 from megavq.moe.experts import Experts, every_expert, grouped_products
 from megavq.moe.phases import phase
 from megavq.moe.routers.base import RouterOutput, expert_counts, expert_keys
@@ -57,7 +58,7 @@ def grouped_moe(x_TD: torch.Tensor, r: RouterOutput, experts: Experts) -> torch.
 
 def native_moe(x_TD: torch.Tensor, r: RouterOutput, bank) -> torch.Tensor:
     """y_TD = sum_k w_tk * expert_{i_tk}(x_t); `bank(x_ND, counts_E)` runs its `num_experts` experts on rows
-    sorted by expert (an Experts module, or ShardedExperts under expert parallelism)."""
+    sorted by expert (an Experts module)."""
     with phase("dispatch"):
         token_N, slot_N, counts_E = sort_by_expert(r.indices, bank.num_experts)
         x_ND = x_TD[token_N]
@@ -87,9 +88,11 @@ class NativeDispatcher(BankDispatcher):
         return ShardedExperts(experts, self.num_experts, self.ep_size, self.ep_group)
 
     def run(self, x_TD, r, experts):
-        if self.ep_size == 1 and grouped_products(x_TD, experts):
+        if self.ep_size > 1:
+            return self.bank(experts).routed(x_TD, r.weights, r.indices)
+        if grouped_products(x_TD, experts):
             return grouped_moe(x_TD, r, experts)
-        return native_moe(x_TD, r, self.bank(experts))
+        return native_moe(x_TD, r, experts)
 
     def all_experts(self, x_TD, experts):
         return every_expert(self.bank(experts), self.num_experts, x_TD)
@@ -108,7 +111,16 @@ class NativeDispatcher(BankDispatcher):
                 sd[prefix + name] = gather_experts(sd[prefix + name], self.ep_group)
         return sd
 
-    row_counts = staticmethod(dropless_rows)
+    @classmethod
+    def row_counts(cls, moe, tokens: int) -> RowCounts:
+        """T*k rows computed; under expert parallelism one row sent per (token, rank holding one of its experts),
+        with the k route weights and expert ids beside it (expected_ranks; the groups of group-limited routing)."""
+        rows = dropless_rows(moe, tokens)
+        if moe.ep_size == 1:
+            return rows
+        groups = [moe.router_options.get(k, 0) for k in ("groups", "group_top")]
+        sent = expected_ranks(moe.num_experts, moe.top_k, moe.ep_size, *groups)
+        return RowCounts(rows.computed, round(tokens * sent), False, route_slots=moe.top_k)
 
     def canonical_rows(self, experts, prefix):
         """This rank's experts are rows [first_expert, first_expert + local) of every canonical tensor."""

@@ -26,7 +26,9 @@ softmax scores without a bias):
   groups, group_top  group-limited routing (DeepSeek-V3's node-limited routing; group_top = 0: off): the E experts
                  form `groups` groups of E / groups consecutive experts (aligned with the expert-parallel ranks when
                  groups is a multiple of moe.ep_size); a token keeps the group_top groups with the largest sum of its
-                 top-2 (biased) scores in the group, then takes its top-k among their experts
+                 top-2 (biased) scores in the group, then takes its top-k among their experts. The native
+                 dispatcher sends a token once to each rank holding one of its experts, so with aligned groups it
+                 reaches at most group_top ranks (megavq.moe.dispatch.expert_parallel.run_routed)
 """
 from __future__ import annotations
 
