@@ -136,6 +136,12 @@ def evaluation(run_dir: Path, name: str, setup: Setup, **options) -> dict:
     return result
 
 
+def full_evaluation(run_dir: Path, setup: Setup) -> dict:
+    """Everything evaluate.py measures, with the routing consistency over the run's checkpoints (vqmoe-robustness and
+    xmoe-consistency share it)."""
+    return evaluation(run_dir, "eval", setup, compare=str(run_dir))
+
+
 def per_seed(runs: dict, figure: Callable[[Path], float]) -> dict:
     """{seed: figure(run_dir)} of one label's runs."""
     return {s: figure(d) for s, d in runs.items()}
@@ -149,7 +155,7 @@ def val_loss(run_dir: Path) -> float:
 def vqmoe_robustness(setup: Setup) -> dict:
     routers = [parse_entry(n) for n in ("vq", "topk", "xmoe", "compete")]
     runs = train_entries(setup, routers)
-    curves = {label: per_seed(r, lambda d: evaluation(d, "eval", setup)["robustness"]) for label, r in runs.items()}
+    curves = {label: per_seed(r, lambda d: full_evaluation(d, setup)["robustness"]) for label, r in runs.items()}
     top = curves["vq"][setup.seeds[0]][-1]["p"]
     degradation = {label: {s: c[-1]["loss"] - c[0]["loss"] for s, c in by_seed.items()}
                    for label, by_seed in curves.items()}
@@ -188,7 +194,7 @@ def corpus_task(setup: Setup) -> tuple[Path, dict, str]:
     print("+", " ".join(cmd), flush=True)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise DataError(f"making the corpus task failed: {done.stderr.strip().splitlines()[-1:]}")
+        raise DataError(f"making the corpus task failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     return out, json.loads(done.stdout.split("\n", 1)[1]), second
 
 
@@ -256,8 +262,7 @@ def agreement_with_final(result: dict) -> float:
 
 def xmoe_consistency(setup: Setup) -> dict:
     runs = train_entries(setup, [parse_entry("topk"), parse_entry("xmoe")])
-    evals = {label: per_seed(r, lambda d: evaluation(d, "consistency", setup, compare=str(d)))
-             for label, r in runs.items()}
+    evals = {label: per_seed(r, lambda d: full_evaluation(d, setup)) for label, r in runs.items()}
     figures = [("top-1 agreement of earlier checkpoints with the final one", agreement_with_final, "higher",
                 "more consistent routing during training (routing fluctuation lower than SMoE)"),
                ("top-1 changed by input noise", lambda r: layer_mean(r, lambda L: L["routing_stability"]
