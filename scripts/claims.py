@@ -13,15 +13,7 @@ OUT_DIR/NAME.json and OUT_DIR/NAME.md; see docs/claims.md.
 import argparse
 from pathlib import Path
 
-from megavq.errors import ConfigError
 from megavq.train.launch import user_errors
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--seeds: expected comma-separated integers such as 1,2, got {text!r}") from None
 
 
 def main():
@@ -38,6 +30,7 @@ def main():
     p.add_argument("overrides", nargs="*", help="key=value overrides of every pre-training run")
     args = p.parse_intermixed_args()
     from megavq.tools.claims import CLAIMS, Setup, markdown, run_claim
+    from megavq.tools.compare import parse_seeds
     if args.list:
         for claim in CLAIMS.values():
             print(f"{claim.name:<18} {claim.line}")

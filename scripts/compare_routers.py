@@ -13,16 +13,8 @@ Writes OUT_DIR/compare.md and OUT_DIR/compare.json; each run's directory is OUT_
 import argparse
 from pathlib import Path
 
-from megavq.errors import ConfigError
-from megavq.tools.compare import check_entries, compare, markdown_table, parse_entries
+from megavq.tools.compare import check_entries, compare, markdown_table, parse_entries, parse_seeds
 from megavq.train.launch import user_errors
-
-
-def parse_seeds(text: str) -> list:
-    try:
-        return [int(s) for s in text.split(",")] if text else [None]  # None: the config's train.seed
-    except ValueError:
-        raise ConfigError(f"--seeds: expected comma-separated integers such as 1,2,3, got {text!r}") from None
 
 
 def main():

@@ -30,8 +30,8 @@ from megavq.files import write_json, write_text
 from megavq.model.flops import flops_per_token
 from megavq.model.transformer import Transformer
 from megavq.store.model_dir import resolve_model_dir
-from megavq.tools.compare import (PRETRAIN, Entry, finished, launcher_command, mean_std, parse_entry, read_run,
-                                  run_all, run_command, train_all)
+from megavq.tools.compare import (PRETRAIN, Entry, finished, fmt, launcher_command, mean_std, parse_entry,
+                                  read_run, run_all, run_command, train_all)
 
 ROOT = PRETRAIN.parents[1]
 CONSISTENT = "consistent with the claim at this scale"
@@ -404,13 +404,6 @@ CLAIMS = {c.name: c for c in [
 
 
 # ---- output -------------------------------------------------------------------------------------------------
-def fmt(stat: dict, spec: str = ".4f") -> str:
-    """'mean ± std' (std omitted with one value)."""
-    if stat["mean"] is None:
-        return "-"
-    return f"{stat['mean']:{spec}}" + (f" ± {stat['std']:{spec.lstrip('+')}}" if stat["std"] is not None else "")
-
-
 def table_lines(rows: list[list]) -> list[str]:
     return ["| " + " | ".join(map(str, rows[0])) + " |", "|" + "---|" * len(rows[0]),
             *("| " + " | ".join(map(str, r)) + " |" for r in rows[1:]), ""]

@@ -92,6 +92,14 @@ def parse_entries(routers: str, seeds: list[int | None]) -> list[Entry]:
     return [Entry(MoEConfig.router, MoEConfig.router)] + entries  # the baseline runs at every seed
 
 
+def parse_seeds(text: str) -> list:
+    """'1,2,3' -> [1, 2, 3]; '' -> [None] (the config's train.seed)."""
+    try:
+        return [int(s) for s in text.split(",")] if text else [None]  # None: the config's train.seed
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers such as 1,2,3, got {text!r}") from None
+
+
 def seeds_of(entry: Entry, seeds: list[int | None]) -> list[int | None]:
     return list(entry.seeds) if entry.seeds is not None else list(seeds)
 
