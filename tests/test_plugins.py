@@ -84,9 +84,11 @@ def test_plugin_dispatcher_equals_the_reference(plugins, router, options):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [[f"moe.backend={b}", "moe.router=sigmoid_topk"] for b in CPU_BACKENDS]
-                         + [["moe.backend=loop", "moe.router=vq"]], ids=CPU_BACKENDS + ["loop-vq"])
+@pytest.mark.parametrize("overrides", [["moe.backend=deepspeed", "moe.router=sigmoid_topk"],
+                                       ["moe.backend=loop", "moe.router=vq"]], ids=["deepspeed", "loop-vq"])
 def test_plugins_train_through_the_launcher(plugins, builtin_data, tmp_path, overrides):
+    """A plugin router and a plugin dispatcher load in the launched ranks and train (the router meets the contract on
+    every backend in-process above)."""
     out = tmp_path / "run"
     args = ["--ds_config", "ds_configs/zero2.json", "--data", str(builtin_data), "--out_dir", str(out), *SMALL,
             "train.max_steps=10", "train.save_every=10", *overrides]

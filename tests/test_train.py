@@ -95,8 +95,7 @@ def test_resume_matches_uninterrupted_run(builtin_data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ds_config, router", [("zero0", "topk"), ("zero1", "topk"), ("zero3", "topk"),
-                                               ("zero3", "vq"), ("zero2_bf16", "xmoe")])
+@pytest.mark.parametrize("ds_config, router", [("zero0", "topk"), ("zero3", "vq"), ("zero2_bf16", "xmoe")])
 def test_ds_configs_train(builtin_data, tmp_path, ds_config, router):
     out = tmp_path / ds_config
     pretrain(["--ds_config", f"ds_configs/{ds_config}.json", "--data", str(builtin_data), "--out_dir", str(out),
