@@ -31,7 +31,7 @@ from megavq.model.flops import flops_per_token
 from megavq.model.transformer import Transformer
 from megavq.store.model_dir import resolve_model_dir
 from megavq.tools.compare import (PRETRAIN, Entry, finished, fmt, launcher_command, mean_std, parse_entry,
-                                  read_run, run_all, run_command, train_all)
+                                  read_run, run_all, run_command, run_log, train_all)
 
 ROOT = PRETRAIN.parents[1]
 CONSISTENT = "consistent with the claim at this scale"
@@ -219,8 +219,7 @@ def finetune_run(checkpoint: Path, task: Path, trainable: str, run_dir: Path, se
     cmd = [*launcher_command(setup.launcher), str(ROOT / "scripts" / "finetune.py"), "--checkpoint", str(checkpoint),
            "--task", "classify", "--data", str(task), "--out_dir", str(run_dir), "--overwrite", "--ds_config",
            setup.common()["ds_config"], *overrides[3:]]
-    log = run_dir.parents[1] / "logs" / f"{run_dir.parent.name}_{run_dir.name}.log"
-    run_command(cmd, log, threads, f"fine-tuning {checkpoint} ({trainable})")
+    run_command(cmd, run_log(run_dir), threads, f"fine-tuning {checkpoint} ({trainable})")
 
 
 def vqmoe_finetune(setup: Setup) -> dict:
@@ -343,7 +342,8 @@ def upcycling(setup: Setup) -> dict:
     dense = Entry("dense", "topk", settings=("moe.every=0",))
     dense_runs = train_entries(setup, [dense])["dense"]
     first = next(iter(dense_runs.values())) / "config.json"
-    moe = load_config(setup.config, setup.common()["overrides"]).moe
+    cfg = load_config(setup.config, setup.common()["overrides"])
+    moe = cfg.moe
     flops = {"dense": run_flops(first, []), "moe": run_flops(first, [f"moe.every={moe.every}"])}
     moe_steps = equal_flops_steps(setup.steps, flops["dense"], flops["moe"])
     entries = [Entry("moe-scratch", "topk", settings=(f"train.max_steps={moe_steps}",))]
@@ -360,7 +360,6 @@ def upcycling(setup: Setup) -> dict:
             comparison("validation loss: upcycled vs MoE from scratch", paper, loss["upcycled"], loss["moe-scratch"],
                        "lower")]
     table = [["continuation", "training FLOPs/token", "extra steps", "extra FLOPs", "validation loss"]]
-    cfg = load_config(setup.config, setup.common()["overrides"])
     tokens = cfg.data.micro_batch_size * cfg.model.seq_len * cfg.train.grad_accum_steps  # per step, one rank
     for label, kind, steps in (("dense-continued", "dense", setup.steps), ("upcycled", "moe", moe_steps),
                                ("moe-scratch", "moe", moe_steps)):

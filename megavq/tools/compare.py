@@ -165,14 +165,18 @@ def run_command(cmd: list[str], log: Path | None, threads: int | None, what: str
         raise MegavqError(f"{what} failed (command: {' '.join(cmd)}){where}")
 
 
+def run_log(run_dir: Path) -> Path:
+    """Where a run's output goes when runs share the machine: OUT_DIR/logs/<label>_<seed dir>.log."""
+    return run_dir.parents[1] / "logs" / f"{run_dir.parent.name}_{run_dir.name}.log"
+
+
 def train(entry: Entry, seed, run_dir: Path, common: dict, threads: int | None = None) -> None:
     """One pretrain.py run; with `threads` its output goes to OUT_DIR/logs/ and it uses that many threads."""
     cmd = [*launcher_command(common["launcher"]), str(PRETRAIN), "--out_dir", str(run_dir), "--overwrite",
            "--ds_config", common["ds_config"], "--config", common["config"], "--data", common["data"],
            *(["--init_from", entry.init_from] if entry.init_from else []),
            *common["overrides"], *entry.overrides(seed)]  # an unfinished run starts afresh
-    log = run_dir.parents[1] / "logs" / f"{run_dir.parent.name}_{run_dir.name}.log"
-    run_command(cmd, log, threads, f"training {entry.label} (seed {seed})")
+    run_command(cmd, run_log(run_dir), threads, f"training {entry.label} (seed {seed})")
 
 
 def run_all(tasks: list, jobs: int) -> None:
