@@ -416,13 +416,52 @@ def _train_losses(data: str, out: str, overrides: list) -> dict:
     return losses
 
 
+def _running_sums_under_accumulation(data: str, out: str) -> list:
+    """A 2-step run with train.grad_accum_steps=4 through trainer.run: the global scope's count total at each
+    micro-batch forward of the first router, and "step" at each post_step()."""
+    from test_expert_parallel import EP_SMALL
+    from test_train import ROOT
+
+    import megavq.train.trainer as trainer
+    from megavq.moe.routers.balance import Balance
+    seen, counts, post = [], Balance.step_counts, Balance.post_step
+
+    def step_counts(self, counts_E):
+        running = counts(self, counts_E)
+        if not seen or self is seen[0]:
+            seen[:1] = [self]
+            seen.append(int(running.sum()))
+        return running
+
+    def post_step(self):
+        if self is seen[0]:
+            seen.append("step")
+        return post(self)
+    Balance.step_counts, Balance.post_step = step_counts, post_step
+    try:
+        cfg = load_config("tiny", [*EP_SMALL, f"data.source={data}", "train.max_steps=2", "train.grad_accum_steps=4",
+                                   "data.micro_batch_size=2", "moe.router_options.balance_scope=global"])
+        trainer.run(cfg, ROOT / "ds_configs" / "zero2.json", out)
+    finally:
+        Balance.step_counts, Balance.post_step = counts, post
+    return seen[1:]
+
+
+def _one_rank(data: str, out: str, overrides: list) -> tuple:
+    return _train_losses(data, out, overrides), _running_sums_under_accumulation(data, f"{out}/accumulation")
+
+
 @pytest.mark.slow
 def test_global_loss_trains_two_ranks_as_one_rank_with_the_global_batch(builtin_data, tmp_path):
     """Through DeepSpeed (ZeRO-2, gradients averaged over the ranks): 2 ranks of micro-batch 4 train as 1 rank of
-    micro-batch 8 with balance_scope=global (1e-5), where the micro-batch loss makes them differ."""
+    micro-batch 8 with balance_scope=global (1e-5), where the micro-batch loss makes them differ; and under
+    train.grad_accum_steps=4 the trainer keeps the running sum over the step's micro-batches."""
     from test_expert_parallel import run_distributed
     two = run_distributed(_train_losses, 2, str(builtin_data), str(tmp_path / "two"), [])[0]
-    one = run_distributed(_train_losses, 1, str(builtin_data), str(tmp_path / "one"), ["data.micro_batch_size=8"])[0]
+    one, running = run_distributed(_one_rank, 1, str(builtin_data), str(tmp_path / "one"), ["data.micro_batch_size=8"])[0]
     runs = {(scope, n): losses[scope] for n, losses in ((2, two), (1, one)) for scope in losses}
     assert max(abs(runs["global", 2][s] - runs["global", 1][s]) for s in range(1, 7)) < 1e-5
     assert max(abs(runs["micro_batch", 2][s] - runs["micro_batch", 1][s]) for s in range(1, 7)) > 1e-5
+    # train.grad_accum_steps=4, micro-batches of 2 x 32 tokens x top-2: the counts used at each micro-batch are the
+    # step's running sum (128, 256, 384, 512 slots), started again after each optimizer step; evaluation adds none
+    assert running == [128, 256, 384, 512, "step"] * 2, running
