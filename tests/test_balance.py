@@ -218,6 +218,10 @@ def _global_rank(batch, micro_batches):
     return {"grad": grad / world, "running": running}
 
 
+def _global_ranks(batch):
+    return _global_rank(batch, 1), _global_rank(batch, 4)
+
+
 @pytest.mark.slow
 def test_global_loss_on_two_ranks_equals_one_rank_with_the_whole_batch(tmp_path):
     """2 gloo ranks, one micro-batch each: the gate's gradient equals 1 rank's with the global batch as one
@@ -225,19 +229,18 @@ def test_global_loss_on_two_ranks_equals_one_rank_with_the_whole_batch(tmp_path)
     each micro-batch are the running sums over both ranks and the micro-batches so far."""
     from test_expert_parallel import run_distributed
     batch = torch.randn(32, 8, generator=torch.Generator().manual_seed(3))
-    two = run_distributed(_global_rank, 2, batch, 1)
+    (one_each, accum), (other_one_each, other_accum) = run_distributed(_global_ranks, 2, batch)
     torch.manual_seed(0)
     one = build_router("topk", hidden_size=8, num_experts=E, top_k=K, balance_coef=1.0, z_loss_coef=0.0,
                        balance_scope="global").train()
     one(batch).aux_loss.backward()
-    torch.testing.assert_close(two[0]["grad"], one.gate.weight.grad, rtol=0, atol=1e-6)
-    torch.testing.assert_close(two[1]["grad"], one.gate.weight.grad, rtol=0, atol=1e-6)
-    accum = run_distributed(_global_rank, 2, batch, 4)
+    torch.testing.assert_close(one_each["grad"], one.gate.weight.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(other_one_each["grad"], one.gate.weight.grad, rtol=0, atol=1e-6)
     indices = one(batch).indices  # the same gate: the same choices
     counts = [torch.bincount(part.flatten(), minlength=E).float() for part in indices.chunk(4)]
     for m in range(4):
         expected = sum(counts[:m + 1])
-        assert torch.equal(accum[0]["running"][m], expected) and torch.equal(accum[1]["running"][m], expected)
+        assert torch.equal(accum["running"][m], expected) and torch.equal(other_accum["running"][m], expected)
 
 
 # ---- the bias in a model: counted once per token, the same however the tokens are split --------------------------
