@@ -223,8 +223,7 @@ def test_activation_count_equals_the_tensors_saved_for_the_backward(overrides, d
 
 # ZeRO 1, 2 and 3, fp32 and bf16, both backends, expert parallelism, both presets; every case of
 # megavq/tools/estimate_check.py runs with `deepspeed --num_gpus 2 scripts/estimate_check.py`.
-CHECKED_CASES = ["tiny zero1", "tiny zero3 bf16", "tiny zero2 ep2", "tiny zero2 deepspeed ep2",
-                 "lm1b_base zero2 bf16 ep2"]
+CHECKED_CASES = ["tiny zero1", "tiny zero3 bf16", "tiny zero2 deepspeed ep2", "lm1b_base zero2 bf16 ep2"]
 
 
 @pytest.mark.slow
