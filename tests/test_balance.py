@@ -427,18 +427,15 @@ def _running_sums_under_accumulation(data: str, out: str) -> list:
 
     import megavq.train.trainer as trainer
     from megavq.moe.routers.balance import Balance
-    seen, counts, post = [], Balance.step_counts, Balance.post_step
+    seen, counts, post = [], Balance.step_counts, Balance.post_step  # seen: (router's balance, total or "step")
 
     def step_counts(self, counts_E):
         running = counts(self, counts_E)
-        if not seen or self is seen[0]:
-            seen[:1] = [self]
-            seen.append(int(running.sum()))
+        seen.append((self, int(running.sum())))
         return running
 
     def post_step(self):
-        if self is seen[0]:
-            seen.append("step")
+        seen.append((self, "step"))
         return post(self)
     Balance.step_counts, Balance.post_step = step_counts, post_step
     try:
@@ -447,7 +444,7 @@ def _running_sums_under_accumulation(data: str, out: str) -> list:
         trainer.run(cfg, ROOT / "ds_configs" / "zero2.json", out)
     finally:
         Balance.step_counts, Balance.post_step = counts, post
-    return seen[1:]
+    return [value for balance, value in seen if balance is seen[0][0]]
 
 
 def _one_rank(data: str, out: str, overrides: list) -> tuple:
@@ -461,7 +458,8 @@ def test_global_loss_trains_two_ranks_as_one_rank_with_the_global_batch(builtin_
     train.grad_accum_steps=4 the trainer keeps the running sum over the step's micro-batches."""
     from test_expert_parallel import run_distributed
     two = run_distributed(_train_losses, 2, str(builtin_data), str(tmp_path / "two"), [])[0]
-    one, running = run_distributed(_one_rank, 1, str(builtin_data), str(tmp_path / "one"), ["data.micro_batch_size=8"])[0]
+    one, running = run_distributed(_one_rank, 1, str(builtin_data), str(tmp_path / "one"),
+                                   ["data.micro_batch_size=8"])[0]
     runs = {(scope, n): losses[scope] for n, losses in ((2, two), (1, one)) for scope in losses}
     assert max(abs(runs["global", 2][s] - runs["global", 1][s]) for s in range(1, 7)) < 1e-5
     assert max(abs(runs["micro_batch", 2][s] - runs["micro_batch", 1][s]) for s in range(1, 7)) > 1e-5
