@@ -29,3 +29,15 @@ def builtin_data(tmp_path_factory):
     """The builtin corpus tokenized once per test session (a private cache, so tests never share state)."""
     from megavq.data import prepare_data
     return prepare_data("builtin", cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registries():
+    """A test module that registers a plugin router or dispatcher leaves the registries as it found them, so no
+    other module sees it, whichever worker or order runs them (importing the packages registers the built-ins)."""
+    from megavq.moe.dispatch.base import DISPATCHERS
+    from megavq.moe.routers.base import ROUTERS
+    saved = {registry: dict(registry.classes) for registry in (ROUTERS, DISPATCHERS)}
+    yield
+    for registry, classes in saved.items():
+        registry.classes = classes
