@@ -3,7 +3,7 @@ folder of .txt files, any source scripts/prepare_data.py reads), labelled with t
 train.jsonl and validation.jsonl (text, label) for scripts/finetune.py; --baselines also prints the majority class
 and a bag-of-words logistic regression (scikit-learn) on the same split.
 
-    python scripts/make_corpus_task.py --corpus builtin --corpus /work/data/linux-docs --out_dir data/corpus-task
+    python scripts/make_corpus_task.py --corpus builtin --corpus data/linux-docs --out_dir data/corpus-task
         [--passage_chars 400] [--per_corpus 500] [--val_fraction 0.2] [--seed 0] [--baselines]
 
 Passages are consecutive runs of words of the corpus's training split (whitespace collapsed, so that layout is no
