@@ -30,8 +30,6 @@ from megavq.moe.dispatch.native import native_moe
 from megavq.moe.experts import Experts, every_expert, expert_mlp
 from megavq.train.launch import free_port
 
-# one pytest-xdist worker runs the whole module, so its module-scoped training runs are made once
-pytestmark = pytest.mark.xdist_group("checkpoint")
 TOL = 1e-5
 ODD = ["model.d_model=33", "model.n_heads=3", "model.pos=learned", "model.vocab_size=4097",
        # an imported model's options: heads of 10 (not 33 / 3), per-head QK-norm, a gated shared expert

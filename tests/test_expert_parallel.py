@@ -25,8 +25,6 @@ from conftest import ROOT
 
 from megavq.train.launch import free_port
 
-# one pytest-xdist worker runs the whole module, so its module-scoped training runs are made once
-pytestmark = pytest.mark.xdist_group("expert_parallel")
 TOL = 1e-4
 STEPS = 10
 EP_SMALL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.seq_len=32",
